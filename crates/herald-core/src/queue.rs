@@ -1,0 +1,231 @@
+//! The outbound queue of one connection: complete frames waiting for the socket writer.
+//!
+//! Publishers (the hub, under a shard lock) and the connection's own command handling push
+//! encoded frames ([`Bytes`], usually shared with every other subscriber); the connection's
+//! writer takes everything queued at once and writes it with one vectored write. The queue is
+//! bounded in bytes: a push that would exceed the bound is refused, the queue turns
+//! [`OutboxState::Overflowed`] and the writer disconnects the client with 4008, so nothing is
+//! ever skipped silently.
+//!
+//! An idle queue holds no allocation.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The queue's byte bound would be exceeded: the connection is a slow consumer.
+    #[error("outbound queue full")]
+    Overflow,
+    /// The connection is closing; nothing more is queued.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Where a queue stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxState {
+    /// Frames are accepted.
+    Open,
+    /// A push overflowed the bound; the writer must disconnect with 4008.
+    Overflowed,
+    /// The connection is closing.
+    Closed,
+}
+
+#[derive(Debug)]
+struct Inner {
+    frames: VecDeque<Bytes>,
+    /// Bytes queued here plus bytes taken by the writer and not yet written.
+    pending_bytes: usize,
+    state: OutboxState,
+}
+
+/// A connection's bounded outbound queue (see the module docs).
+#[derive(Debug)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    notify: Notify,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    /// An empty queue bounded to `max_bytes` pending bytes.
+    pub fn new(max_bytes: usize) -> Self {
+        Outbox {
+            inner: Mutex::new(Inner {
+                frames: VecDeque::new(),
+                pending_bytes: 0,
+                state: OutboxState::Open,
+            }),
+            notify: Notify::new(),
+            max_bytes,
+        }
+    }
+
+    /// Queues one frame, or refuses it when the bound would be exceeded (the queue then turns
+    /// overflowed and wakes the writer) or the connection is closing.
+    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        let mut inner = self.inner.lock();
+        match inner.state {
+            OutboxState::Open => {}
+            OutboxState::Overflowed => return Err(PushError::Overflow),
+            OutboxState::Closed => return Err(PushError::Closed),
+        }
+        if inner.pending_bytes + frame.len() > self.max_bytes {
+            inner.state = OutboxState::Overflowed;
+            drop(inner);
+            self.notify.notify_one();
+            return Err(PushError::Overflow);
+        }
+        let was_empty = inner.frames.is_empty();
+        inner.pending_bytes += frame.len();
+        inner.frames.push_back(frame);
+        drop(inner);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a frame the server must send whatever the bound (a `disconnect` push and the
+    /// close frame), unless the queue is closed.
+    pub fn push_final(&self, frame: Bytes) {
+        let mut inner = self.inner.lock();
+        if inner.state == OutboxState::Closed {
+            return;
+        }
+        inner.pending_bytes += frame.len();
+        inner.frames.push_back(frame);
+        drop(inner);
+        self.notify.notify_one();
+    }
+
+    /// Moves every queued frame to the back of `into` and returns the queue's state.
+    pub fn take(&self, into: &mut VecDeque<Bytes>) -> OutboxState {
+        let mut inner = self.inner.lock();
+        if into.is_empty() {
+            std::mem::swap(&mut inner.frames, into);
+        } else {
+            into.extend(inner.frames.drain(..));
+        }
+        inner.state
+    }
+
+    /// Drops every queued frame (the client will recover from history) and returns how many
+    /// bytes were dropped.
+    pub fn discard(&self) -> usize {
+        let mut inner = self.inner.lock();
+        let dropped: usize = inner.frames.iter().map(Bytes::len).sum();
+        inner.frames = VecDeque::new();
+        inner.pending_bytes -= dropped;
+        dropped
+    }
+
+    /// Records that the writer wrote `n` bytes of what it took.
+    pub fn written(&self, n: usize) {
+        let mut inner = self.inner.lock();
+        inner.pending_bytes = inner.pending_bytes.saturating_sub(n);
+    }
+
+    /// Returns the writer's frames that were taken but not written to the accounting, e.g. when
+    /// the writer drops them.
+    pub fn forget(&self, n: usize) {
+        self.written(n);
+    }
+
+    /// Stops accepting frames (pushes fail with [`PushError::Closed`]).
+    pub fn close(&self) {
+        let mut inner = self.inner.lock();
+        inner.state = OutboxState::Closed;
+        inner.frames = VecDeque::new();
+    }
+
+    /// Marks the queue overflowed, as a push over the bound would, and wakes the writer.
+    pub fn overflow(&self) {
+        let mut inner = self.inner.lock();
+        if inner.state == OutboxState::Open {
+            inner.state = OutboxState::Overflowed;
+        }
+        drop(inner);
+        self.notify.notify_one();
+    }
+
+    /// The queue's state.
+    pub fn state(&self) -> OutboxState {
+        self.inner.lock().state
+    }
+
+    /// Bytes pending (queued or taken and not yet written).
+    pub fn pending_bytes(&self) -> usize {
+        self.inner.lock().pending_bytes
+    }
+
+    /// Waits until a frame is pushed into an empty queue or the state changes.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[test]
+    fn bounded_in_bytes_and_overflow_is_sticky() {
+        let q = Outbox::new(10);
+        assert_eq!(q.push(frame(6)), Ok(()));
+        assert_eq!(q.push(frame(4)), Ok(()));
+        assert_eq!(q.push(frame(1)), Err(PushError::Overflow));
+        assert_eq!(q.state(), OutboxState::Overflowed);
+        assert_eq!(q.push(frame(0)), Err(PushError::Overflow));
+        let mut taken = VecDeque::new();
+        assert_eq!(q.take(&mut taken), OutboxState::Overflowed);
+        assert_eq!(taken.len(), 2);
+    }
+
+    #[test]
+    fn taken_bytes_count_until_written() {
+        let q = Outbox::new(10);
+        q.push(frame(8)).unwrap();
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        assert_eq!(q.pending_bytes(), 8);
+        assert_eq!(q.push(frame(3)), Err(PushError::Overflow));
+        let q = Outbox::new(10);
+        q.push(frame(8)).unwrap();
+        q.take(&mut taken);
+        q.written(8);
+        assert_eq!(q.push(frame(3)), Ok(()));
+    }
+
+    #[test]
+    fn final_frames_bypass_the_bound_but_not_close() {
+        let q = Outbox::new(1);
+        q.push_final(frame(5));
+        assert_eq!(q.pending_bytes(), 5);
+        q.close();
+        q.push_final(frame(5));
+        assert_eq!(q.push(frame(0)), Err(PushError::Closed));
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        assert!(taken.is_empty());
+    }
+
+    #[tokio::test]
+    async fn push_into_empty_queue_wakes_the_writer() {
+        let q = std::sync::Arc::new(Outbox::new(100));
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.notified().await });
+        q.push(frame(1)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! One WebSocket connection's command state machine.
+//!
+//! [`Session::handle_text`] takes one inbound text message (one or more `\n`-separated
+//! commands), applies each and queues the replies, framed, into the connection's [`Outbox`].
+//! It never touches a socket: the transport reads frames, calls the session and writes whatever
+//! the outbox holds. A command that must end the connection returns the close code.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_protocol::json::{self, DecodeError};
+use herald_protocol::push::{self, ReplyOk};
+use herald_protocol::{ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition};
+
+use crate::node::Node;
+use crate::queue::{Outbox, PushError};
+
+/// Why a connection token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The token is malformed or its signature does not verify.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The token's `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// No secret is configured, so no token can be verified.
+    #[error("token authentication is not configured")]
+    NotConfigured,
+}
+
+/// Checks connection tokens and returns the user id (`sub`).
+pub trait TokenVerifier: Send + Sync + 'static {
+    /// The user id the token authenticates.
+    fn verify(&self, token: &str) -> Result<String, TokenError>;
+}
+
+/// A reply ready to frame: ok body or error.
+enum Reply {
+    /// A complete `{"id":N,"ok":{...}}` line.
+    Ok(Vec<u8>),
+    Error(ErrorCode, String),
+}
+
+/// The state of one WebSocket connection (see the module docs).
+#[derive(Debug)]
+pub struct Session {
+    node: Arc<Node>,
+    id: u64,
+    client: String,
+    outbox: Arc<Outbox>,
+    user: Option<String>,
+    /// Some command was handled (a later `connect` is refused).
+    started: bool,
+    subscriptions: Vec<ChannelName>,
+}
+
+impl Session {
+    /// A session for a new connection, authenticated as `user` when the upgrade carried a token.
+    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, user: Option<String>) -> Self {
+        let id = node.next_connection_id();
+        let client = format!("{}-{}", node.id, id);
+        Session { node, id, client, outbox, user, started: false, subscriptions: Vec::new() }
+    }
+
+    /// The connection's id within the node.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The client id announced in the `connect` reply.
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+
+    /// Channels this connection subscribes to.
+    pub fn subscriptions(&self) -> &[ChannelName] {
+        &self.subscriptions
+    }
+
+    /// Applies every command of one inbound text message, queueing replies. Returns the close
+    /// code when the connection must end.
+    pub async fn handle_text(&mut self, text: &[u8]) -> Result<(), CloseCode> {
+        for decoded in json::decode_commands(text) {
+            match decoded {
+                Ok(cmd) => self.handle(cmd).await?,
+                Err(DecodeError::Reply { id, code, message }) => {
+                    self.reply(id, Reply::Error(code, message))?;
+                }
+                Err(DecodeError::Fatal { message }) => {
+                    tracing::debug!(conn = self.id, %message, "protocol error");
+                    return Err(CloseCode::ProtocolError);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one command.
+    pub async fn handle(&mut self, cmd: Command) -> Result<(), CloseCode> {
+        let first = !self.started;
+        self.started = true;
+        let Some(id) = cmd.id else {
+            // Only `pong` comes without id; liveness is tracked by the transport.
+            return Ok(());
+        };
+        let reply = match cmd.kind {
+            CommandKind::Pong => return Ok(()),
+            CommandKind::Connect { token } => {
+                if !first {
+                    Reply::Error(ErrorCode::BadRequest, "connect must be the first command".into())
+                } else {
+                    self.connect(id, token)?
+                }
+            }
+            CommandKind::Subscribe { channel, since } => {
+                match self.subscribe(id, channel, since).await {
+                    Ok(()) => return Ok(()),
+                    Err(reply) => reply,
+                }
+            }
+            CommandKind::Unsubscribe { channel } => self.unsubscribe(id, &channel).await,
+            CommandKind::Publish { channel, data } => self.publish(id, &channel, data).await,
+            CommandKind::History { channel, .. } => self.history(&channel),
+        };
+        self.reply(id, reply)
+    }
+
+    fn connect(&mut self, id: u32, token: Option<String>) -> Result<Reply, CloseCode> {
+        match token {
+            Some(token) => {
+                let verifier = self.node.auth.verifier.as_ref().ok_or(CloseCode::InvalidToken)?;
+                match verifier.verify(&token) {
+                    Ok(user) => self.user = Some(user),
+                    Err(e) => {
+                        tracing::debug!(conn = self.id, error = %e, "token refused");
+                        return Err(CloseCode::InvalidToken);
+                    }
+                }
+            }
+            None if self.user.is_none() && !self.node.auth.allow_anonymous => {
+                return Ok(Reply::Error(
+                    ErrorCode::Unauthenticated,
+                    "anonymous connections are not allowed: connect with a token".into(),
+                ));
+            }
+            None => {}
+        }
+        let ok = ReplyOk::Connect {
+            client: &self.client,
+            ping_interval_ms: self.node.ping_interval.as_millis() as u64,
+        };
+        Ok(Reply::Ok(push::encode_reply_ok(id, &ok)))
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: u32,
+        channel: ChannelName,
+        since: Option<StreamPosition>,
+    ) -> Result<(), Reply> {
+        let node = self.node.clone();
+        let options = node.options(&channel).map_err(|e| Reply::Error(e.code(), e.to_string()))?;
+        let anonymous = self.user.is_none();
+        if anonymous && (!options.anonymous_subscribe || !node.auth.allow_anonymous) {
+            return Err(Reply::Error(
+                ErrorCode::Unauthenticated,
+                format!("anonymous connections may not subscribe to {channel}"),
+            ));
+        }
+        if !channel.is_user_allowed(self.user.as_deref().unwrap_or("")) {
+            return Err(Reply::Error(
+                ErrorCode::PermissionDenied,
+                format!("{channel} is limited to other users"),
+            ));
+        }
+        if self.subscriptions.contains(&channel) {
+            return Err(Reply::Error(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel}"),
+            ));
+        }
+        let publish_options = options.publish_options();
+        if node.hub.subscribe_pending(&channel, self.id, self.outbox.clone()) {
+            if let Err(e) = node.broker.subscribe(&channel).await {
+                self.abandon(&channel).await;
+                return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
+            }
+        }
+        let position = match node.broker.position(&channel, &publish_options).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.abandon(&channel).await;
+                return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
+            }
+        };
+        // Without retained history, nothing is missing only when the client is already at the
+        // channel's current position.
+        let recovered = matches!((&since, &position), (Some(s), Some(p)) if s == p);
+        let ok = ReplyOk::Subscribe { position: position.as_ref(), recovered, publications: &[] };
+        let frame = reply_frame(id, Reply::Ok(push::encode_reply_ok(id, &ok)));
+        match node.hub.activate(&channel, self.id, frame, position.as_ref()) {
+            Ok(()) => {}
+            Err(PushError::Overflow | PushError::Closed) => {
+                self.abandon(&channel).await;
+                return Ok(());
+            }
+        }
+        node.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        self.subscriptions.push(channel);
+        Ok(())
+    }
+
+    /// Removes a subscription that never went live.
+    async fn abandon(&self, channel: &ChannelName) {
+        if self.node.hub.unsubscribe(channel, self.id) {
+            let _ = self.node.broker.unsubscribe(channel).await;
+        }
+    }
+
+    async fn unsubscribe(&mut self, id: u32, channel: &ChannelName) -> Reply {
+        if let Some(i) = self.subscriptions.iter().position(|c| c == channel) {
+            self.subscriptions.swap_remove(i);
+            self.node.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            self.abandon(channel).await;
+        }
+        Reply::Ok(push::encode_reply_ok(id, &ReplyOk::Unsubscribe))
+    }
+
+    async fn publish(&mut self, id: u32, channel: &ChannelName, data: Bytes) -> Reply {
+        let options = match self.node.options(channel) {
+            Ok(o) => o,
+            Err(e) => return Reply::Error(e.code(), e.to_string()),
+        };
+        if !options.client_publish {
+            return Reply::Error(
+                ErrorCode::PermissionDenied,
+                format!("clients may not publish to {channel}"),
+            );
+        }
+        match self.node.publish(channel, data).await {
+            Ok(position) => Reply::Ok(push::encode_reply_ok(
+                id,
+                &ReplyOk::Publish { offset: position.map(|p| p.offset) },
+            )),
+            Err(e) => Reply::Error(e.code(), e.to_string()),
+        }
+    }
+
+    fn history(&mut self, channel: &ChannelName) -> Reply {
+        match self.node.options(channel) {
+            Err(e) => Reply::Error(e.code(), e.to_string()),
+            Ok(_) => Reply::Error(
+                ErrorCode::Unavailable,
+                "history is not kept by this version of herald".into(),
+            ),
+        }
+    }
+
+    fn reply(&self, id: u32, reply: Reply) -> Result<(), CloseCode> {
+        if let Reply::Error(code, _) = &reply {
+            self.node.metrics.error(*code);
+        }
+        match self.outbox.push(reply_frame(id, reply)) {
+            Ok(()) => Ok(()),
+            Err(PushError::Overflow) => Err(CloseCode::SlowConsumer),
+            // Closing already: the transport is ending the connection.
+            Err(PushError::Closed) => Ok(()),
+        }
+    }
+
+    /// Ends every subscription; called once when the connection ends.
+    pub async fn close(&mut self) {
+        let channels = std::mem::take(&mut self.subscriptions);
+        self.node.metrics.subscriptions.fetch_sub(channels.len() as i64, Ordering::Relaxed);
+        for channel in &channels {
+            self.abandon(channel).await;
+        }
+    }
+}
+
+fn reply_frame(id: u32, reply: Reply) -> Bytes {
+    let json = match reply {
+        Reply::Ok(line) => line,
+        Reply::Error(code, message) => push::encode_reply_error(id, code, &message),
+    };
+    ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &json)
+}

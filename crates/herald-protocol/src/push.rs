@@ -1,0 +1,422 @@
+//! What the server sends in `herald.json`: replies and pushes, encoded to JSON text (one line,
+//! not yet framed).
+//!
+//! Every encoder writes JSON by hand into one `Vec<u8>`; strings that need escaping go through
+//! `serde_json`. A publication's `data` is raw JSON text and is embedded verbatim, so a hub can
+//! encode a publication once and push the same bytes to every subscriber.
+//!
+//! ```
+//! use herald_protocol::push::{encode_pub, encode_reply_ok, ReplyOk};
+//!
+//! assert_eq!(encode_pub("news", Some(7), br#"{"x":1}"#), br#"{"pub":{"channel":"news","offset":7,"data":{"x":1}}}"#);
+//! assert_eq!(encode_reply_ok(3, &ReplyOk::Publish { offset: None }), br#"{"id":3,"ok":{}}"#);
+//! ```
+
+use crate::code::{CloseCode, ErrorCode};
+use crate::command::StreamPosition;
+
+/// One publication inside a `subscribe` or `history` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublicationRef<'a> {
+    /// The publication's offset; `None` where the channel keeps no history.
+    pub offset: Option<u64>,
+    /// The publication's `data`, raw JSON text.
+    pub data: &'a [u8],
+}
+
+/// The `ok` body of a reply, one variant per op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyOk<'a> {
+    /// `{"client": "<id>", "ping_interval_ms": N}`.
+    Connect {
+        /// The connection's id.
+        client: &'a str,
+        /// How often the server pings.
+        ping_interval_ms: u64,
+    },
+    /// `{"offset": N, "epoch": "E", "recovered": b, "publications": [...]}`.
+    Subscribe {
+        /// The channel's current position; `None` (no offset, no epoch) where it keeps no
+        /// history.
+        position: Option<&'a StreamPosition>,
+        /// True when nothing after `since` is missing.
+        recovered: bool,
+        /// The recovered publications, oldest first.
+        publications: &'a [PublicationRef<'a>],
+    },
+    /// `{}`.
+    Unsubscribe,
+    /// `{"offset": N}`, or `{}` where the channel keeps no history.
+    Publish {
+        /// The publication's offset.
+        offset: Option<u64>,
+    },
+    /// `{"offset": N, "epoch": "E", "publications": [...]}`.
+    History {
+        /// The channel's current position; `None` where it keeps no history.
+        position: Option<&'a StreamPosition>,
+        /// The publications, in ascending offset order.
+        publications: &'a [PublicationRef<'a>],
+    },
+}
+
+/// True when `s` can be written between quotes as it is.
+fn is_plain(s: &str) -> bool {
+    !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
+}
+
+/// Writes `s` as a JSON string.
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+    if is_plain(s) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, s).is_err() {
+        // Writing a string into a Vec cannot fail; keep the output valid regardless.
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// Writes raw JSON text verbatim; a `'\n'` (JSON allows it only as whitespace) becomes a space so
+/// the message stays on one line, and empty text becomes `null` so the output stays JSON.
+pub(crate) fn write_raw_json(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        out.extend_from_slice(b"null");
+        return;
+    }
+    let start = out.len();
+    out.extend_from_slice(data);
+    if memchr::memchr(b'\n', data).is_some() {
+        for b in &mut out[start..] {
+            if *b == b'\n' {
+                *b = b' ';
+            }
+        }
+    }
+}
+
+fn write_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `{"pub":{"channel":"C","offset":N,"data":<raw>}}`; `offset` omitted when `None`.
+pub fn encode_pub(channel: &str, offset: Option<u64>, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + channel.len() + data.len());
+    out.extend_from_slice(b"{\"pub\":{\"channel\":");
+    write_str(&mut out, channel);
+    if let Some(offset) = offset {
+        out.extend_from_slice(b",\"offset\":");
+        write_u64(&mut out, offset);
+    }
+    out.extend_from_slice(b",\"data\":");
+    write_raw_json(&mut out, data);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// `{"ping":{}}`.
+pub fn encode_ping() -> &'static [u8] {
+    b"{\"ping\":{}}"
+}
+
+/// `{"disconnect":{"code":C,"reason":"...","reconnect":b}}`, reason and flag from the code.
+pub fn encode_disconnect(code: CloseCode) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80);
+    out.extend_from_slice(b"{\"disconnect\":{\"code\":");
+    write_u64(&mut out, u64::from(code.as_u16()));
+    out.extend_from_slice(b",\"reason\":");
+    write_str(&mut out, code.reason());
+    out.extend_from_slice(if code.reconnect() {
+        b",\"reconnect\":true}}"
+    } else {
+        b",\"reconnect\":false}}"
+    });
+    out
+}
+
+/// `{"unsub":{"channel":"C","code":C,"reason":"..."}}`.
+pub fn encode_unsub(channel: &str, code: u16, reason: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + channel.len() + reason.len());
+    out.extend_from_slice(b"{\"unsub\":{\"channel\":");
+    write_str(&mut out, channel);
+    out.extend_from_slice(b",\"code\":");
+    write_u64(&mut out, u64::from(code));
+    out.extend_from_slice(b",\"reason\":");
+    write_str(&mut out, reason);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+fn write_position(out: &mut Vec<u8>, position: Option<&StreamPosition>) {
+    if let Some(pos) = position {
+        out.extend_from_slice(b"\"offset\":");
+        write_u64(out, pos.offset);
+        out.extend_from_slice(b",\"epoch\":");
+        write_str(out, &pos.epoch);
+        out.push(b',');
+    }
+}
+
+fn write_publications(out: &mut Vec<u8>, publications: &[PublicationRef<'_>]) {
+    out.extend_from_slice(b"\"publications\":[");
+    for (i, p) in publications.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        if let Some(offset) = p.offset {
+            out.extend_from_slice(b"\"offset\":");
+            write_u64(out, offset);
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"data\":");
+        write_raw_json(out, p.data);
+        out.push(b'}');
+    }
+    out.push(b']');
+}
+
+/// `{"id":N,"ok":{...}}`.
+pub fn encode_reply_ok(id: u32, ok: &ReplyOk<'_>) -> Vec<u8> {
+    let publications_len = match ok {
+        ReplyOk::Subscribe { publications, .. } | ReplyOk::History { publications, .. } => {
+            publications.iter().map(|p| p.data.len() + 32).sum()
+        }
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(64 + publications_len);
+    out.extend_from_slice(b"{\"id\":");
+    write_u64(&mut out, u64::from(id));
+    out.extend_from_slice(b",\"ok\":{");
+    match ok {
+        ReplyOk::Connect { client, ping_interval_ms } => {
+            out.extend_from_slice(b"\"client\":");
+            write_str(&mut out, client);
+            out.extend_from_slice(b",\"ping_interval_ms\":");
+            write_u64(&mut out, *ping_interval_ms);
+        }
+        ReplyOk::Subscribe { position, recovered, publications } => {
+            write_position(&mut out, *position);
+            out.extend_from_slice(if *recovered {
+                b"\"recovered\":true,"
+            } else {
+                b"\"recovered\":false,"
+            });
+            write_publications(&mut out, publications);
+        }
+        ReplyOk::Unsubscribe | ReplyOk::Publish { offset: None } => {}
+        ReplyOk::Publish { offset: Some(offset) } => {
+            out.extend_from_slice(b"\"offset\":");
+            write_u64(&mut out, *offset);
+        }
+        ReplyOk::History { position, publications } => {
+            write_position(&mut out, *position);
+            write_publications(&mut out, publications);
+        }
+    }
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// `{"id":N,"error":{"code":C,"message":"..."}}`.
+pub fn encode_reply_error(id: u32, code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + message.len());
+    out.extend_from_slice(b"{\"id\":");
+    write_u64(&mut out, u64::from(id));
+    out.extend_from_slice(b",\"error\":{\"code\":");
+    write_u64(&mut out, u64::from(code.as_u16()));
+    out.extend_from_slice(b",\"message\":");
+    write_str(&mut out, message);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::json::{decode_server_messages, ReplyError, ServerMessage};
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn s(v: Vec<u8>) -> String {
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn exact_encodings() {
+        let pos = StreamPosition { offset: 9, epoch: "ab".into() };
+        let pubs = [
+            PublicationRef { offset: Some(8), data: b"1" },
+            PublicationRef { offset: None, data: br#"{"a":"b"}"# },
+        ];
+        let table: Vec<(Vec<u8>, &str)> = vec![
+            (
+                encode_pub("c", Some(1), b"true"),
+                r#"{"pub":{"channel":"c","offset":1,"data":true}}"#,
+            ),
+            (encode_pub("c", None, b"[1]"), r#"{"pub":{"channel":"c","data":[1]}}"#),
+            (encode_pub("c", None, b""), r#"{"pub":{"channel":"c","data":null}}"#),
+            (encode_pub("c", None, b"{\n}"), r#"{"pub":{"channel":"c","data":{ }}}"#),
+            (encode_pub("a\"b", None, b"1"), r#"{"pub":{"channel":"a\"b","data":1}}"#),
+            (encode_ping().to_vec(), r#"{"ping":{}}"#),
+            (
+                encode_disconnect(CloseCode::SlowConsumer),
+                r#"{"disconnect":{"code":4008,"reason":"slow consumer","reconnect":true}}"#,
+            ),
+            (
+                encode_disconnect(CloseCode::ProtocolError),
+                r#"{"disconnect":{"code":4002,"reason":"protocol error","reconnect":false}}"#,
+            ),
+            (
+                encode_unsub("c", 4003, "go\naway"),
+                r#"{"unsub":{"channel":"c","code":4003,"reason":"go\naway"}}"#,
+            ),
+            (
+                encode_reply_ok(1, &ReplyOk::Connect { client: "x1", ping_interval_ms: 25000 }),
+                r#"{"id":1,"ok":{"client":"x1","ping_interval_ms":25000}}"#,
+            ),
+            (
+                encode_reply_ok(
+                    2,
+                    &ReplyOk::Subscribe {
+                        position: Some(&pos),
+                        recovered: true,
+                        publications: &pubs,
+                    },
+                ),
+                r#"{"id":2,"ok":{"offset":9,"epoch":"ab","recovered":true,"publications":[{"offset":8,"data":1},{"data":{"a":"b"}}]}}"#,
+            ),
+            (
+                encode_reply_ok(
+                    2,
+                    &ReplyOk::Subscribe { position: None, recovered: false, publications: &[] },
+                ),
+                r#"{"id":2,"ok":{"recovered":false,"publications":[]}}"#,
+            ),
+            (encode_reply_ok(3, &ReplyOk::Unsubscribe), r#"{"id":3,"ok":{}}"#),
+            (
+                encode_reply_ok(4, &ReplyOk::Publish { offset: Some(5) }),
+                r#"{"id":4,"ok":{"offset":5}}"#,
+            ),
+            (encode_reply_ok(4, &ReplyOk::Publish { offset: None }), r#"{"id":4,"ok":{}}"#),
+            (
+                encode_reply_ok(
+                    5,
+                    &ReplyOk::History { position: Some(&pos), publications: &pubs[..1] },
+                ),
+                r#"{"id":5,"ok":{"offset":9,"epoch":"ab","publications":[{"offset":8,"data":1}]}}"#,
+            ),
+            (
+                encode_reply_ok(5, &ReplyOk::History { position: None, publications: &[] }),
+                r#"{"id":5,"ok":{"publications":[]}}"#,
+            ),
+            (
+                encode_reply_error(6, ErrorCode::AlreadySubscribed, "already \"subscribed\""),
+                r#"{"id":6,"error":{"code":409,"message":"already \"subscribed\""}}"#,
+            ),
+        ];
+        for (got, want) in table {
+            let got = s(got);
+            assert_eq!(got, want);
+            // Every encoding is valid JSON.
+            serde_json::from_str::<Value>(&got).unwrap();
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,10}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_pretty_json() -> impl Strategy<Value = (Value, String)> {
+        (arb_json(), any::<bool>()).prop_map(|(v, pretty)| {
+            let text =
+                if pretty { serde_json::to_string_pretty(&v).unwrap() } else { v.to_string() };
+            (v, text)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn pushes_round_trip(
+            channel in ".{1,20}",
+            offset in proptest::option::of(any::<u64>()),
+            (data, text) in arb_pretty_json(),
+            code in 0u16..5000,
+            reason in ".{0,30}",
+            id in 1..=u32::MAX,
+            epoch in ".{0,10}",
+            recovered in any::<bool>(),
+            close in proptest::sample::select(CloseCode::ALL.to_vec()),
+        ) {
+            let pos = StreamPosition { offset: offset.unwrap_or(0), epoch: epoch.clone() };
+            let pubs = [PublicationRef { offset, data: text.as_bytes() }];
+            let mut frame = Vec::new();
+            for line in [
+                encode_pub(&channel, offset, text.as_bytes()),
+                encode_ping().to_vec(),
+                encode_disconnect(close),
+                encode_unsub(&channel, code, &reason),
+                encode_reply_ok(id, &ReplyOk::Subscribe { position: Some(&pos), recovered, publications: &pubs }),
+                encode_reply_ok(id, &ReplyOk::History { position: None, publications: &pubs }),
+                encode_reply_ok(id, &ReplyOk::Publish { offset }),
+                encode_reply_ok(id, &ReplyOk::Connect { client: &reason, ping_interval_ms: code.into() }),
+                encode_reply_error(id, ErrorCode::TooLarge, &reason),
+            ] {
+                prop_assert!(!line.contains(&b'\n'));
+                frame.extend_from_slice(&line);
+                frame.push(b'\n');
+            }
+            let got: Vec<ServerMessage> =
+                decode_server_messages(&frame).map(Result::unwrap).collect();
+            let publication = match offset {
+                Some(o) => json!({"offset": o, "data": data.clone()}),
+                None => json!({"data": data.clone()}),
+            };
+            let want = vec![
+                ServerMessage::Pub { channel: channel.clone(), offset, data: data.clone() },
+                ServerMessage::Ping,
+                ServerMessage::Disconnect {
+                    code: close.as_u16(),
+                    reason: close.reason().into(),
+                    reconnect: close.reconnect(),
+                },
+                ServerMessage::Unsub { channel: channel.clone(), code, reason: reason.clone() },
+                ServerMessage::Reply {
+                    id,
+                    result: Ok(json!({
+                        "offset": pos.offset, "epoch": epoch, "recovered": recovered,
+                        "publications": [publication.clone()],
+                    })),
+                },
+                ServerMessage::Reply { id, result: Ok(json!({"publications": [publication]})) },
+                ServerMessage::Reply {
+                    id,
+                    result: Ok(match offset { Some(o) => json!({"offset": o}), None => json!({}) }),
+                },
+                ServerMessage::Reply {
+                    id,
+                    result: Ok(json!({"client": reason, "ping_interval_ms": code})),
+                },
+                ServerMessage::Reply {
+                    id,
+                    result: Err(ReplyError { code: 413, message: reason.clone() }),
+                },
+            ];
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The HTTP API (`/api/*`), health, readiness and metrics endpoints.
+//!
+//! Every error is an [`ApiError`]: a status and `{"error": {"code": C, "message": "..."}}`.
+//! Bad input is a 4xx naming the problem, never a 500.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use herald_core::PublishError;
+use herald_protocol::{ChannelName, ErrorCode};
+use http::{header, StatusCode};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::app::App;
+
+/// An HTTP error answer: status `code` and a JSON body naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status, also the `code` in the body.
+    pub code: u16,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with status `code`.
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into() }
+    }
+
+    /// A 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(400, message)
+    }
+
+    fn from_code(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError::new(code.as_u16(), message)
+    }
+
+    fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(e: PublishError) -> Self {
+        ApiError::from_code(e.code(), e.to_string())
+    }
+}
+
+/// The router of every HTTP endpoint, `/ws` included.
+pub fn router(app: App) -> Router {
+    let api = Router::new()
+        .route("/publish", post(publish))
+        .route("/batch", post(batch))
+        .route("/channels", get(channels))
+        .route("/info", get(info))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), require_api_key));
+    Router::new()
+        .route("/ws", get(crate::ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/api", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(404, format!("no such endpoint: {}", req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(405, format!("{} is not allowed on {}", req.method(), req.uri().path()))
+}
+
+async fn require_api_key(State(app): State<App>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.config.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if !crate::auth::is_api_key_valid(key, given) {
+            app.node.metrics.error(ErrorCode::Unauthenticated);
+            return ApiError::new(401, "missing or wrong API key (Authorization: Bearer <key>)")
+                .into_response();
+        }
+    }
+    let response = next.run(req).await;
+    if !response.status().is_success() {
+        if let Some(code) = ErrorCode::ALL.iter().find(|c| c.as_u16() == response.status().as_u16()) {
+            app.node.metrics.error(*code);
+        }
+    }
+    response
+}
+
+/// Reads a body of at most `max` bytes; beyond: 413.
+async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(413, format!("request body is larger than {max} bytes")))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+    }
+}
+
+/// One publication as the API takes it.
+#[derive(Deserialize)]
+struct PublicationIn<'a> {
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct BatchIn<'a> {
+    #[serde(borrow)]
+    publications: Option<Vec<PublicationIn<'a>>>,
+}
+
+fn json_error(e: serde_json::Error) -> ApiError {
+    ApiError::bad_request(format!("malformed JSON: {e}"))
+}
+
+fn parse_publication<'a>(p: &PublicationIn<'a>) -> Result<(ChannelName, &'a RawValue), ApiError> {
+    let channel = p.channel.as_deref().ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
+    let channel = ChannelName::parse(channel)
+        .map_err(|e| ApiError::bad_request(format!("bad `channel`: {e}")))?;
+    let data = p.data.ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+    Ok((channel, data))
+}
+
+async fn publish_one(app: &App, p: &PublicationIn<'_>) -> Result<serde_json::Value, ApiError> {
+    let (channel, data) = parse_publication(p)?;
+    let data = Bytes::copy_from_slice(data.get().as_bytes());
+    let position = app.node.publish(&channel, data).await?;
+    Ok(match position {
+        Some(p) => serde_json::json!({"offset": p.offset, "epoch": p.epoch}),
+        None => serde_json::json!({}),
+    })
+}
+
+async fn publish(State(app): State<App>, body: Body) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let body = read_body(body, app.config.max_body_bytes).await?;
+    let p: PublicationIn<'_> = serde_json::from_slice(&body).map_err(json_error)?;
+    publish_one(&app, &p).await.map(axum::Json)
+}
+
+async fn batch(State(app): State<App>, body: Body) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let body = read_body(body, app.config.max_body_bytes).await?;
+    let batch: BatchIn<'_> = serde_json::from_slice(&body).map_err(json_error)?;
+    let publications =
+        batch.publications.ok_or_else(|| ApiError::bad_request("`publications` is missing"))?;
+    let mut results = Vec::with_capacity(publications.len());
+    for p in &publications {
+        results.push(match publish_one(&app, p).await {
+            Ok(v) => v,
+            Err(e) => {
+                app.node.metrics.error(
+                    ErrorCode::ALL.into_iter().find(|c| c.as_u16() == e.code).unwrap_or(ErrorCode::BadRequest),
+                );
+                e.body()
+            }
+        });
+    }
+    Ok(axum::Json(serde_json::json!({ "results": results })))
+}
+
+async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {
+    let channels: Vec<serde_json::Value> = app
+        .node
+        .hub
+        .channels()
+        .into_iter()
+        .map(|(c, n)| serde_json::json!({"channel": c.as_str(), "subscribers": n}))
+        .collect();
+    axum::Json(serde_json::json!({ "channels": channels }))
+}
+
+async fn info(State(app): State<App>) -> axum::Json<serde_json::Value> {
+    let m = &app.node.metrics;
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "nodes": [{
+            "id": app.node.id,
+            "connections": m.connections.load(Ordering::Relaxed),
+            "subscriptions": m.subscriptions.load(Ordering::Relaxed),
+            "channels": m.channels.load(Ordering::Relaxed),
+            "broker": app.node.broker.name(),
+            "uptime_secs": app.started.elapsed().as_secs(),
+            "publications": m.publications_in.load(Ordering::Relaxed),
+            "deliveries": m.deliveries_out.load(Ordering::Relaxed),
+        }],
+    }))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    if app.node.broker.is_ready() && !app.shutdown.is_cancelled() {
+        "ready\n".into_response()
+    } else {
+        ApiError::new(503, "broker not connected").into_response()
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        app.node.metrics.render(),
+    )
+        .into_response()
+}

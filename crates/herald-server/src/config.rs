@@ -1,0 +1,617 @@
+//! Configuration: a TOML file, `HERALD_*` environment variables and command-line flags, merged in
+//! that order (flags win) and validated into a [`Config`].
+//!
+//! Every key is described once in a schema ([`SCHEMA`] and [`CHANNEL_KEYS`]), which drives the
+//! file check, the environment lookup (`HERALD_<KEY>`, `HERALD_<TABLE>__<KEY>`,
+//! `HERALD_NAMESPACES__<NAME>__<KEY>`) and the `--set key=value` flag. An unknown key, a wrong
+//! type or an impossible value is a [`ConfigError`] naming the key.
+//!
+//! ```
+//! use herald_server::config::{Config, Sources};
+//! let cfg = Config::load(&Sources {
+//!     file: Some("[namespaces.market]\nhistory_size = 1000\nconflate = true".into()),
+//!     ..Default::default()
+//! })
+//! .unwrap();
+//! assert_eq!(cfg.namespaces["market"].history_size, 1000);
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use herald_core::node::Limits;
+use herald_core::{ChannelOptions, Namespaces};
+use toml::{Table, Value};
+
+/// The type and admissible range of one key.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// A string.
+    Str,
+    /// A boolean.
+    Bool,
+    /// An integer in `min..=max`.
+    Int {
+        /// Smallest admissible value.
+        min: i64,
+        /// Largest admissible value.
+        max: i64,
+    },
+}
+
+const fn int(min: i64, max: i64) -> Kind {
+    Kind::Int { min, max }
+}
+
+const BYTES_MAX: i64 = 1 << 40;
+
+/// Keys of a channel-options table (`[channel_defaults]` and each `[namespaces.NAME]`).
+pub const CHANNEL_KEYS: &[(&str, Kind)] = &[
+    ("history_size", int(0, 1_000_000)),
+    ("history_ttl_secs", int(1, 365 * 86400)),
+    ("conflate", Kind::Bool),
+    ("client_publish", Kind::Bool),
+    ("anonymous_subscribe", Kind::Bool),
+];
+
+/// Every key outside `[namespaces.*]`: `(table, key, kind)`, table `""` for top level.
+pub const SCHEMA: &[(&str, &str, Kind)] = &[
+    ("", "listen", Kind::Str),
+    ("", "api_key", Kind::Str),
+    ("", "broker", Kind::Str),
+    ("", "ping_interval_secs", int(1, 3600)),
+    ("", "log_level", Kind::Str),
+    ("", "node_id", Kind::Str),
+    ("", "shutdown_timeout_secs", int(0, 3600)),
+    ("limits", "max_message_bytes", int(16, BYTES_MAX)),
+    ("limits", "max_body_bytes", int(64, BYTES_MAX)),
+    ("limits", "max_publication_bytes", int(1, BYTES_MAX)),
+    ("limits", "max_queue_bytes", int(1024, BYTES_MAX)),
+    ("auth", "hmac_secret", Kind::Str),
+    ("auth", "allow_anonymous", Kind::Bool),
+];
+
+/// Tables that hold channel options.
+const CHANNEL_TABLE: &str = "channel_defaults";
+const NAMESPACES: &str = "namespaces";
+
+/// Why the configuration was refused; always names the key or the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not TOML.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A key is not known.
+    #[error("unknown config key `{key}`")]
+    UnknownKey {
+        /// The key, dotted (`limits.max_foo`).
+        key: String,
+    },
+    /// A key has the wrong type or an impossible value.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// The key, dotted.
+        key: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+}
+
+/// Where configuration comes from, in increasing precedence.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The TOML text of `--config FILE`.
+    pub file: Option<String>,
+    /// The file's path, for messages.
+    pub file_path: Option<String>,
+    /// Environment variables (only `HERALD_*` ones are looked at).
+    pub env: Vec<(String, String)>,
+    /// `key=value` settings from flags, dotted keys.
+    pub flags: Vec<(String, String)>,
+}
+
+/// Authentication settings (`[auth]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Secret of HS256 connection tokens.
+    pub hmac_secret: Option<String>,
+    /// Connections without a token are allowed.
+    pub allow_anonymous: bool,
+}
+
+/// The validated configuration of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Required as `Authorization: Bearer` on `/api/*` when set.
+    pub api_key: Option<String>,
+    /// `memory`, or a `redis://` / `nats://` URL.
+    pub broker: String,
+    /// Interval of `ping` pushes.
+    pub ping_interval: Duration,
+    /// Log filter used when `RUST_LOG` is not set.
+    pub log_level: String,
+    /// This node's id (random when not set).
+    pub node_id: Option<String>,
+    /// How long shutdown waits for clients to be told and flushed.
+    pub shutdown_timeout: Duration,
+    /// Limits.
+    pub limits: Limits,
+    /// One HTTP request body; beyond: 413.
+    pub max_body_bytes: usize,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Options of channels in the default namespace and base of every namespace.
+    pub channel_defaults: ChannelOptions,
+    /// Named namespaces, fully resolved (defaults applied).
+    pub namespaces: BTreeMap<String, ChannelOptions>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::load(&Sources::default()).expect("the defaults are valid")
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Str => "a string",
+        Kind::Bool => "a boolean",
+        Kind::Int { .. } => "an integer",
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a datetime",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+fn check_value(key: &str, kind: Kind, v: &Value) -> Result<(), ConfigError> {
+    let ok = match (kind, v) {
+        (Kind::Str, Value::String(_)) | (Kind::Bool, Value::Boolean(_)) => true,
+        (Kind::Int { min, max }, Value::Integer(i)) => {
+            if *i < min || *i > max {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    problem: format!("{i} is out of range {min}..={max}"),
+                });
+            }
+            true
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            problem: format!("expected {}, found {}", kind_name(kind), type_name(v)),
+        })
+    }
+}
+
+/// Parses a string from the environment or a flag as a value of `kind`.
+fn parse_text(key: &str, kind: Kind, text: &str) -> Result<Value, ConfigError> {
+    let v = match kind {
+        Kind::Str => Value::String(text.to_string()),
+        Kind::Bool => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Value::Boolean(true),
+            "false" | "0" | "no" | "off" => Value::Boolean(false),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    problem: format!("expected a boolean, found {text:?}"),
+                })
+            }
+        },
+        Kind::Int { .. } => match text.trim().replace('_', "").parse::<i64>() {
+            Ok(i) => Value::Integer(i),
+            Err(_) => {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    problem: format!("expected an integer, found {text:?}"),
+                })
+            }
+        },
+    };
+    check_value(key, kind, &v)?;
+    Ok(v)
+}
+
+/// The kind of a dotted key, if it exists: `listen`, `limits.max_queue_bytes`,
+/// `channel_defaults.history_size`, `namespaces.NAME.conflate`.
+fn kind_of(path: &[&str]) -> Option<Kind> {
+    match path {
+        [key] => SCHEMA.iter().find(|(t, k, _)| t.is_empty() && k == key).map(|e| e.2),
+        [table, key] if *table == CHANNEL_TABLE => {
+            CHANNEL_KEYS.iter().find(|(k, _)| k == key).map(|e| e.1)
+        }
+        [table, key] => SCHEMA.iter().find(|(t, k, _)| t == table && k == key).map(|e| e.2),
+        [ns, _, key] if *ns == NAMESPACES => {
+            CHANNEL_KEYS.iter().find(|(k, _)| k == key).map(|e| e.1)
+        }
+        _ => None,
+    }
+}
+
+fn is_table_name(name: &str) -> bool {
+    name == CHANNEL_TABLE || name == NAMESPACES || SCHEMA.iter().any(|(t, _, _)| *t == name)
+}
+
+/// Checks a parsed file against the schema.
+fn check_file(table: &Table) -> Result<(), ConfigError> {
+    for (key, value) in table {
+        if is_table_name(key) {
+            let Value::Table(inner) = value else {
+                return Err(ConfigError::Invalid {
+                    key: key.clone(),
+                    problem: format!("expected a table, found {}", type_name(value)),
+                });
+            };
+            for (k, v) in inner {
+                if key == NAMESPACES {
+                    let path = format!("{NAMESPACES}.{k}");
+                    check_namespace_name(&path, k)?;
+                    let Value::Table(ns) = v else {
+                        return Err(ConfigError::Invalid {
+                            key: path,
+                            problem: format!("expected a table, found {}", type_name(v)),
+                        });
+                    };
+                    for (nk, nv) in ns {
+                        let full = format!("{path}.{nk}");
+                        let kind = kind_of(&[NAMESPACES, k, nk])
+                            .ok_or(ConfigError::UnknownKey { key: full.clone() })?;
+                        check_value(&full, kind, nv)?;
+                    }
+                } else {
+                    let full = format!("{key}.{k}");
+                    let kind =
+                        kind_of(&[key, k]).ok_or(ConfigError::UnknownKey { key: full.clone() })?;
+                    check_value(&full, kind, v)?;
+                }
+            }
+        } else {
+            let kind = kind_of(&[key]).ok_or(ConfigError::UnknownKey { key: key.clone() })?;
+            check_value(key, kind, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_namespace_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name.len() < 255
+        && name.bytes().all(|b| b != b':' && herald_protocol::channel::is_channel_byte(b));
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            problem: format!("{name:?} is not a namespace name (channel characters, no ':')"),
+        })
+    }
+}
+
+/// Sets `path` in `table`, creating intermediate tables.
+fn set_path(table: &mut Table, path: &[&str], value: Value) {
+    let (last, parents) = path.split_last().expect("paths are never empty");
+    let mut cur = table;
+    for p in parents {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| Value::Table(Table::new()));
+        if !entry.is_table() {
+            *entry = Value::Table(Table::new());
+        }
+        cur = match entry {
+            Value::Table(t) => t,
+            _ => unreachable!("just made a table"),
+        };
+    }
+    cur.insert(last.to_string(), value);
+}
+
+fn get<'a>(table: &'a Table, path: &[&str]) -> Option<&'a Value> {
+    let (last, parents) = path.split_last()?;
+    let mut cur = table;
+    for p in parents {
+        cur = cur.get(*p)?.as_table()?;
+    }
+    cur.get(*last)
+}
+
+fn get_str(t: &Table, path: &[&str]) -> Option<String> {
+    get(t, path).and_then(Value::as_str).map(str::to_string)
+}
+fn get_bool(t: &Table, path: &[&str]) -> Option<bool> {
+    get(t, path).and_then(Value::as_bool)
+}
+fn get_int(t: &Table, path: &[&str]) -> Option<i64> {
+    get(t, path).and_then(Value::as_integer)
+}
+
+fn channel_options(t: &Table, prefix: &[&str], base: &ChannelOptions) -> ChannelOptions {
+    let path = |k: &'static str| -> Vec<&str> {
+        let mut p = prefix.to_vec();
+        p.push(k);
+        p
+    };
+    ChannelOptions {
+        history_size: get_int(t, &path("history_size")).map_or(base.history_size, |v| v as usize),
+        history_ttl: get_int(t, &path("history_ttl_secs"))
+            .map_or(base.history_ttl, |v| Duration::from_secs(v as u64)),
+        conflate: get_bool(t, &path("conflate")).unwrap_or(base.conflate),
+        client_publish: get_bool(t, &path("client_publish")).unwrap_or(base.client_publish),
+        anonymous_subscribe: get_bool(t, &path("anonymous_subscribe"))
+            .unwrap_or(base.anonymous_subscribe),
+    }
+}
+
+impl Config {
+    /// Merges and validates `sources`.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut table = match &sources.file {
+            Some(text) => {
+                let path = sources.file_path.clone().unwrap_or_else(|| "<config>".into());
+                let table: Table = text
+                    .parse()
+                    .map_err(|e: toml::de::Error| ConfigError::File { path, message: e.to_string() })?;
+                check_file(&table)?;
+                table
+            }
+            None => Table::new(),
+        };
+        for (name, value) in &sources.env {
+            let Some(rest) = name.strip_prefix("HERALD_") else { continue };
+            let lower = rest.to_ascii_lowercase();
+            let path: Vec<&str> = lower.split("__").collect();
+            // Variables that name no key are ignored.
+            let Some(kind) = kind_of(&path) else { continue };
+            let key = path.join(".");
+            if path.len() == 3 {
+                check_namespace_name(&format!("{NAMESPACES}.{}", path[1]), path[1])?;
+            }
+            set_path(&mut table, &path, parse_text(&format!("{key} (from {name})"), kind, value)?);
+        }
+        for (key, value) in &sources.flags {
+            let path: Vec<&str> = key.split('.').collect();
+            let kind = kind_of(&path).ok_or(ConfigError::UnknownKey { key: key.clone() })?;
+            if path.len() == 3 {
+                check_namespace_name(&format!("{NAMESPACES}.{}", path[1]), path[1])?;
+            }
+            set_path(&mut table, &path, parse_text(key, kind, value)?);
+        }
+        Config::from_table(&table)
+    }
+
+    fn from_table(t: &Table) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid { key: key.into(), problem };
+        let listen_text = get_str(t, &["listen"]).unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", format!("{listen_text:?} is not an ADDR:PORT")))?;
+        let api_key = get_str(t, &["api_key"]);
+        if api_key.as_deref() == Some("") {
+            return Err(invalid("api_key", "must not be empty (leave it out instead)".into()));
+        }
+        let broker = get_str(t, &["broker"]).unwrap_or_else(|| "memory".into());
+        if !(broker == "memory" || broker.starts_with("redis://") || broker.starts_with("nats://")) {
+            return Err(invalid(
+                "broker",
+                format!("{broker:?}: expected \"memory\", redis://HOST:PORT or nats://HOST:PORT"),
+            ));
+        }
+        let log_level = get_str(t, &["log_level"]).unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(invalid("log_level", format!("{log_level:?} is not a log filter")));
+        }
+        let hmac_secret = get_str(t, &["auth", "hmac_secret"]);
+        if hmac_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(invalid("auth.hmac_secret", "must be at least 16 bytes".into()));
+        }
+        let auth = AuthConfig {
+            hmac_secret,
+            allow_anonymous: get_bool(t, &["auth", "allow_anonymous"]).unwrap_or(true),
+        };
+        if !listen.ip().is_loopback() && (api_key.is_none() || auth.hmac_secret.is_none()) {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{listen} is reachable from outside loopback: set api_key and auth.hmac_secret first"
+                ),
+            ));
+        }
+        let defaults = Limits::default();
+        let limit = |k: &str, d: usize| {
+            get_int(t, &["limits", k]).map_or(d, |v| v as usize)
+        };
+        let limits = Limits {
+            max_message_bytes: limit("max_message_bytes", defaults.max_message_bytes),
+            max_publication_bytes: limit("max_publication_bytes", defaults.max_publication_bytes),
+            max_queue_bytes: limit("max_queue_bytes", defaults.max_queue_bytes),
+        };
+        let max_body_bytes = limit("max_body_bytes", 8 << 20);
+        let channel_defaults = channel_options(t, &[CHANNEL_TABLE], &ChannelOptions::default());
+        let mut namespaces = BTreeMap::new();
+        if let Some(Value::Table(ns)) = get(t, &[NAMESPACES]) {
+            for name in ns.keys() {
+                namespaces
+                    .insert(name.clone(), channel_options(t, &[NAMESPACES, name], &channel_defaults));
+            }
+        }
+        Ok(Config {
+            listen,
+            api_key,
+            broker,
+            ping_interval: Duration::from_secs(
+                get_int(t, &["ping_interval_secs"]).unwrap_or(25) as u64
+            ),
+            log_level,
+            node_id: get_str(t, &["node_id"]),
+            shutdown_timeout: Duration::from_secs(
+                get_int(t, &["shutdown_timeout_secs"]).unwrap_or(5) as u64,
+            ),
+            limits,
+            max_body_bytes,
+            auth,
+            channel_defaults,
+            namespaces,
+        })
+    }
+
+    /// The namespaces as the engine uses them.
+    pub fn namespace_options(&self) -> Namespaces {
+        let named: HashMap<String, ChannelOptions> =
+            self.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Namespaces::new(self.channel_defaults.clone(), named)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<Config, ConfigError> {
+        Config::load(&Sources { file: Some(text.into()), ..Default::default() })
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.broker, "memory");
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.max_body_bytes, 8388608);
+        assert_eq!(c.limits.max_queue_bytes, 1048576);
+        assert!(c.auth.allow_anonymous);
+        assert_eq!(c.channel_defaults, ChannelOptions::default());
+    }
+
+    #[test]
+    fn the_contract_example_is_accepted() {
+        let c = file(
+            r#"
+listen = "127.0.0.1:9000"
+api_key = "secret"
+broker = "memory"
+ping_interval_secs = 25
+[limits]
+max_message_bytes = 65536
+max_body_bytes = 8388608
+max_publication_bytes = 1048576
+max_queue_bytes = 1048576
+[auth]
+hmac_secret = "0123456789abcdef0123"
+allow_anonymous = true
+[channel_defaults]
+history_size = 0
+history_ttl_secs = 300
+conflate = false
+client_publish = false
+anonymous_subscribe = true
+[namespaces.market]
+history_size = 1000
+conflate = true
+"#,
+        )
+        .unwrap();
+        let m = &c.namespaces["market"];
+        assert_eq!((m.history_size, m.conflate, m.client_publish), (1000, true, false));
+        assert_eq!(c.api_key.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn namespaces_inherit_channel_defaults() {
+        let c = file("[channel_defaults]\nclient_publish = true\nhistory_size = 5\n[namespaces.a]\nhistory_size = 7").unwrap();
+        assert_eq!(c.namespaces["a"].history_size, 7);
+        assert!(c.namespaces["a"].client_publish);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("nope = 1", "`nope`"),
+            ("[limits]\nmax_foo = 1", "`limits.max_foo`"),
+            ("ping_interval_secs = \"x\"", "`ping_interval_secs`"),
+            ("ping_interval_secs = 0", "`ping_interval_secs`"),
+            ("[limits]\nmax_queue_bytes = -5", "`limits.max_queue_bytes`"),
+            ("[namespaces.m]\nhistory_size = true", "`namespaces.m.history_size`"),
+            ("[namespaces.m]\nbogus = 1", "`namespaces.m.bogus`"),
+            ("[namespaces]\nm = 3", "`namespaces.m`"),
+            ("limits = 3", "`limits`"),
+            ("listen = \"nowhere\"", "`listen`"),
+            ("broker = \"kafka://x\"", "`broker`"),
+            ("listen = \"0.0.0.0:8080\"", "`listen`"),
+            ("[auth]\nhmac_secret = \"short\"", "`auth.hmac_secret`"),
+            ("[\"namespaces\".\"a b\"]\nconflate = true", "`namespaces.a b`"),
+        ];
+        for (text, key) in cases {
+            let err = file(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err:?}, expected it to name {key}");
+        }
+        assert!(matches!(file("listen = "), Err(ConfigError::File { .. })));
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let sources = Sources {
+            file: Some("ping_interval_secs = 10\n[limits]\nmax_queue_bytes = 2048".into()),
+            file_path: None,
+            env: vec![
+                ("HERALD_PING_INTERVAL_SECS".into(), "11".into()),
+                ("HERALD_LIMITS__MAX_QUEUE_BYTES".into(), "4096".into()),
+                ("HERALD_AUTH__HMAC_SECRET".into(), "0123456789abcdef".into()),
+                ("HERALD_NAMESPACES__MARKET__CONFLATE".into(), "true".into()),
+                ("HERALD_UNRELATED".into(), "whatever".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+            flags: vec![("ping_interval_secs".into(), "12".into())],
+        };
+        let c = Config::load(&sources).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_secs(12));
+        assert_eq!(c.limits.max_queue_bytes, 4096);
+        assert_eq!(c.auth.hmac_secret.as_deref(), Some("0123456789abcdef"));
+        assert!(c.namespaces["market"].conflate);
+    }
+
+    #[test]
+    fn bad_env_value_names_key_and_variable() {
+        let err = Config::load(&Sources {
+            env: vec![("HERALD_LIMITS__MAX_BODY_BYTES".into(), "lots".into())],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limits.max_body_bytes") && err.contains("HERALD_LIMITS__MAX_BODY_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn unknown_flag_key_is_refused() {
+        let err = Config::load(&Sources {
+            flags: vec![("limits.nope".into(), "1".into())],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err, ConfigError::UnknownKey { key: "limits.nope".into() });
+    }
+
+    #[test]
+    fn non_loopback_needs_key_and_secret() {
+        let ok = file("listen = \"0.0.0.0:1\"\napi_key = \"k\"\n[auth]\nhmac_secret = \"0123456789abcdef\"");
+        assert!(ok.is_ok());
+    }
+}

@@ -1,0 +1,70 @@
+//! The accept loop: one task per TCP connection serving HTTP/1.1 (with upgrades), until shutdown.
+
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::app::App;
+
+/// Idle time before TCP keepalive probes start, so half-open connections do not accumulate.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Sets the socket options every client connection gets.
+fn configure(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+}
+
+/// Accepts connections until `app.shutdown` is cancelled. Accept errors (e.g. out of file
+/// descriptors) back off instead of spinning.
+pub async fn run(listener: TcpListener, app: App) {
+    let router = crate::api::router(app.clone());
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        configure(&stream);
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = app.shutdown.clone();
+        app.tracker.spawn(async move {
+            let conn = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "http connection ended with error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,456 @@
+//! The WebSocket transport: upgrade handshake, then one task per connection that reads
+//! commands, feeds the [`Session`], and writes everything queued in the connection's
+//! [`Outbox`] with vectored writes.
+//!
+//! After the HTTP upgrade the raw [`TcpStream`] is taken back from hyper, so the connection
+//! owns no HTTP buffers. One task serves both directions: it waits for the socket to be readable,
+//! for frames in the outbox, for the socket to drain, or for the ping timer. While idle it holds
+//! no read or write buffer (a read lands in a stack buffer and only an incomplete frame tail is
+//! kept), so an idle subscribed connection costs a few KB.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::{Buf, Bytes};
+use herald_core::queue::OutboxState;
+use herald_core::{Outbox, Session};
+use herald_protocol::{push, ws, CloseCode};
+use http::{header, HeaderMap, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::api::ApiError;
+use crate::app::App;
+
+/// The subprotocol of the JSON protocol.
+pub const PROTOCOL_JSON: &str = "herald.json";
+
+/// Most iovecs handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+/// Size of the stack buffer one read lands in.
+const READ_CHUNK: usize = 8192;
+/// Most reads per wake-up, so one chatty client cannot starve the others on its thread.
+const MAX_READS_PER_WAKE: usize = 16;
+/// How long a closing connection may take to flush its final frames (except on shutdown).
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let query = query?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes and `+` of a query value.
+pub(crate) fn percent_decode(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['%', '+']) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `GET /ws`: checks the upgrade request, answers 101 and spawns the connection task.
+pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> Response {
+    let headers = req.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return ApiError::bad_request("expected a WebSocket upgrade (Upgrade: websocket)")
+            .into_response();
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::SEC_WEBSOCKET_VERSION, "13")],
+            ApiError::new(426, "only WebSocket version 13 is supported"),
+        )
+            .into_response();
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).and_then(|k| k.to_str().ok()) else {
+        return ApiError::bad_request("Sec-WebSocket-Key is missing").into_response();
+    };
+    let accept = ws::accept_key(key.trim());
+    let protocol = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL_JSON);
+    let token = query_param(req.uri().query(), "token").map(|t| t.into_owned());
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::bad_request("this connection cannot be upgraded").into_response();
+    };
+
+    // Verify a query token now; a bad one is told with close 4001 after the upgrade.
+    let auth = match token {
+        None => Ok(None),
+        Some(token) => match &app.node.auth.verifier {
+            Some(v) => v.verify(&token).map(Some).map_err(|_| CloseCode::InvalidToken),
+            None => Err(CloseCode::InvalidToken),
+        },
+    };
+
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => parts,
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TcpStream");
+                return;
+            }
+        };
+        let stream = parts.io.into_inner();
+        let _guard = app.tracker.token();
+        Connection::new(app, stream).run(parts.read_buf, auth).await;
+    });
+
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = http::HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(PROTOCOL_JSON));
+    }
+    response
+}
+
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushed {
+    /// Everything queued was written.
+    All,
+    /// The socket's send buffer is full.
+    Blocked,
+}
+
+/// What a read achieved.
+enum ReadResult {
+    /// Some bytes were read (and fed to the decoder).
+    Data,
+    /// The peer closed its side.
+    Eof,
+    /// The decoder refused the input.
+    Invalid(CloseCode),
+}
+
+/// One WebSocket connection.
+struct Connection {
+    app: App,
+    stream: TcpStream,
+    outbox: Arc<Outbox>,
+    decoder: ws::Decoder,
+    /// Frames taken from the outbox and not fully written; the first may be partly written.
+    writing: VecDeque<Bytes>,
+    messages: Vec<ws::Message>,
+    last_heard: Instant,
+    closing: Option<CloseCode>,
+}
+
+impl Connection {
+    fn new(app: App, stream: TcpStream) -> Self {
+        let limits = &app.node.limits;
+        let outbox = Arc::new(Outbox::new(limits.max_queue_bytes));
+        let decoder = ws::Decoder::new(ws::Role::Server, limits.max_message_bytes);
+        Connection {
+            app,
+            stream,
+            outbox,
+            decoder,
+            writing: VecDeque::new(),
+            messages: Vec::new(),
+            last_heard: Instant::now(),
+            closing: None,
+        }
+    }
+
+    async fn run(mut self, prefix: Bytes, auth: Result<Option<String>, CloseCode>) {
+        let node = self.app.node.clone();
+        node.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        let user = auth.as_ref().ok().cloned().flatten();
+        let mut session = Session::new(node.clone(), self.outbox.clone(), user);
+        tracing::debug!(conn = session.id(), "websocket connected");
+
+        let interval = node.ping_interval;
+        let ping = tokio::time::sleep(interval);
+        tokio::pin!(ping);
+        let close_deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
+        tokio::pin!(close_deadline);
+        let shutdown = self.app.shutdown.clone();
+
+        if let Err(code) = auth {
+            self.start_close(code, &mut close_deadline);
+        } else if !prefix.is_empty() {
+            if let Err(code) = self.decoder.feed(&prefix, &mut self.messages).map_err(ws_close_code) {
+                self.start_close(code, &mut close_deadline);
+            } else if let Err(code) = self.handle_messages(&mut session).await {
+                self.start_close(code, &mut close_deadline);
+            }
+        }
+
+        loop {
+            let flushed = match self.flush() {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(conn = session.id(), error = %e, "write failed");
+                    break;
+                }
+            };
+            if self.closing.is_some() && flushed == Flushed::All && self.outbox.pending_bytes() == 0 {
+                break;
+            }
+            if self.closing.is_none() && self.outbox.state() == OutboxState::Overflowed {
+                self.start_close(CloseCode::SlowConsumer, &mut close_deadline);
+                continue;
+            }
+            let blocked = flushed == Flushed::Blocked;
+            let open = self.closing.is_none();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if open => {
+                    self.start_close(CloseCode::Shutdown, &mut close_deadline);
+                    close_deadline.as_mut().reset(Instant::now() + self.app.shutdown_timeout);
+                }
+                r = self.stream.readable(), if open => {
+                    if r.is_err() { break; }
+                    match self.read() {
+                        ReadResult::Eof => break,
+                        ReadResult::Invalid(code) => self.start_close(code, &mut close_deadline),
+                        ReadResult::Data => {
+                            self.last_heard = Instant::now();
+                            if let Err(code) = self.handle_messages(&mut session).await {
+                                self.start_close(code, &mut close_deadline);
+                            }
+                        }
+                    }
+                }
+                r = self.stream.writable(), if blocked => {
+                    if r.is_err() { break; }
+                }
+                _ = self.outbox.notified(), if !blocked => {}
+                _ = &mut ping, if open => {
+                    if self.last_heard.elapsed() > interval * 2 {
+                        self.start_close(CloseCode::NoPong, &mut close_deadline);
+                    } else {
+                        let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
+                        if self.outbox.push(frame).is_err() {
+                            self.outbox.overflow();
+                        }
+                        ping.as_mut().reset(Instant::now() + interval);
+                    }
+                }
+                _ = &mut close_deadline, if !open => break,
+            }
+        }
+
+        self.outbox.close();
+        session.close().await;
+        let _ = self.stream.try_write(&[]);
+        drop(self.stream);
+        node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(conn = session.id(), code = ?self.closing, "websocket closed");
+    }
+
+    /// Queues the `disconnect` push and the close frame, dropping pending publications (the
+    /// client recovers them from history), and bounds the time left to flush.
+    fn start_close(
+        &mut self,
+        code: CloseCode,
+        deadline: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    ) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(code);
+        self.app.node.metrics.disconnect(code);
+        // Keep a partly written frame (cutting it would corrupt the stream), drop the rest.
+        let keep = usize::from(!self.writing.is_empty());
+        let dropped: usize = self.writing.drain(keep..).map(|b| b.len()).sum();
+        self.outbox.forget(dropped);
+        self.outbox.discard();
+        let disconnect = push::encode_disconnect(code);
+        self.outbox.push_final(ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect));
+        self.outbox.push_final(ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()));
+        deadline.as_mut().reset(Instant::now() + CLOSE_FLUSH);
+    }
+
+    /// Reads what the socket has (bounded) and feeds the decoder. Never awaits, so the read
+    /// buffer lives on the stack only while reading.
+    fn read(&mut self) -> ReadResult {
+        let mut buf = [0u8; READ_CHUNK];
+        let mut got = false;
+        for _ in 0..MAX_READS_PER_WAKE {
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return ReadResult::Eof,
+                Ok(n) => {
+                    got = true;
+                    if let Err(e) = self.decoder.feed(&buf[..n], &mut self.messages) {
+                        return ReadResult::Invalid(ws_close_code(e));
+                    }
+                    if n < READ_CHUNK {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return ReadResult::Eof,
+            }
+        }
+        let _ = got;
+        ReadResult::Data
+    }
+
+    /// Applies decoded messages.
+    async fn handle_messages(&mut self, session: &mut Session) -> Result<(), CloseCode> {
+        let messages = std::mem::take(&mut self.messages);
+        let mut result = Ok(());
+        for message in messages.iter() {
+            match message {
+                ws::Message::Text(text) => {
+                    if let Err(code) = session.handle_text(text).await {
+                        result = Err(code);
+                        break;
+                    }
+                }
+                ws::Message::Binary(_) => {
+                    result = Err(CloseCode::ProtocolError);
+                    break;
+                }
+                ws::Message::Ping(payload) => {
+                    let pong = ws::encode_frame(ws::Role::Server, ws::Opcode::Pong, payload);
+                    if self.outbox.push(pong).is_err() {
+                        result = Err(CloseCode::SlowConsumer);
+                        break;
+                    }
+                }
+                ws::Message::Pong(_) => {}
+                ws::Message::Close(_) => {
+                    // The client closes: answer with a normal close frame and end.
+                    self.closing = Some(CloseCode::Shutdown);
+                    self.outbox.discard();
+                    self.outbox.push_final(ws::encode_close(ws::Role::Server, 1000, ""));
+                    break;
+                }
+            }
+        }
+        // Give the vector's allocation back for the next read, but not a large one.
+        let mut messages = messages;
+        messages.clear();
+        if messages.capacity() <= 16 {
+            self.messages = messages;
+        }
+        result
+    }
+
+    /// Writes as much of the queue as the socket takes, in vectored writes.
+    fn flush(&mut self) -> io::Result<Flushed> {
+        loop {
+            if self.writing.is_empty() {
+                self.outbox.take(&mut self.writing);
+                if self.writing.is_empty() {
+                    if self.writing.capacity() > 64 {
+                        self.writing = VecDeque::new();
+                    }
+                    return Ok(Flushed::All);
+                }
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (slot, frame) in slices.iter_mut().zip(self.writing.iter()) {
+                *slot = IoSlice::new(frame);
+                count += 1;
+            }
+            match self.stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    self.outbox.written(n);
+                    self.app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    while n > 0 {
+                        let Some(front) = self.writing.front_mut() else { break };
+                        if n >= front.len() {
+                            n -= front.len();
+                            self.writing.pop_front();
+                        } else {
+                            front.advance(n);
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn ws_close_code(e: ws::WsError) -> CloseCode {
+    match e {
+        ws::WsError::MessageTooBig { .. } => CloseCode::MessageTooBig,
+        ws::WsError::Protocol(_) => CloseCode::ProtocolError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Eb+c"), "a.b c");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("end%2"), "end%2");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+}
