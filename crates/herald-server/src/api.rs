@@ -129,8 +129,13 @@ async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
 struct PublicationIn<'a> {
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+}
+
+/// Deserializes a field that is present (even as `null`) as `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]

@@ -177,6 +177,8 @@ enum Flushed {
 enum ReadResult {
     /// Some bytes were read (and fed to the decoder).
     Data,
+    /// Nothing was there after all.
+    Empty,
     /// The peer closed its side.
     Eof,
     /// The decoder refused the input.
@@ -193,7 +195,10 @@ struct Connection {
     writing: VecDeque<Bytes>,
     messages: Vec<ws::Message>,
     last_heard: Instant,
+    /// Why the server is closing (`None` while open or when the client closed first).
     closing: Option<CloseCode>,
+    /// Set once closing starts: the final frames must be flushed by then.
+    close_by: Option<Instant>,
 }
 
 impl Connection {
@@ -210,6 +215,7 @@ impl Connection {
             messages: Vec::new(),
             last_heard: Instant::now(),
             closing: None,
+            close_by: None,
         }
     }
 
@@ -224,17 +230,15 @@ impl Connection {
         let interval = node.ping_interval;
         let ping = tokio::time::sleep(interval);
         tokio::pin!(ping);
-        let close_deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
-        tokio::pin!(close_deadline);
         let shutdown = self.app.shutdown.clone();
 
         if let Err(code) = auth {
-            self.start_close(code, &mut close_deadline);
+            self.start_close(code);
         } else if !prefix.is_empty() {
             if let Err(code) = self.decoder.feed(&prefix, &mut self.messages).map_err(ws_close_code) {
-                self.start_close(code, &mut close_deadline);
+                self.start_close(code);
             } else if let Err(code) = self.handle_messages(&mut session).await {
-                self.start_close(code, &mut close_deadline);
+                self.start_close(code);
             }
         }
 
@@ -246,30 +250,32 @@ impl Connection {
                     break;
                 }
             };
-            if self.closing.is_some() && flushed == Flushed::All && self.outbox.pending_bytes() == 0 {
+            if self.close_by.is_some() && flushed == Flushed::All && self.outbox.pending_bytes() == 0 {
                 break;
             }
-            if self.closing.is_none() && self.outbox.state() == OutboxState::Overflowed {
-                self.start_close(CloseCode::SlowConsumer, &mut close_deadline);
+            if self.close_by.is_none() && self.outbox.state() == OutboxState::Overflowed {
+                self.start_close(CloseCode::SlowConsumer);
                 continue;
             }
             let blocked = flushed == Flushed::Blocked;
-            let open = self.closing.is_none();
+            let open = self.close_by.is_none();
+            let close_by = self.close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if open => {
-                    self.start_close(CloseCode::Shutdown, &mut close_deadline);
-                    close_deadline.as_mut().reset(Instant::now() + self.app.shutdown_timeout);
+                    self.start_close(CloseCode::Shutdown);
+                    self.close_by = Some(Instant::now() + self.app.shutdown_timeout);
                 }
                 r = self.stream.readable(), if open => {
                     if r.is_err() { break; }
                     match self.read() {
                         ReadResult::Eof => break,
-                        ReadResult::Invalid(code) => self.start_close(code, &mut close_deadline),
+                        ReadResult::Invalid(code) => self.start_close(code),
+                        ReadResult::Empty => {}
                         ReadResult::Data => {
                             self.last_heard = Instant::now();
                             if let Err(code) = self.handle_messages(&mut session).await {
-                                self.start_close(code, &mut close_deadline);
+                                self.start_close(code);
                             }
                         }
                     }
@@ -280,7 +286,7 @@ impl Connection {
                 _ = self.outbox.notified(), if !blocked => {}
                 _ = &mut ping, if open => {
                     if self.last_heard.elapsed() > interval * 2 {
-                        self.start_close(CloseCode::NoPong, &mut close_deadline);
+                        self.start_close(CloseCode::NoPong);
                     } else {
                         let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
                         if self.outbox.push(frame).is_err() {
@@ -289,7 +295,7 @@ impl Connection {
                         ping.as_mut().reset(Instant::now() + interval);
                     }
                 }
-                _ = &mut close_deadline, if !open => break,
+                _ = tokio::time::sleep_until(close_by), if !open => break,
             }
         }
 
@@ -303,12 +309,8 @@ impl Connection {
 
     /// Queues the `disconnect` push and the close frame, dropping pending publications (the
     /// client recovers them from history), and bounds the time left to flush.
-    fn start_close(
-        &mut self,
-        code: CloseCode,
-        deadline: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-    ) {
-        if self.closing.is_some() {
+    fn start_close(&mut self, code: CloseCode) {
+        if self.close_by.is_some() {
             return;
         }
         self.closing = Some(code);
@@ -321,7 +323,7 @@ impl Connection {
         let disconnect = push::encode_disconnect(code);
         self.outbox.push_final(ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect));
         self.outbox.push_final(ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()));
-        deadline.as_mut().reset(Instant::now() + CLOSE_FLUSH);
+        self.close_by = Some(Instant::now() + CLOSE_FLUSH);
     }
 
     /// Reads what the socket has (bounded) and feeds the decoder. Never awaits, so the read
@@ -346,8 +348,11 @@ impl Connection {
                 Err(_) => return ReadResult::Eof,
             }
         }
-        let _ = got;
-        ReadResult::Data
+        if got {
+            ReadResult::Data
+        } else {
+            ReadResult::Empty
+        }
     }
 
     /// Applies decoded messages.
@@ -376,7 +381,7 @@ impl Connection {
                 ws::Message::Pong(_) => {}
                 ws::Message::Close(_) => {
                     // The client closes: answer with a normal close frame and end.
-                    self.closing = Some(CloseCode::Shutdown);
+                    self.close_by = Some(Instant::now() + CLOSE_FLUSH);
                     self.outbox.discard();
                     self.outbox.push_final(ws::encode_close(ws::Role::Server, 1000, ""));
                     break;

@@ -1,0 +1,158 @@
+//! Shared helpers of the integration tests: start the real `herald` binary on a free port.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald_client::{Client, ConnectOptions, Events, HttpApi};
+
+/// A running `herald` process, killed on drop.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+pub fn herald_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herald")
+}
+
+impl Server {
+    /// Starts herald with `config` (TOML text, may be empty) and extra flags; waits until it
+    /// listens.
+    pub fn start(config: &str, flags: &[&str]) -> Server {
+        Self::try_start(config, flags).expect("herald starts")
+    }
+
+    pub fn try_start(config: &str, flags: &[&str]) -> Result<Server, String> {
+        for _attempt in 0..5 {
+            let addr = free_addr();
+            let dir = std::env::temp_dir().join(format!("herald-test-{}-{}", std::process::id(), addr.port()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let path = dir.join("herald.toml");
+            std::fs::write(&path, config).map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(herald_bin());
+            cmd.arg("--config").arg(&path).arg("--listen").arg(addr.to_string());
+            cmd.args(flags);
+            cmd.env("RUST_LOG", "herald=debug,herald_server=debug,herald_core=debug,info");
+            for (k, _) in std::env::vars() {
+                if k.starts_with("HERALD_") {
+                    cmd.env_remove(k);
+                }
+            }
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+            let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+            let stderr = child.stderr.take().expect("piped stderr");
+            let log = Arc::new(Mutex::new(String::new()));
+            let (tx, rx) = std::sync::mpsc::channel();
+            {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut tx = Some(tx);
+                    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                        if line.contains("herald listening on") {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(true);
+                            }
+                        }
+                        let mut l = log.lock().unwrap();
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(false);
+                    }
+                });
+            }
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(true) => return Ok(Server { addr, child, log }),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let text = log.lock().unwrap().clone();
+                    if text.contains("Address already in use") {
+                        continue;
+                    }
+                    return Err(text);
+                }
+            }
+        }
+        Err("no free port".into())
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> (Client, Events) {
+        let (c, e, _) = Client::connect(&self.ws_url(), ConnectOptions::default())
+            .await
+            .expect("client connects");
+        (c, e)
+    }
+
+    pub async fn api(&self) -> HttpApi {
+        HttpApi::connect(&self.http_base(), None).await.expect("http api connects")
+    }
+
+    pub async fn api_with_key(&self, key: &str) -> HttpApi {
+        HttpApi::connect(&self.http_base(), Some(key.to_string())).await.expect("http api connects")
+    }
+
+    /// Sends SIGTERM and waits for the exit status, at most `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `herald` with arguments and returns (exit code, stderr), for start-up failures.
+pub fn run_herald(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(herald_bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HERALD_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run herald");
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    (out.status.code(), text)
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
