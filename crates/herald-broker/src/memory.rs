@@ -6,7 +6,7 @@
 //! in other shards never contend.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -73,9 +73,7 @@ impl MemoryBroker {
     }
 
     fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, Stream>> {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        &self.shards[(h.finish() as usize) % self.shards.len()]
+        &self.shards[(self.hasher.hash_one(channel) as usize) % self.shards.len()]
     }
 
     /// Number of channels whose stream state is held.

@@ -12,7 +12,7 @@
 //! no duplicate, whatever broker sits behind.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -88,9 +88,7 @@ impl Hub {
     }
 
     fn shard(&self, channel: &ChannelName) -> &Shard {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        &self.shards[(h.finish() as usize) % self.shards.len()]
+        &self.shards[(self.hasher.hash_one(channel) as usize) % self.shards.len()]
     }
 
     /// Registers connection `id` as a pending subscriber of `channel`: publications are buffered
@@ -207,7 +205,11 @@ mod tests {
     use std::collections::VecDeque;
 
     fn publication(offset: Option<u64>, data: &'static str) -> Publication {
-        Publication { offset, epoch: offset.map(|_| Arc::from("e")), data: Bytes::from_static(data.as_bytes()) }
+        Publication {
+            offset,
+            epoch: offset.map(|_| Arc::from("e")),
+            data: Bytes::from_static(data.as_bytes()),
+        }
     }
 
     fn drain(outbox: &Outbox) -> Vec<Bytes> {

@@ -48,20 +48,63 @@ impl Metrics {
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        metric("herald_connections", "gauge", "Open client connections.", g(&self.connections).to_string());
-        metric("herald_subscriptions", "gauge", "Subscriptions held by connections.", g(&self.subscriptions).to_string());
-        metric("herald_channels", "gauge", "Channels with local subscribers.", g(&self.channels).to_string());
-        metric("herald_connections_total", "counter", "Connections accepted.", c(&self.connections_total).to_string());
-        metric("herald_publications_total", "counter", "Publications accepted.", c(&self.publications_in).to_string());
-        metric("herald_deliveries_total", "counter", "Publications queued to subscribers.", c(&self.deliveries_out).to_string());
-        metric("herald_bytes_out_total", "counter", "Bytes written to client sockets.", c(&self.bytes_out).to_string());
+        metric(
+            "herald_connections",
+            "gauge",
+            "Open client connections.",
+            g(&self.connections).to_string(),
+        );
+        metric(
+            "herald_subscriptions",
+            "gauge",
+            "Subscriptions held by connections.",
+            g(&self.subscriptions).to_string(),
+        );
+        metric(
+            "herald_channels",
+            "gauge",
+            "Channels with local subscribers.",
+            g(&self.channels).to_string(),
+        );
+        metric(
+            "herald_connections_total",
+            "counter",
+            "Connections accepted.",
+            c(&self.connections_total).to_string(),
+        );
+        metric(
+            "herald_publications_total",
+            "counter",
+            "Publications accepted.",
+            c(&self.publications_in).to_string(),
+        );
+        metric(
+            "herald_deliveries_total",
+            "counter",
+            "Publications queued to subscribers.",
+            c(&self.deliveries_out).to_string(),
+        );
+        metric(
+            "herald_bytes_out_total",
+            "counter",
+            "Bytes written to client sockets.",
+            c(&self.bytes_out).to_string(),
+        );
         let _ = writeln!(out, "# HELP herald_errors_total Errors answered, by code.\n# TYPE herald_errors_total counter");
         for code in ErrorCode::ALL {
-            let _ = writeln!(out, "herald_errors_total{{code=\"{code}\"}} {}", c(&self.errors[code.index()]));
+            let _ = writeln!(
+                out,
+                "herald_errors_total{{code=\"{code}\"}} {}",
+                c(&self.errors[code.index()])
+            );
         }
         let _ = writeln!(out, "# HELP herald_disconnects_total Server-initiated disconnects, by close code.\n# TYPE herald_disconnects_total counter");
         for code in CloseCode::ALL {
-            let _ = writeln!(out, "herald_disconnects_total{{code=\"{code}\"}} {}", c(&self.disconnects[code.index()]));
+            let _ = writeln!(
+                out,
+                "herald_disconnects_total{{code=\"{code}\"}} {}",
+                c(&self.disconnects[code.index()])
+            );
         }
         out
     }

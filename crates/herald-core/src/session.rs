@@ -11,7 +11,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use herald_protocol::json::{self, DecodeError};
 use herald_protocol::push::{self, ReplyOk};
-use herald_protocol::{ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition};
+use herald_protocol::{
+    ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition,
+};
 
 use crate::node::Node;
 use crate::queue::{Outbox, PushError};

@@ -84,9 +84,7 @@ impl ChannelName {
 
     /// The users allowed to subscribe (comma-separated after the last `#`), if user-limited.
     pub fn allowed_users(&self) -> Option<impl Iterator<Item = &str>> {
-        self.0
-            .rsplit_once('#')
-            .map(|(_, users)| users.split(',').filter(|u| !u.is_empty()))
+        self.0.rsplit_once('#').map(|(_, users)| users.split(',').filter(|u| !u.is_empty()))
     }
 
     /// True when `user` may subscribe: always for a channel without user list, else only the

@@ -106,7 +106,8 @@ async fn require_api_key(State(app): State<App>, req: Request, next: Next) -> Re
     }
     let response = next.run(req).await;
     if !response.status().is_success() {
-        if let Some(code) = ErrorCode::ALL.iter().find(|c| c.as_u16() == response.status().as_u16()) {
+        if let Some(code) = ErrorCode::ALL.iter().find(|c| c.as_u16() == response.status().as_u16())
+        {
             app.node.metrics.error(*code);
         }
     }
@@ -149,7 +150,8 @@ fn json_error(e: serde_json::Error) -> ApiError {
 }
 
 fn parse_publication<'a>(p: &PublicationIn<'a>) -> Result<(ChannelName, &'a RawValue), ApiError> {
-    let channel = p.channel.as_deref().ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
+    let channel =
+        p.channel.as_deref().ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
     let channel = ChannelName::parse(channel)
         .map_err(|e| ApiError::bad_request(format!("bad `channel`: {e}")))?;
     let data = p.data.ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
@@ -166,13 +168,19 @@ async fn publish_one(app: &App, p: &PublicationIn<'_>) -> Result<serde_json::Val
     })
 }
 
-async fn publish(State(app): State<App>, body: Body) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn publish(
+    State(app): State<App>,
+    body: Body,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let body = read_body(body, app.config.max_body_bytes).await?;
     let p: PublicationIn<'_> = serde_json::from_slice(&body).map_err(json_error)?;
     publish_one(&app, &p).await.map(axum::Json)
 }
 
-async fn batch(State(app): State<App>, body: Body) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn batch(
+    State(app): State<App>,
+    body: Body,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let body = read_body(body, app.config.max_body_bytes).await?;
     let batch: BatchIn<'_> = serde_json::from_slice(&body).map_err(json_error)?;
     let publications =
@@ -183,7 +191,10 @@ async fn batch(State(app): State<App>, body: Body) -> Result<axum::Json<serde_js
             Ok(v) => v,
             Err(e) => {
                 app.node.metrics.error(
-                    ErrorCode::ALL.into_iter().find(|c| c.as_u16() == e.code).unwrap_or(ErrorCode::BadRequest),
+                    ErrorCode::ALL
+                        .into_iter()
+                        .find(|c| c.as_u16() == e.code)
+                        .unwrap_or(ErrorCode::BadRequest),
                 );
                 e.body()
             }

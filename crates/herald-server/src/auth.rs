@@ -5,8 +5,8 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use herald_core::{TokenError, TokenVerifier};
+use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -48,7 +48,8 @@ fn invalid(why: &str) -> TokenError {
 impl TokenVerifier for HmacVerifier {
     fn verify(&self, token: &str) -> Result<String, TokenError> {
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(invalid("not a compact JWT"));
         };
@@ -58,8 +59,10 @@ impl TokenVerifier for HmacVerifier {
         if header.alg != "HS256" {
             return Err(invalid("alg must be HS256"));
         }
-        let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid("signature is not base64url"))?;
-        let mut mac = HmacSha256::new_from_slice(&self.secret).map_err(|_| invalid("bad secret"))?;
+        let signature =
+            URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid("signature is not base64url"))?;
+        let mut mac =
+            HmacSha256::new_from_slice(&self.secret).map_err(|_| invalid("bad secret"))?;
         mac.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
         mac.verify_slice(&signature).map_err(|_| invalid("signature does not verify"))?;
         let claims = URL_SAFE_NO_PAD.decode(p).map_err(|_| invalid("claims are not base64url"))?;

@@ -366,9 +366,9 @@ impl Config {
         let mut table = match &sources.file {
             Some(text) => {
                 let path = sources.file_path.clone().unwrap_or_else(|| "<config>".into());
-                let table: Table = text
-                    .parse()
-                    .map_err(|e: toml::de::Error| ConfigError::File { path, message: e.to_string() })?;
+                let table: Table = text.parse().map_err(|e: toml::de::Error| {
+                    ConfigError::File { path, message: e.to_string() }
+                })?;
                 check_file(&table)?;
                 table
             }
@@ -398,7 +398,8 @@ impl Config {
     }
 
     fn from_table(t: &Table) -> Result<Config, ConfigError> {
-        let invalid = |key: &str, problem: String| ConfigError::Invalid { key: key.into(), problem };
+        let invalid =
+            |key: &str, problem: String| ConfigError::Invalid { key: key.into(), problem };
         let listen_text = get_str(t, &["listen"]).unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen: SocketAddr = listen_text
             .parse()
@@ -408,7 +409,8 @@ impl Config {
             return Err(invalid("api_key", "must not be empty (leave it out instead)".into()));
         }
         let broker = get_str(t, &["broker"]).unwrap_or_else(|| "memory".into());
-        if !(broker == "memory" || broker.starts_with("redis://") || broker.starts_with("nats://")) {
+        if !(broker == "memory" || broker.starts_with("redis://") || broker.starts_with("nats://"))
+        {
             return Err(invalid(
                 "broker",
                 format!("{broker:?}: expected \"memory\", redis://HOST:PORT or nats://HOST:PORT"),
@@ -435,9 +437,7 @@ impl Config {
             ));
         }
         let defaults = Limits::default();
-        let limit = |k: &str, d: usize| {
-            get_int(t, &["limits", k]).map_or(d, |v| v as usize)
-        };
+        let limit = |k: &str, d: usize| get_int(t, &["limits", k]).map_or(d, |v| v as usize);
         let limits = Limits {
             max_message_bytes: limit("max_message_bytes", defaults.max_message_bytes),
             max_publication_bytes: limit("max_publication_bytes", defaults.max_publication_bytes),
@@ -448,8 +448,10 @@ impl Config {
         let mut namespaces = BTreeMap::new();
         if let Some(Value::Table(ns)) = get(t, &[NAMESPACES]) {
             for name in ns.keys() {
-                namespaces
-                    .insert(name.clone(), channel_options(t, &[NAMESPACES, name], &channel_defaults));
+                namespaces.insert(
+                    name.clone(),
+                    channel_options(t, &[NAMESPACES, name], &channel_defaults),
+                );
             }
         }
         Ok(Config {
@@ -596,7 +598,10 @@ conflate = true
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("limits.max_body_bytes") && err.contains("HERALD_LIMITS__MAX_BODY_BYTES"), "{err}");
+        assert!(
+            err.contains("limits.max_body_bytes") && err.contains("HERALD_LIMITS__MAX_BODY_BYTES"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -611,7 +616,9 @@ conflate = true
 
     #[test]
     fn non_loopback_needs_key_and_secret() {
-        let ok = file("listen = \"0.0.0.0:1\"\napi_key = \"k\"\n[auth]\nhmac_secret = \"0123456789abcdef\"");
+        let ok = file(
+            "listen = \"0.0.0.0:1\"\napi_key = \"k\"\n[auth]\nhmac_secret = \"0123456789abcdef\"",
+        );
         assert!(ok.is_ok());
     }
 }

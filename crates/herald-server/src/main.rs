@@ -59,9 +59,8 @@ impl Cli {
         add("ping_interval_secs", self.ping_interval_secs.map(|v| v.to_string()));
         add("node_id", self.node_id.clone());
         for s in &self.set {
-            let (k, v) = s
-                .split_once('=')
-                .with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
+            let (k, v) =
+                s.split_once('=').with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
             flags.push((k.trim().to_string(), v.to_string()));
         }
         Ok(flags)

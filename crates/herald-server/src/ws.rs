@@ -235,7 +235,8 @@ impl Connection {
         if let Err(code) = auth {
             self.start_close(code);
         } else if !prefix.is_empty() {
-            if let Err(code) = self.decoder.feed(&prefix, &mut self.messages).map_err(ws_close_code) {
+            if let Err(code) = self.decoder.feed(&prefix, &mut self.messages).map_err(ws_close_code)
+            {
                 self.start_close(code);
             } else if let Err(code) = self.handle_messages(&mut session).await {
                 self.start_close(code);
@@ -250,7 +251,10 @@ impl Connection {
                     break;
                 }
             };
-            if self.close_by.is_some() && flushed == Flushed::All && self.outbox.pending_bytes() == 0 {
+            if self.close_by.is_some()
+                && flushed == Flushed::All
+                && self.outbox.pending_bytes() == 0
+            {
                 break;
             }
             if self.close_by.is_none() && self.outbox.state() == OutboxState::Overflowed {
@@ -259,7 +263,8 @@ impl Connection {
             }
             let blocked = flushed == Flushed::Blocked;
             let open = self.close_by.is_none();
-            let close_by = self.close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let close_by =
+                self.close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if open => {

@@ -16,14 +16,20 @@ history_size = 10
 "#;
 
 fn body_json(body: &[u8]) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 #[tokio::test]
 async fn api_key_is_required_on_api_calls_only() {
     let server = Server::start(CONFIG, &[]);
     let mut anon = server.api().await;
-    for (method, path) in [("GET", "/api/info"), ("GET", "/api/channels"), ("POST", "/api/publish"), ("POST", "/api/batch")] {
+    for (method, path) in [
+        ("GET", "/api/info"),
+        ("GET", "/api/channels"),
+        ("POST", "/api/publish"),
+        ("POST", "/api/batch"),
+    ] {
         let (status, _, body) = anon.request(method, path, Some(b"{}")).await.expect("request");
         assert_eq!(status, 401, "{method} {path}");
         assert_eq!(body_json(&body)["error"]["code"], json!(401));
@@ -135,7 +141,9 @@ async fn metrics_count_connections_deliveries_and_bytes() {
     b_events.next_pub(TIMEOUT).await.expect("b");
     let (status, headers, body) = api.request("GET", "/metrics", None).await.expect("metrics");
     assert_eq!(status, 200);
-    assert!(headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/plain")));
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/plain")));
     let text = String::from_utf8_lossy(&body).to_string();
     let value = |name: &str| -> f64 {
         text.lines()

@@ -15,9 +15,16 @@ fn write_config(text: &str) -> tempfile::NamedTempFile {
 fn help_documents_every_flag_and_version_prints() {
     let (code, out) = run_herald(&["--help"], &[]);
     assert_eq!(code, Some(0), "{out}");
-    for flag in
-        ["--config", "--listen", "--api-key", "--broker", "--log-level", "--ping-interval-secs", "--node-id", "--set"]
-    {
+    for flag in [
+        "--config",
+        "--listen",
+        "--api-key",
+        "--broker",
+        "--log-level",
+        "--ping-interval-secs",
+        "--node-id",
+        "--set",
+    ] {
         assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
     }
     let (code, out) = run_herald(&["--version"], &[]);
@@ -77,12 +84,10 @@ async fn env_and_flags_override_the_file() {
         std::env::remove_var("HERALD_PING_INTERVAL_SECS");
         s
     };
-    let (_client, _events, info) = herald_client::Client::connect(
-        &server.ws_url(),
-        herald_client::ConnectOptions::default(),
-    )
-    .await
-    .expect("connect");
+    let (_client, _events, info) =
+        herald_client::Client::connect(&server.ws_url(), herald_client::ConnectOptions::default())
+            .await
+            .expect("connect");
     let info = info.expect("connect reply");
     assert_eq!(info.ping_interval_ms, 5000);
     assert!(info.client.starts_with("node-under-test"), "{}", info.client);

@@ -175,7 +175,8 @@ async fn fatal_input_closes_with_the_right_code_and_harms_no_one() {
     }
 
     bystander.still_served(&server, "after fatal errors").await;
-    let (_, _, metrics) = server.api().await.request("GET", "/metrics", None).await.expect("metrics");
+    let (_, _, metrics) =
+        server.api().await.request("GET", "/metrics", None).await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics).to_string();
     assert!(metrics.contains("herald_disconnects_total{code=\"4002\"} 4"), "{metrics}");
     assert!(metrics.contains("herald_disconnects_total{code=\"4009\"} 1"), "{metrics}");

@@ -18,7 +18,7 @@ client_publish = true
 "#;
 
 fn channel_name(i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("hist:c{i}")
     } else {
         format!("c{i}")
@@ -97,7 +97,7 @@ async fn many_clients_many_channels_exact_order() {
                 Some(o) => {
                     assert_eq!(c % 2, 0, "no offsets without history");
                     let prev = offsets.insert(channel.clone(), o);
-                    assert!(prev.map_or(true, |p| o > p), "offsets strictly increase");
+                    assert!(prev.is_none_or(|p| o > p), "offsets strictly increase");
                 }
                 None => assert_eq!(c % 2, 1, "offsets with history"),
             }
@@ -122,7 +122,7 @@ fn record_offset(c: usize, offset: Option<u64>, last: &mut HashMap<usize, u64>) 
         Some(o) => {
             assert_eq!(c % 2, 0);
             let prev = last.insert(c, o);
-            assert!(prev.map_or(true, |p| o > p), "publish offsets strictly increase");
+            assert!(prev.is_none_or(|p| o > p), "publish offsets strictly increase");
         }
         None => assert_eq!(c % 2, 1),
     }
@@ -139,7 +139,7 @@ fn check_results(
         let c = data["c"].as_u64().expect("c") as usize;
         assert!(r.get("error").is_none(), "{r}");
         record_offset(c, r["offset"].as_u64(), last);
-        assert_eq!(r.get("epoch").is_some(), c % 2 == 0);
+        assert_eq!(r.get("epoch").is_some(), c.is_multiple_of(2));
     }
 }
 

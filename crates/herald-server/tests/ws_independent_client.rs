@@ -17,7 +17,11 @@ where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     loop {
-        let msg = tokio::time::timeout(TIMEOUT, ws.next()).await.expect("in time").expect("open").expect("ok");
+        let msg = tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("ok");
         match msg {
             Message::Text(t) => return t.to_string(),
             Message::Ping(_) | Message::Pong(_) => continue,
@@ -72,7 +76,11 @@ async fn tungstenite_client_speaks_to_herald() {
     }
 
     ws.send(Message::Ping(b"abc".to_vec().into())).await.expect("ping");
-    let pong = tokio::time::timeout(TIMEOUT, ws.next()).await.expect("in time").expect("open").expect("ok");
+    let pong = tokio::time::timeout(TIMEOUT, ws.next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("ok");
     assert_eq!(pong, Message::Pong(b"abc".to_vec().into()));
 
     ws.close(None).await.expect("close");

@@ -1,5 +1,5 @@
 //! Shared helpers of the integration tests: start the real `herald` binary on a free port.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -36,7 +36,11 @@ impl Server {
     pub fn try_start(config: &str, flags: &[&str]) -> Result<Server, String> {
         for _attempt in 0..5 {
             let addr = free_addr();
-            let dir = std::env::temp_dir().join(format!("herald-test-{}-{}", std::process::id(), addr.port()));
+            let dir = std::env::temp_dir().join(format!(
+                "herald-test-{}-{}",
+                std::process::id(),
+                addr.port()
+            ));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let path = dir.join("herald.toml");
             std::fs::write(&path, config).map_err(|e| e.to_string())?;
