@@ -211,3 +211,41 @@ async fn anonymous_connections_can_be_forbidden() {
     expect_reply_error(&c, 1, r#"{"op":"connect","id":1}"#, 401).await;
     expect_reply_error(&c, 2, r#"{"op":"subscribe","id":2,"channel":"a"}"#, 401).await;
 }
+
+#[tokio::test]
+async fn tokens_authenticate_users_for_user_limited_channels() {
+    let secret = "0123456789abcdef0123";
+    let config = format!(
+        "[auth]\nhmac_secret = \"{secret}\"\n[namespaces.private]\nanonymous_subscribe = false\n"
+    );
+    let server = Server::start(&config, &[]);
+    let alice = herald_server::auth::sign_hs256(
+        secret.as_bytes(),
+        &json!({"sub": "alice", "exp": 4_000_000_000u64}),
+    );
+    // Token in `connect`.
+    let options = ConnectOptions { token: Some(alice.clone()), ..Default::default() };
+    let (a, mut a_events, _) = Client::connect(&server.ws_url(), options).await.expect("connect");
+    a.subscribe("private:inbox#alice,bob", None).await.expect("alice may subscribe");
+    match a.subscribe("private:inbox#bob", None).await {
+        Err(ClientError::Reply { code: 403, .. }) => {}
+        other => panic!("expected 403, got {other:?}"),
+    }
+    // Token in the query.
+    let options =
+        ConnectOptions { query_token: Some(alice), send_connect: false, ..Default::default() };
+    let (q, mut q_events, _) = Client::connect(&server.ws_url(), options).await.expect("connect");
+    q.subscribe("private:inbox#alice,bob", None).await.expect("query token authenticates");
+
+    let mut api = server.api().await;
+    api.publish("private:inbox#alice,bob", &json!("hi alice")).await.expect("publish");
+    assert_eq!(a_events.next_pub(TIMEOUT).await.expect("pub").2, json!("hi alice"));
+    assert_eq!(q_events.next_pub(TIMEOUT).await.expect("pub").2, json!("hi alice"));
+
+    // An expired token closes with 4001.
+    let expired =
+        herald_server::auth::sign_hs256(secret.as_bytes(), &json!({"sub": "alice", "exp": 1}));
+    let options = ConnectOptions { query_token: Some(expired), send_connect: false, ..Default::default() };
+    let (_c, mut e, _) = Client::connect(&server.ws_url(), options).await.expect("upgrade");
+    expect_close(&mut e, 4001).await;
+}
