@@ -1,0 +1,2 @@
+//! Draws benchmark charts (PNG) from herald-bench JSON results.
+fn main() {}

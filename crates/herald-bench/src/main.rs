@@ -1,0 +1,2 @@
+//! Herald's load generator: idle, fanout, spread and ingest scenarios.
+fn main() {}
