@@ -184,10 +184,14 @@ impl BrokerHandler for Hub {
             return;
         };
         let frame = encode_pub_frame(channel, publication);
+        let mut backlog = 0;
         for sub in &entry.live {
             // A refused push marks the queue overflowed; its writer disconnects with 4008.
-            let _ = sub.outbox.push(frame.clone());
+            if let Ok(counted) = sub.outbox.push_shared(frame.clone()) {
+                backlog += counted;
+            }
         }
+        Outbox::add_to_backlog(&self.metrics, backlog);
         self.metrics.deliveries_out.fetch_add(entry.live.len() as u64, Ordering::Relaxed);
         for pending in &mut entry.pending {
             if pending.buffered.len() >= MAX_PENDING_PUBLICATIONS {
@@ -222,8 +226,8 @@ mod tests {
     fn fan_out_shares_one_buffer() {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
-        let a = Arc::new(Outbox::new(1 << 20));
-        let b = Arc::new(Outbox::new(1 << 20));
+        let a = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
+        let b = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
         assert!(hub.subscribe_pending(&c, 1, a.clone()));
         assert!(!hub.subscribe_pending(&c, 2, b.clone()));
         hub.activate(&c, 1, Bytes::from_static(b"r1"), None).unwrap();
@@ -242,7 +246,7 @@ mod tests {
     fn pending_subscriber_gets_reply_then_newer_publications_only() {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
-        let a = Arc::new(Outbox::new(1 << 20));
+        let a = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
         hub.subscribe_pending(&c, 1, a.clone());
         hub.handle_publication(&c, &publication(Some(5), "5"));
         hub.handle_publication(&c, &publication(Some(6), "6"));

@@ -22,6 +22,11 @@ pub struct Metrics {
     pub deliveries_out: AtomicU64,
     /// Bytes written to client sockets.
     pub bytes_out: AtomicU64,
+    /// Bytes queued to connections whose writer could write them but has not run yet: the
+    /// node's own backlog (see [`crate::queue`]). Publishers wait while it is too large.
+    pub backlog_bytes: AtomicI64,
+    /// Publications refused with 503 because the backlog stayed too large.
+    pub publish_overloaded: AtomicU64,
     /// Error replies and HTTP errors, by code (index of [`ErrorCode::ALL`]).
     pub errors: [AtomicU64; 9],
     /// Server-initiated disconnects, by close code (index of [`CloseCode::ALL`]).

@@ -22,6 +22,11 @@ pub struct Limits {
     pub max_publication_bytes: usize,
     /// A connection's pending outbound bytes; beyond: 4008.
     pub max_queue_bytes: usize,
+    /// The node's backlog (bytes queued for writers that could write) above which publishers
+    /// wait: the node is saturated and slows its publishers instead of queueing without bound.
+    pub max_backlog_bytes: usize,
+    /// How long a publish waits for the backlog to shrink before failing with 503.
+    pub publish_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -30,6 +35,8 @@ impl Default for Limits {
             max_message_bytes: 65536,
             max_publication_bytes: 1 << 20,
             max_queue_bytes: 1 << 20,
+            max_backlog_bytes: 64 << 20,
+            publish_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -48,6 +55,9 @@ pub enum PublishError {
         /// The configured limit.
         limit: usize,
     },
+    /// The node stayed saturated for the whole publish timeout; retry later.
+    #[error("node overloaded: fan-out backlog stayed above the limit; retry later")]
+    Overloaded,
     /// The broker could not take it.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -59,6 +69,7 @@ impl PublishError {
         match self {
             PublishError::UnknownNamespace(_) => ErrorCode::UnknownNamespace,
             PublishError::TooLarge { .. } => ErrorCode::TooLarge,
+            PublishError::Overloaded => ErrorCode::Unavailable,
             PublishError::Broker(BrokerError::Unavailable(_)) => ErrorCode::Unavailable,
             PublishError::Broker(BrokerError::Backend(_)) => ErrorCode::Internal,
         }
@@ -147,6 +158,27 @@ impl Node {
         })
     }
 
+    /// True while the fan-out backlog is above `limits.max_backlog_bytes`.
+    pub fn is_saturated(&self) -> bool {
+        self.metrics.backlog_bytes.load(Ordering::Relaxed) > self.limits.max_backlog_bytes as i64
+    }
+
+    /// Waits, bounded by `limits.publish_timeout`, while the node is saturated.
+    async fn wait_for_backlog(&self) -> Result<(), PublishError> {
+        if !self.is_saturated() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.publish_timeout;
+        while self.is_saturated() {
+            if tokio::time::Instant::now() >= deadline {
+                self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
+                return Err(PublishError::Overloaded);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
     /// Publishes `data` (raw JSON text) into `channel`, from any source. Returns the position
     /// where the channel keeps history.
     pub async fn publish(
@@ -161,6 +193,7 @@ impl Node {
                 limit: self.limits.max_publication_bytes,
             });
         }
+        self.wait_for_backlog().await?;
         let position = self.broker.publish(channel, data, &options.publish_options()).await?;
         self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
         Ok(position)

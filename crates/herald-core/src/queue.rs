@@ -8,12 +8,24 @@
 //! ever skipped silently.
 //!
 //! An idle queue holds no allocation.
+//!
+//! # Backlog: telling an overloaded node from a slow client
+//!
+//! Every queue adds the bytes it holds to the node-wide [`Metrics::backlog_bytes`] while its
+//! writer is able to write (not [`Outbox::set_blocked`]): that sum is the work waiting for CPU,
+//! which grows only when the node itself cannot keep up. Bytes queued to a connection whose
+//! socket is full (a slow reader) are not part of it, so one slow client never slows the
+//! publishers; it only fills its own bound and is cut with 4008.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +54,10 @@ struct Inner {
     frames: VecDeque<Bytes>,
     /// Bytes queued here plus bytes taken by the writer and not yet written.
     pending_bytes: usize,
+    /// Bytes in `frames` (not yet taken by the writer).
+    queued_bytes: usize,
+    /// The writer waits for the socket to drain; `queued_bytes` is then not in the backlog.
+    blocked: bool,
     state: OutboxState,
 }
 
@@ -51,45 +67,97 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
     max_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    /// An empty queue bounded to `max_bytes` pending bytes.
-    pub fn new(max_bytes: usize) -> Self {
+    /// An empty queue bounded to `max_bytes` pending bytes, adding to `metrics`' backlog.
+    pub fn new(max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Outbox {
             inner: Mutex::new(Inner {
                 frames: VecDeque::new(),
                 pending_bytes: 0,
+                queued_bytes: 0,
+                blocked: false,
                 state: OutboxState::Open,
             }),
             notify: Notify::new(),
             max_bytes,
+            metrics,
+        }
+    }
+
+    fn add_backlog(&self, bytes: usize) {
+        if bytes > 0 {
+            self.metrics.backlog_bytes.fetch_add(bytes as i64, Ordering::Relaxed);
+        }
+    }
+
+    fn sub_backlog(&self, bytes: usize) {
+        if bytes > 0 {
+            self.metrics.backlog_bytes.fetch_sub(bytes as i64, Ordering::Relaxed);
         }
     }
 
     /// Queues one frame, or refuses it when the bound would be exceeded (the queue then turns
-    /// overflowed and wakes the writer) or the connection is closing.
+    /// overflowed and wakes the writer) or the connection is closing. A frame larger than the
+    /// bound is still accepted into an empty queue.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        let counted = self.push_shared(frame)?;
+        self.add_backlog(counted);
+        Ok(())
+    }
+
+    /// [`Outbox::push`] for fan-out: returns the bytes the caller must add to the node backlog
+    /// (summed over every subscriber, to touch the shared counter once per publication).
+    pub fn push_shared(&self, frame: Bytes) -> Result<usize, PushError> {
         let mut inner = self.inner.lock();
         match inner.state {
             OutboxState::Open => {}
             OutboxState::Overflowed => return Err(PushError::Overflow),
             OutboxState::Closed => return Err(PushError::Closed),
         }
-        if inner.pending_bytes + frame.len() > self.max_bytes {
+        let len = frame.len();
+        if inner.pending_bytes > 0 && inner.pending_bytes + len > self.max_bytes {
             inner.state = OutboxState::Overflowed;
             drop(inner);
             self.notify.notify_one();
             return Err(PushError::Overflow);
         }
         let was_empty = inner.frames.is_empty();
-        inner.pending_bytes += frame.len();
+        inner.pending_bytes += len;
+        inner.queued_bytes += len;
         inner.frames.push_back(frame);
+        let counted = if inner.blocked { 0 } else { len };
         drop(inner);
         if was_empty {
             self.notify.notify_one();
         }
-        Ok(())
+        Ok(counted)
+    }
+
+    /// Adds fan-out bytes returned by [`Outbox::push_shared`] to the node backlog.
+    pub fn add_to_backlog(metrics: &Metrics, bytes: usize) {
+        if bytes > 0 {
+            metrics.backlog_bytes.fetch_add(bytes as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// The writer found the socket full (`true`) or writable again (`false`): bytes queued
+    /// while blocked are the client's lag, not the node's backlog.
+    pub fn set_blocked(&self, blocked: bool) {
+        let mut inner = self.inner.lock();
+        if inner.blocked == blocked {
+            return;
+        }
+        inner.blocked = blocked;
+        let queued = inner.queued_bytes;
+        drop(inner);
+        if blocked {
+            self.sub_backlog(queued);
+        } else {
+            self.add_backlog(queued);
+        }
     }
 
     /// Queues a frame the server must send whatever the bound (a `disconnect` push and the
@@ -99,9 +167,13 @@ impl Outbox {
         if inner.state == OutboxState::Closed {
             return;
         }
-        inner.pending_bytes += frame.len();
+        let len = frame.len();
+        inner.pending_bytes += len;
+        inner.queued_bytes += len;
         inner.frames.push_back(frame);
+        let counted = if inner.blocked { 0 } else { len };
         drop(inner);
+        self.add_backlog(counted);
         self.notify.notify_one();
     }
 
@@ -113,16 +185,24 @@ impl Outbox {
         } else {
             into.extend(inner.frames.drain(..));
         }
-        inner.state
+        let taken = std::mem::take(&mut inner.queued_bytes);
+        let counted = if inner.blocked { 0 } else { taken };
+        let state = inner.state;
+        drop(inner);
+        self.sub_backlog(counted);
+        state
     }
 
     /// Drops every queued frame (the client will recover from history) and returns how many
     /// bytes were dropped.
     pub fn discard(&self) -> usize {
         let mut inner = self.inner.lock();
-        let dropped: usize = inner.frames.iter().map(Bytes::len).sum();
+        let dropped = std::mem::take(&mut inner.queued_bytes);
         inner.frames = VecDeque::new();
         inner.pending_bytes -= dropped;
+        let counted = if inner.blocked { 0 } else { dropped };
+        drop(inner);
+        self.sub_backlog(counted);
         dropped
     }
 
@@ -143,6 +223,11 @@ impl Outbox {
         let mut inner = self.inner.lock();
         inner.state = OutboxState::Closed;
         inner.frames = VecDeque::new();
+        let queued = std::mem::take(&mut inner.queued_bytes);
+        inner.pending_bytes -= queued;
+        let counted = if inner.blocked { 0 } else { queued };
+        drop(inner);
+        self.sub_backlog(counted);
     }
 
     /// Marks the queue overflowed, as a push over the bound would, and wakes the writer.
@@ -181,7 +266,7 @@ mod tests {
 
     #[test]
     fn bounded_in_bytes_and_overflow_is_sticky() {
-        let q = Outbox::new(10);
+        let q = Outbox::new(10, Arc::new(Metrics::default()));
         assert_eq!(q.push(frame(6)), Ok(()));
         assert_eq!(q.push(frame(4)), Ok(()));
         assert_eq!(q.push(frame(1)), Err(PushError::Overflow));
@@ -194,13 +279,13 @@ mod tests {
 
     #[test]
     fn taken_bytes_count_until_written() {
-        let q = Outbox::new(10);
+        let q = Outbox::new(10, Arc::new(Metrics::default()));
         q.push(frame(8)).unwrap();
         let mut taken = VecDeque::new();
         q.take(&mut taken);
         assert_eq!(q.pending_bytes(), 8);
         assert_eq!(q.push(frame(3)), Err(PushError::Overflow));
-        let q = Outbox::new(10);
+        let q = Outbox::new(10, Arc::new(Metrics::default()));
         q.push(frame(8)).unwrap();
         q.take(&mut taken);
         q.written(8);
@@ -209,7 +294,7 @@ mod tests {
 
     #[test]
     fn final_frames_bypass_the_bound_but_not_close() {
-        let q = Outbox::new(1);
+        let q = Outbox::new(1, Arc::new(Metrics::default()));
         q.push_final(frame(5));
         assert_eq!(q.pending_bytes(), 5);
         q.close();
@@ -220,9 +305,41 @@ mod tests {
         assert!(taken.is_empty());
     }
 
+    #[test]
+    fn oversized_frame_fits_an_empty_queue() {
+        let q = Outbox::new(10, Arc::new(Metrics::default()));
+        assert_eq!(q.push(frame(50)), Ok(()));
+        assert_eq!(q.push(frame(1)), Err(PushError::Overflow));
+    }
+
+    #[test]
+    fn backlog_counts_only_queues_whose_writer_can_write() {
+        let metrics = Arc::new(Metrics::default());
+        let backlog = || metrics.backlog_bytes.load(Ordering::Relaxed);
+        let q = Outbox::new(100, metrics.clone());
+        q.push(frame(10)).unwrap();
+        assert_eq!(backlog(), 10);
+        q.set_blocked(true);
+        assert_eq!(backlog(), 0);
+        q.push(frame(5)).unwrap();
+        assert_eq!(backlog(), 0);
+        q.set_blocked(false);
+        assert_eq!(backlog(), 15);
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        assert_eq!(backlog(), 0);
+        assert_eq!(q.push_shared(frame(7)), Ok(7));
+        Outbox::add_to_backlog(&metrics, 7);
+        q.discard();
+        assert_eq!(backlog(), 0);
+        q.push(frame(3)).unwrap();
+        q.close();
+        assert_eq!(backlog(), 0);
+    }
+
     #[tokio::test]
     async fn push_into_empty_queue_wakes_the_writer() {
-        let q = std::sync::Arc::new(Outbox::new(100));
+        let q = Arc::new(Outbox::new(100, Arc::new(Metrics::default())));
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.notified().await });
         q.push(frame(1)).unwrap();

@@ -149,6 +149,15 @@ fn json_error(e: serde_json::Error) -> ApiError {
     ApiError::bad_request(format!("malformed JSON: {e}"))
 }
 
+/// Parses a request body that must be a JSON object.
+fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(json_error)
+}
+
 fn parse_publication<'a>(p: &PublicationIn<'a>) -> Result<(ChannelName, &'a RawValue), ApiError> {
     let channel =
         p.channel.as_deref().ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
@@ -173,7 +182,7 @@ async fn publish(
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let body = read_body(body, app.config.max_body_bytes).await?;
-    let p: PublicationIn<'_> = serde_json::from_slice(&body).map_err(json_error)?;
+    let p: PublicationIn<'_> = parse_object(&body)?;
     publish_one(&app, &p).await.map(axum::Json)
 }
 
@@ -182,7 +191,7 @@ async fn batch(
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let body = read_body(body, app.config.max_body_bytes).await?;
-    let batch: BatchIn<'_> = serde_json::from_slice(&body).map_err(json_error)?;
+    let batch: BatchIn<'_> = parse_object(&body)?;
     let publications =
         batch.publications.ok_or_else(|| ApiError::bad_request("`publications` is missing"))?;
     let mut results = Vec::with_capacity(publications.len());

@@ -68,6 +68,8 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "max_body_bytes", int(64, BYTES_MAX)),
     ("limits", "max_publication_bytes", int(1, BYTES_MAX)),
     ("limits", "max_queue_bytes", int(1024, BYTES_MAX)),
+    ("limits", "max_backlog_bytes", int(1 << 16, BYTES_MAX)),
+    ("limits", "publish_timeout_ms", int(0, 600_000)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
 ];
@@ -442,6 +444,9 @@ impl Config {
             max_message_bytes: limit("max_message_bytes", defaults.max_message_bytes),
             max_publication_bytes: limit("max_publication_bytes", defaults.max_publication_bytes),
             max_queue_bytes: limit("max_queue_bytes", defaults.max_queue_bytes),
+            max_backlog_bytes: limit("max_backlog_bytes", defaults.max_backlog_bytes),
+            publish_timeout: get_int(t, &["limits", "publish_timeout_ms"])
+                .map_or(defaults.publish_timeout, |v| Duration::from_millis(v as u64)),
         };
         let max_body_bytes = limit("max_body_bytes", 8 << 20);
         let channel_defaults = channel_options(t, &[CHANNEL_TABLE], &ChannelOptions::default());

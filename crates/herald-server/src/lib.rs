@@ -1,4 +1,4 @@
-//! The Herald server: transports (WebSocket), the HTTP API, authentication and configuration.
+//! The Herald server: the WebSocket transport, the HTTP API, authentication and configuration.
 //!
 //! The `herald` binary (`main.rs`) parses flags, loads the [`config::Config`], builds the
 //! [`herald_core::Node`] on a broker and runs [`listener::run`] until SIGTERM / SIGINT.
@@ -32,7 +32,11 @@ pub enum StartError {
 /// Builds and starts the node `config` describes.
 pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
     let broker: Arc<dyn Broker> = match config.broker.as_str() {
-        "memory" => Arc::new(MemoryBroker::new()),
+        "memory" => {
+            let memory = Arc::new(MemoryBroker::new());
+            spawn_stream_expiry(memory.clone(), config.namespace_options());
+            memory
+        }
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
     let verifier = config
@@ -51,6 +55,22 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
     ));
     node.start().await?;
     Ok(node)
+}
+
+/// Drops, every few seconds, the stream state of channels idle for longer than their TTL.
+fn spawn_stream_expiry(broker: Arc<MemoryBroker>, namespaces: herald_core::Namespaces) {
+    let weak = Arc::downgrade(&broker);
+    drop(broker);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Some(broker) = weak.upgrade() else { return };
+            broker.expire_idle(|channel| {
+                namespaces.resolve(channel).map_or(std::time::Duration::ZERO, |o| o.history_ttl)
+            });
+        }
+    });
 }
 
 fn random_node_id() -> String {

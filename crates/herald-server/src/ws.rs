@@ -204,7 +204,7 @@ struct Connection {
 impl Connection {
     fn new(app: App, stream: TcpStream) -> Self {
         let limits = &app.node.limits;
-        let outbox = Arc::new(Outbox::new(limits.max_queue_bytes));
+        let outbox = Arc::new(Outbox::new(limits.max_queue_bytes, app.node.metrics.clone()));
         let decoder = ws::Decoder::new(ws::Role::Server, limits.max_message_bytes);
         Connection {
             app,
@@ -287,6 +287,7 @@ impl Connection {
                 }
                 r = self.stream.writable(), if blocked => {
                     if r.is_err() { break; }
+                    self.outbox.set_blocked(false);
                 }
                 _ = self.outbox.notified(), if !blocked => {}
                 _ = &mut ping, if open => {
@@ -436,7 +437,10 @@ impl Connection {
                         }
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.outbox.set_blocked(true);
+                    return Ok(Flushed::Blocked);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }

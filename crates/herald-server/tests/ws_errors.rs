@@ -245,7 +245,8 @@ async fn tokens_authenticate_users_for_user_limited_channels() {
     // An expired token closes with 4001.
     let expired =
         herald_server::auth::sign_hs256(secret.as_bytes(), &json!({"sub": "alice", "exp": 1}));
-    let options = ConnectOptions { query_token: Some(expired), send_connect: false, ..Default::default() };
+    let options =
+        ConnectOptions { query_token: Some(expired), send_connect: false, ..Default::default() };
     let (_c, mut e, _) = Client::connect(&server.ws_url(), options).await.expect("upgrade");
     expect_close(&mut e, 4001).await;
 }
