@@ -9,9 +9,10 @@
 //! - publications of one channel reach the handler in the order of their offsets, one at a time;
 //! - [`Broker::publish`] returns only after the publication has a position, and the handler of
 //!   this node sees it no earlier than it was assigned;
-//! - [`Broker::position`] returns a position no older than every publication the handler has
-//!   already been given for that channel.
+//! - [`Broker::history`] returns a position no older than every publication the handler has
+//!   already been given for that channel, and the retained publications up to that position.
 
+pub mod history;
 pub mod memory;
 
 use std::sync::Arc;
@@ -40,6 +41,38 @@ pub struct PublishOptions {
     pub history_size: usize,
     /// A channel idle for longer loses its history; its next publication starts a new epoch.
     pub history_ttl: Duration,
+}
+
+/// Which publications a history read wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Publications after this position (paging forward / recovery); `None`: the newest ones.
+    pub since: Option<StreamPosition>,
+    /// At most this many (`None`: every retained one; `Some(0)`: only the position).
+    pub limit: Option<usize>,
+}
+
+/// The answer to a history read.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    /// The channel's current position; `None` where the channel keeps no history.
+    pub position: Option<StreamPosition>,
+    /// Retained publications, oldest first.
+    pub publications: Vec<Publication>,
+    /// With `since`: true exactly when nothing after it is missing (same epoch, history reaches
+    /// back far enough), whatever `limit` cut. Without `since`: false.
+    pub complete: bool,
+}
+
+/// How much history a broker retains (for metrics and sizing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryStats {
+    /// Channels with stream state.
+    pub streams: u64,
+    /// Publications retained.
+    pub publications: u64,
+    /// Bytes of `data` retained.
+    pub bytes: u64,
 }
 
 /// Why a broker call failed.
@@ -84,13 +117,20 @@ pub trait Broker: Send + Sync + 'static {
     /// This node no longer has subscribers of `channel`.
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
-    /// The channel's current position (offset of its newest publication, 0 before the first),
-    /// or `None` where the channel keeps no history.
-    async fn position(
+    /// Reads the channel's history: its current position (offset of its newest publication, 0
+    /// before the first) and the retained publications `query` asks for, oldest first. Where
+    /// the channel keeps no history the page has no position and no publications.
+    async fn history(
         &self,
         channel: &ChannelName,
         options: &PublishOptions,
-    ) -> Result<Option<StreamPosition>, BrokerError>;
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, BrokerError>;
+
+    /// What the broker retains, for metrics.
+    fn history_stats(&self) -> HistoryStats {
+        HistoryStats::default()
+    }
 
     /// True once the broker can deliver (connected).
     fn is_ready(&self) -> bool;

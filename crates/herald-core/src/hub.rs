@@ -18,30 +18,114 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_broker::{BrokerHandler, Publication};
-use herald_protocol::{push, ws, ChannelName, StreamPosition};
+use herald_protocol::{push, sse, ws, ChannelName, StreamPosition};
 use parking_lot::Mutex;
 
 use crate::metrics::Metrics;
-use crate::queue::{Outbox, PushError};
+use crate::queue::{Item, Outbox, PushError};
 
 const SHARDS: usize = 128;
 
 /// Most publications buffered for one pending subscription before it counts as a slow consumer.
 const MAX_PENDING_PUBLICATIONS: usize = 16 * 1024;
 
+/// One publication as an SSE stream queues it: the shared event bytes plus the position the
+/// stream's writer folds into the per-stream event id.
+#[derive(Debug, Clone)]
+pub struct SseItem {
+    /// The channel of the publication; `None` for stream-level events (ping, reset).
+    pub channel: Option<ChannelName>,
+    /// Offset of the publication, where the channel keeps history.
+    pub offset: Option<u64>,
+    /// Epoch of `offset`.
+    pub epoch: Option<Arc<str>>,
+    /// The event without its `id:` line, shared by every SSE subscriber.
+    pub body: Bytes,
+}
+
+impl Item for SseItem {
+    fn wire_len(&self) -> usize {
+        self.body.len()
+    }
+}
+
+/// Where a subscriber's publications go, in the subscriber's wire format.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// A WebSocket connection (`herald.json` text frames).
+    Ws(Arc<Outbox<Bytes>>),
+    /// A Server-Sent Events stream.
+    Sse(Arc<Outbox<SseItem>>),
+}
+
+impl Sink {
+    /// Marks the subscriber's queue overflowed (its writer disconnects it).
+    pub fn overflow(&self) {
+        match self {
+            Sink::Ws(o) => o.overflow(),
+            Sink::Sse(o) => o.overflow(),
+        }
+    }
+}
+
+/// A publication encoded for each wire format, each at most once, on first need.
+struct Encoded<'a> {
+    channel: &'a ChannelName,
+    publication: &'a Publication,
+    ws: Option<Bytes>,
+    sse: Option<Bytes>,
+}
+
+impl<'a> Encoded<'a> {
+    fn new(channel: &'a ChannelName, publication: &'a Publication) -> Self {
+        Encoded { channel, publication, ws: None, sse: None }
+    }
+
+    fn ws(&mut self) -> Bytes {
+        self.ws.get_or_insert_with(|| encode_pub_frame(self.channel, self.publication)).clone()
+    }
+
+    fn sse(&mut self) -> SseItem {
+        let body = self
+            .sse
+            .get_or_insert_with(|| {
+                Bytes::from(sse::encode_pub_event(
+                    self.channel.as_str(),
+                    self.publication.offset,
+                    &self.publication.data,
+                ))
+            })
+            .clone();
+        SseItem {
+            channel: Some(self.channel.clone()),
+            offset: self.publication.offset,
+            epoch: self.publication.epoch.clone(),
+            body,
+        }
+    }
+
+    /// Queues the publication to `sink`; returns the bytes to add to the node backlog.
+    fn push(&mut self, sink: &Sink) -> Result<usize, PushError> {
+        match sink {
+            Sink::Ws(o) => o.push_shared(self.ws()),
+            Sink::Sse(o) => o.push_shared(self.sse()),
+        }
+    }
+}
+
 /// A live subscriber of one channel: the connection's id and its queue.
 #[derive(Debug, Clone)]
 struct Subscriber {
     id: u64,
-    outbox: Arc<Outbox>,
+    sink: Sink,
 }
 
 /// A subscriber whose subscribe reply is not queued yet.
 #[derive(Debug)]
 struct Pending {
     id: u64,
-    outbox: Arc<Outbox>,
-    buffered: Vec<(Option<u64>, Option<Arc<str>>, Bytes)>,
+    sink: Sink,
+    buffered: Vec<Publication>,
 }
 
 #[derive(Debug, Default)]
@@ -94,25 +178,27 @@ impl Hub {
     /// Registers connection `id` as a pending subscriber of `channel`: publications are buffered
     /// for it until [`Hub::activate`]. Returns true when it is the channel's first local
     /// subscriber (the caller then subscribes the node at the broker).
-    pub fn subscribe_pending(&self, channel: &ChannelName, id: u64, outbox: Arc<Outbox>) -> bool {
+    pub fn subscribe_pending(&self, channel: &ChannelName, id: u64, sink: Sink) -> bool {
         let mut channels = self.shard(channel).lock();
         let entry = channels.entry(channel.clone()).or_default();
         let first = entry.len() == 0;
         if first {
             self.metrics.channels.fetch_add(1, Ordering::Relaxed);
         }
-        entry.pending.push(Pending { id, outbox, buffered: Vec::new() });
+        entry.pending.push(Pending { id, sink, buffered: Vec::new() });
         first
     }
 
-    /// Queues `reply` to pending subscriber `id`, then every buffered publication newer than
-    /// `after` (all of them when `after` is `None`), and makes the subscriber live.
+    /// Calls `prelude` to queue the subscribe reply (or recovered events) to pending subscriber
+    /// `id`, then queues every buffered publication newer than `after` (all of them when
+    /// `after` is `None`), and makes the subscriber live; all under the channel's lock, so no
+    /// publication is missed or doubled in between.
     pub fn activate(
         &self,
         channel: &ChannelName,
         id: u64,
-        reply: Bytes,
         after: Option<&StreamPosition>,
+        prelude: impl FnOnce(&Sink) -> Result<(), PushError>,
     ) -> Result<(), PushError> {
         let mut channels = self.shard(channel).lock();
         let Some(entry) = channels.get_mut(channel) else {
@@ -122,20 +208,22 @@ impl Hub {
             return Err(PushError::Closed);
         };
         let pending = entry.pending.swap_remove(i);
-        pending.outbox.push(reply)?;
-        for (offset, epoch, frame) in pending.buffered {
-            let newer = match (after, offset) {
+        prelude(&pending.sink)?;
+        let mut backlog = 0;
+        for publication in &pending.buffered {
+            let newer = match (after, publication.offset) {
                 (Some(pos), Some(offset)) => {
-                    offset > pos.offset || epoch.as_deref() != Some(pos.epoch.as_str())
+                    offset > pos.offset || publication.epoch.as_deref() != Some(pos.epoch.as_str())
                 }
                 _ => true,
             };
             if newer {
-                pending.outbox.push(frame)?;
+                backlog += Encoded::new(channel, publication).push(&pending.sink)?;
                 self.metrics.deliveries_out.fetch_add(1, Ordering::Relaxed);
             }
         }
-        entry.live.push(Subscriber { id, outbox: pending.outbox });
+        self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
+        entry.live.push(Subscriber { id, sink: pending.sink });
         Ok(())
     }
 
@@ -183,22 +271,22 @@ impl BrokerHandler for Hub {
         let Some(entry) = channels.get_mut(channel) else {
             return;
         };
-        let frame = encode_pub_frame(channel, publication);
+        let mut encoded = Encoded::new(channel, publication);
         let mut backlog = 0;
         for sub in &entry.live {
             // A refused push marks the queue overflowed; its writer disconnects with 4008.
-            if let Ok(counted) = sub.outbox.push_shared(frame.clone()) {
+            if let Ok(counted) = encoded.push(&sub.sink) {
                 backlog += counted;
             }
         }
-        Outbox::add_to_backlog(&self.metrics, backlog);
+        self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
         self.metrics.deliveries_out.fetch_add(entry.live.len() as u64, Ordering::Relaxed);
         for pending in &mut entry.pending {
             if pending.buffered.len() >= MAX_PENDING_PUBLICATIONS {
-                pending.outbox.overflow();
+                pending.sink.overflow();
                 continue;
             }
-            pending.buffered.push((publication.offset, publication.epoch.clone(), frame.clone()));
+            pending.buffered.push(publication.clone());
         }
     }
 }
@@ -228,10 +316,10 @@ mod tests {
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
         let b = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
-        assert!(hub.subscribe_pending(&c, 1, a.clone()));
-        assert!(!hub.subscribe_pending(&c, 2, b.clone()));
-        hub.activate(&c, 1, Bytes::from_static(b"r1"), None).unwrap();
-        hub.activate(&c, 2, Bytes::from_static(b"r2"), None).unwrap();
+        assert!(hub.subscribe_pending(&c, 1, Sink::Ws(a.clone())));
+        assert!(!hub.subscribe_pending(&c, 2, Sink::Ws(b.clone())));
+        hub.activate(&c, 1, None, |_| a.push(Bytes::from_static(b"r1"))).unwrap();
+        hub.activate(&c, 2, None, |_| b.push(Bytes::from_static(b"r2"))).unwrap();
         hub.handle_publication(&c, &publication(None, "1"));
         let fa = drain(&a);
         let fb = drain(&b);
@@ -247,11 +335,11 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
-        hub.subscribe_pending(&c, 1, a.clone());
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()));
         hub.handle_publication(&c, &publication(Some(5), "5"));
         hub.handle_publication(&c, &publication(Some(6), "6"));
         let pos = StreamPosition { offset: 5, epoch: "e".into() };
-        hub.activate(&c, 1, Bytes::from_static(b"reply"), Some(&pos)).unwrap();
+        hub.activate(&c, 1, Some(&pos), |_| a.push(Bytes::from_static(b"reply"))).unwrap();
         hub.handle_publication(&c, &publication(Some(7), "7"));
         let frames = drain(&a);
         assert_eq!(frames.len(), 3);

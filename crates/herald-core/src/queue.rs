@@ -27,6 +27,18 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
+/// Something a connection's writer sends: its size counts against the queue's bound.
+pub trait Item: Send + 'static {
+    /// Bytes this item puts on the wire.
+    fn wire_len(&self) -> usize;
+}
+
+impl Item for Bytes {
+    fn wire_len(&self) -> usize {
+        self.len()
+    }
+}
+
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
@@ -50,8 +62,8 @@ pub enum OutboxState {
 }
 
 #[derive(Debug)]
-struct Inner {
-    frames: VecDeque<Bytes>,
+struct Inner<T> {
+    frames: VecDeque<T>,
     /// Bytes queued here plus bytes taken by the writer and not yet written.
     pending_bytes: usize,
     /// Bytes in `frames` (not yet taken by the writer).
@@ -63,14 +75,14 @@ struct Inner {
 
 /// A connection's bounded outbound queue (see the module docs).
 #[derive(Debug)]
-pub struct Outbox {
-    inner: Mutex<Inner>,
+pub struct Outbox<T = Bytes> {
+    inner: Mutex<Inner<T>>,
     notify: Notify,
     max_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
-impl Outbox {
+impl<T: Item> Outbox<T> {
     /// An empty queue bounded to `max_bytes` pending bytes, adding to `metrics`' backlog.
     pub fn new(max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Outbox {
@@ -102,22 +114,52 @@ impl Outbox {
     /// Queues one frame, or refuses it when the bound would be exceeded (the queue then turns
     /// overflowed and wakes the writer) or the connection is closing. A frame larger than the
     /// bound is still accepted into an empty queue.
-    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+    pub fn push(&self, frame: T) -> Result<(), PushError> {
         let counted = self.push_shared(frame)?;
         self.add_backlog(counted);
         Ok(())
     }
 
-    /// [`Outbox::push`] for fan-out: returns the bytes the caller must add to the node backlog
-    /// (summed over every subscriber, to touch the shared counter once per publication).
-    pub fn push_shared(&self, frame: Bytes) -> Result<usize, PushError> {
+    /// Queues a reply: accepted whatever its own size while the queue is under its bound (a
+    /// recovery reply may be large; refusing it would make the client reconnect and ask for
+    /// the same reply again).
+    pub fn push_reply(&self, frame: T) -> Result<(), PushError> {
         let mut inner = self.inner.lock();
         match inner.state {
             OutboxState::Open => {}
             OutboxState::Overflowed => return Err(PushError::Overflow),
             OutboxState::Closed => return Err(PushError::Closed),
         }
-        let len = frame.len();
+        if inner.pending_bytes >= self.max_bytes {
+            inner.state = OutboxState::Overflowed;
+            drop(inner);
+            self.notify.notify_one();
+            return Err(PushError::Overflow);
+        }
+        let len = frame.wire_len();
+        let was_empty = inner.frames.is_empty();
+        inner.pending_bytes += len;
+        inner.queued_bytes += len;
+        inner.frames.push_back(frame);
+        let counted = if inner.blocked { 0 } else { len };
+        drop(inner);
+        self.add_backlog(counted);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// [`Outbox::push`] for fan-out: returns the bytes the caller must add to the node backlog
+    /// (summed over every subscriber, to touch the shared counter once per publication).
+    pub fn push_shared(&self, frame: T) -> Result<usize, PushError> {
+        let mut inner = self.inner.lock();
+        match inner.state {
+            OutboxState::Open => {}
+            OutboxState::Overflowed => return Err(PushError::Overflow),
+            OutboxState::Closed => return Err(PushError::Closed),
+        }
+        let len = frame.wire_len();
         if inner.pending_bytes > 0 && inner.pending_bytes + len > self.max_bytes {
             inner.state = OutboxState::Overflowed;
             drop(inner);
@@ -162,12 +204,12 @@ impl Outbox {
 
     /// Queues a frame the server must send whatever the bound (a `disconnect` push and the
     /// close frame), unless the queue is closed.
-    pub fn push_final(&self, frame: Bytes) {
+    pub fn push_final(&self, frame: T) {
         let mut inner = self.inner.lock();
         if inner.state == OutboxState::Closed {
             return;
         }
-        let len = frame.len();
+        let len = frame.wire_len();
         inner.pending_bytes += len;
         inner.queued_bytes += len;
         inner.frames.push_back(frame);
@@ -178,7 +220,7 @@ impl Outbox {
     }
 
     /// Moves every queued frame to the back of `into` and returns the queue's state.
-    pub fn take(&self, into: &mut VecDeque<Bytes>) -> OutboxState {
+    pub fn take(&self, into: &mut VecDeque<T>) -> OutboxState {
         let mut inner = self.inner.lock();
         if into.is_empty() {
             std::mem::swap(&mut inner.frames, into);
@@ -329,7 +371,7 @@ mod tests {
         q.take(&mut taken);
         assert_eq!(backlog(), 0);
         assert_eq!(q.push_shared(frame(7)), Ok(7));
-        Outbox::add_to_backlog(&metrics, 7);
+        Outbox::<Bytes>::add_to_backlog(&metrics, 7);
         q.discard();
         assert_eq!(backlog(), 0);
         q.push(frame(3)).unwrap();

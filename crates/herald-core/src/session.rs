@@ -9,13 +9,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use herald_broker::{HistoryPage, HistoryQuery};
 use herald_protocol::json::{self, DecodeError};
-use herald_protocol::push::{self, ReplyOk};
+use herald_protocol::push::{self, PublicationRef, ReplyOk};
 use herald_protocol::{
     ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition,
 };
 
+use crate::hub::Sink;
 use crate::node::Node;
+use crate::options::ChannelOptions;
 use crate::queue::{Outbox, PushError};
 
 /// Why a connection token was refused.
@@ -124,7 +127,9 @@ impl Session {
             }
             CommandKind::Unsubscribe { channel } => self.unsubscribe(id, &channel).await,
             CommandKind::Publish { channel, data } => self.publish(id, &channel, data).await,
-            CommandKind::History { channel, .. } => self.history(&channel),
+            CommandKind::History { channel, since, limit } => {
+                self.history(id, &channel, since, limit).await
+            }
         };
         self.reply(id, reply)
     }
@@ -156,14 +161,13 @@ impl Session {
         Ok(Reply::Ok(push::encode_reply_ok(id, &ok)))
     }
 
-    async fn subscribe(
-        &mut self,
-        id: u32,
-        channel: ChannelName,
-        since: Option<StreamPosition>,
-    ) -> Result<(), Reply> {
-        let node = self.node.clone();
-        let options = node.options(&channel).map_err(|e| Reply::Error(e.code(), e.to_string()))?;
+    /// Checks that this connection may read `channel` (subscribe or history).
+    fn check_read<'n>(
+        &self,
+        node: &'n Node,
+        channel: &ChannelName,
+    ) -> Result<&'n ChannelOptions, Reply> {
+        let options = node.options(channel).map_err(|e| Reply::Error(e.code(), e.to_string()))?;
         let anonymous = self.user.is_none();
         if anonymous && (!options.anonymous_subscribe || !node.auth.allow_anonymous) {
             return Err(Reply::Error(
@@ -177,6 +181,17 @@ impl Session {
                 format!("{channel} is limited to other users"),
             ));
         }
+        Ok(options)
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: u32,
+        channel: ChannelName,
+        since: Option<StreamPosition>,
+    ) -> Result<(), Reply> {
+        let node = self.node.clone();
+        let options = self.check_read(&node, &channel)?;
         if self.subscriptions.contains(&channel) {
             return Err(Reply::Error(
                 ErrorCode::AlreadySubscribed,
@@ -184,25 +199,31 @@ impl Session {
             ));
         }
         let publish_options = options.publish_options();
-        if node.hub.subscribe_pending(&channel, self.id, self.outbox.clone()) {
+        if node.hub.subscribe_pending(&channel, self.id, Sink::Ws(self.outbox.clone())) {
             if let Err(e) = node.broker.subscribe(&channel).await {
                 self.abandon(&channel).await;
                 return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
             }
         }
-        let position = match node.broker.position(&channel, &publish_options).await {
-            Ok(p) => p,
+        // With `since`: everything after it that history has; without: only the position.
+        let query = HistoryQuery { limit: if since.is_some() { None } else { Some(0) }, since };
+        let page = match node.broker.history(&channel, &publish_options, &query).await {
+            Ok(page) => page,
             Err(e) => {
                 self.abandon(&channel).await;
                 return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
             }
         };
-        // Without retained history, nothing is missing only when the client is already at the
-        // channel's current position.
-        let recovered = matches!((&since, &position), (Some(s), Some(p)) if s == p);
-        let ok = ReplyOk::Subscribe { position: position.as_ref(), recovered, publications: &[] };
+        let recovered = query.since.is_some() && page.complete;
+        let refs = publication_refs(&page);
+        let ok =
+            ReplyOk::Subscribe { position: page.position.as_ref(), recovered, publications: &refs };
         let frame = reply_frame(id, Reply::Ok(push::encode_reply_ok(id, &ok)));
-        match node.hub.activate(&channel, self.id, frame, position.as_ref()) {
+        let outbox = self.outbox.clone();
+        match node
+            .hub
+            .activate(&channel, self.id, page.position.as_ref(), |_| outbox.push_reply(frame))
+        {
             Ok(()) => {}
             Err(PushError::Overflow | PushError::Closed) => {
                 self.abandon(&channel).await;
@@ -250,13 +271,27 @@ impl Session {
         }
     }
 
-    fn history(&mut self, channel: &ChannelName) -> Reply {
-        match self.node.options(channel) {
-            Err(e) => Reply::Error(e.code(), e.to_string()),
-            Ok(_) => Reply::Error(
-                ErrorCode::Unavailable,
-                "history is not kept by this version of herald".into(),
-            ),
+    async fn history(
+        &mut self,
+        id: u32,
+        channel: &ChannelName,
+        since: Option<StreamPosition>,
+        limit: Option<u64>,
+    ) -> Reply {
+        let node = self.node.clone();
+        let options = match self.check_read(&node, channel) {
+            Ok(o) => o,
+            Err(reply) => return reply,
+        };
+        let limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+        let query = HistoryQuery { since, limit };
+        match node.broker.history(channel, &options.publish_options(), &query).await {
+            Ok(page) => {
+                let refs = publication_refs(&page);
+                let ok = ReplyOk::History { position: page.position.as_ref(), publications: &refs };
+                Reply::Ok(push::encode_reply_ok(id, &ok))
+            }
+            Err(e) => Reply::Error(ErrorCode::Unavailable, e.to_string()),
         }
     }
 
@@ -264,7 +299,7 @@ impl Session {
         if let Reply::Error(code, _) = &reply {
             self.node.metrics.error(*code);
         }
-        match self.outbox.push(reply_frame(id, reply)) {
+        match self.outbox.push_reply(reply_frame(id, reply)) {
             Ok(()) => Ok(()),
             Err(PushError::Overflow) => Err(CloseCode::SlowConsumer),
             // Closing already: the transport is ending the connection.
@@ -280,6 +315,11 @@ impl Session {
             self.abandon(channel).await;
         }
     }
+}
+
+/// The publications of a history page as the reply encoder takes them.
+fn publication_refs(page: &HistoryPage) -> Vec<PublicationRef<'_>> {
+    page.publications.iter().map(|p| PublicationRef { offset: p.offset, data: &p.data }).collect()
 }
 
 fn reply_frame(id: u32, reply: Reply) -> Bytes {

@@ -17,6 +17,7 @@ pub mod code;
 pub mod command;
 pub mod json;
 pub mod push;
+pub mod sse;
 pub mod ws;
 
 pub use channel::{ChannelName, ChannelNameError};

@@ -78,8 +78,9 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// Writes raw JSON text verbatim; a `'\n'` (JSON allows it only as whitespace) becomes a space so
-/// the message stays on one line, and empty text becomes `null` so the output stays JSON.
+/// Writes raw JSON text verbatim; a `'\n'` or `'\r'` (JSON allows them only as whitespace)
+/// becomes a space so the message stays on one line (for `herald.json` and SSE `data:` lines),
+/// and empty text becomes `null` so the output stays JSON.
 pub(crate) fn write_raw_json(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         out.extend_from_slice(b"null");
@@ -87,16 +88,16 @@ pub(crate) fn write_raw_json(out: &mut Vec<u8>, data: &[u8]) {
     }
     let start = out.len();
     out.extend_from_slice(data);
-    if memchr::memchr(b'\n', data).is_some() {
+    if memchr::memchr2(b'\n', b'\r', data).is_some() {
         for b in &mut out[start..] {
-            if *b == b'\n' {
+            if *b == b'\n' || *b == b'\r' {
                 *b = b' ';
             }
         }
     }
 }
 
-fn write_u64(out: &mut Vec<u8>, n: u64) {
+pub(crate) fn write_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 

@@ -75,9 +75,11 @@ pub fn router(app: App) -> Router {
         .route("/batch", post(batch))
         .route("/channels", get(channels))
         .route("/info", get(info))
+        .route("/history", get(history))
         .layer(axum::middleware::from_fn_with_state(app.clone(), require_api_key));
     Router::new()
         .route("/ws", get(crate::ws::upgrade))
+        .route("/sse", get(crate::sse::handler).options(crate::sse::preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -212,6 +214,71 @@ async fn batch(
     Ok(axum::Json(serde_json::json!({ "results": results })))
 }
 
+/// Query of `GET /api/history`.
+#[derive(Deserialize)]
+struct HistoryParams {
+    channel: Option<String>,
+    since_offset: Option<String>,
+    since_epoch: Option<String>,
+    limit: Option<String>,
+}
+
+async fn history(
+    State(app): State<App>,
+    query: Result<axum::extract::Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
+    let channel = q.channel.ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
+    let channel = ChannelName::parse(&channel)
+        .map_err(|e| ApiError::bad_request(format!("bad `channel`: {e}")))?;
+    let options = app.node.options(&channel)?;
+    let since = match (q.since_offset, q.since_epoch) {
+        (None, None) => None,
+        (Some(offset), Some(epoch)) => Some(herald_protocol::StreamPosition {
+            offset: offset.parse().map_err(|_| {
+                ApiError::bad_request(format!("`since_offset` is not an integer: {offset:?}"))
+            })?,
+            epoch,
+        }),
+        _ => {
+            return Err(ApiError::bad_request("`since_offset` and `since_epoch` go together"));
+        }
+    };
+    let limit = match q.limit {
+        None => None,
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("`limit` is not an integer: {l:?}")))?,
+        ),
+    };
+    let query = herald_broker::HistoryQuery { since, limit };
+    let page = app
+        .node
+        .broker
+        .history(&channel, &options.publish_options(), &query)
+        .await
+        .map_err(|e| ApiError::new(503, e.to_string()))?;
+    let mut body = serde_json::Map::new();
+    if let Some(p) = &page.position {
+        body.insert("offset".into(), p.offset.into());
+        body.insert("epoch".into(), p.epoch.clone().into());
+    }
+    let mut publications = Vec::with_capacity(page.publications.len());
+    for p in &page.publications {
+        let data: &RawValue = serde_json::from_slice(&p.data)
+            .map_err(|e| ApiError::new(500, format!("stored publication is not JSON: {e}")))?;
+        let mut o = serde_json::Map::new();
+        if let Some(offset) = p.offset {
+            o.insert("offset".into(), offset.into());
+        }
+        o.insert("data".into(), serde_json::to_value(data).unwrap_or(serde_json::Value::Null));
+        publications.push(serde_json::Value::Object(o));
+    }
+    body.insert("publications".into(), publications.into());
+    Ok(axum::Json(serde_json::Value::Object(body)))
+}
+
 async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {
     let channels: Vec<serde_json::Value> = app
         .node
@@ -253,9 +320,18 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        app.node.metrics.render(),
-    )
-        .into_response()
+    let mut text = app.node.metrics.render();
+    let h = app.node.broker.history_stats();
+    for (name, help, value) in [
+        (
+            "herald_history_streams",
+            "Channels with stream state (epoch, offsets, history).",
+            h.streams,
+        ),
+        ("herald_history_publications", "Publications retained in history.", h.publications),
+        ("herald_history_bytes", "Bytes of publication data retained in history.", h.bytes),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

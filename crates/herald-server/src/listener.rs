@@ -23,6 +23,29 @@ fn configure(stream: &TcpStream) {
     let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
+/// Peeks at the first bytes of a connection: true for `GET /sse`.
+async fn starts_sse(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 9];
+    let peek = async {
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n >= buf.len() || buf[..n].contains(&b'\n') => {
+                    return crate::sse::is_sse_request(&buf[..n]);
+                }
+                Ok(n) => {
+                    if !b"GET /sse".starts_with(&buf[..n.min(8)]) {
+                        return false;
+                    }
+                    // Wait for more bytes of the request line.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), peek).await.unwrap_or(false)
+}
+
 /// Accepts connections until `app.shutdown` is cancelled. Accept errors (e.g. out of file
 /// descriptors) back off instead of spinning.
 pub async fn run(listener: TcpListener, app: App) {
@@ -48,7 +71,13 @@ pub async fn run(listener: TcpListener, app: App) {
         configure(&stream);
         let service = TowerToHyperService::new(router.clone());
         let shutdown = app.shutdown.clone();
+        let app2 = app.clone();
         app.tracker.spawn(async move {
+            // Event streams are served on the raw socket, without HTTP buffers.
+            if starts_sse(&stream).await {
+                crate::sse::serve_raw(stream, app2).await;
+                return;
+            }
             let conn = http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)

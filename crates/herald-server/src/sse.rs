@@ -1,0 +1,612 @@
+//! The Server-Sent Events transport: `GET /sse?channel=A&channel=B[&token=JWT][&last_event_id=ID]`.
+//!
+//! A stream subscribes to several channels at once. Each publication is one `event: pub`, its
+//! bytes encoded once by the hub and shared by every SSE subscriber; the stream's writer puts a
+//! per-stream `id:` line in front of each event, holding the stream's position on every channel
+//! (see [`herald_protocol::sse`]). A browser that reconnects sends that id back as
+//! `Last-Event-ID` (or a client passes `last_event_id=`): every channel the id positions is
+//! recovered from history, in order and without duplicates; where history does not reach, the
+//! stream first sends `event: reset` naming those channels and goes on live for them. A `: ping`
+//! comment goes out at least every 25 s.
+//!
+//! Streams are normally served on the raw socket (the listener recognises `GET /sse` before
+//! HTTP parsing), so an idle stream holds no HTTP buffers; a `/sse` request arriving on a
+//! kept-alive HTTP connection is served through hyper with the same session and encoding.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::{Buf, Bytes};
+use herald_broker::HistoryQuery;
+use herald_core::hub::{Sink, SseItem};
+use herald_core::queue::OutboxState;
+use herald_core::Outbox;
+use herald_protocol::{sse, ChannelName, CloseCode};
+use http::{header, HeaderMap, Request, StatusCode};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::api::ApiError;
+use crate::app::App;
+
+/// Longest interval between `: ping` comments (the contract says at least every 30 s).
+const MAX_PING_INTERVAL: Duration = Duration::from_secs(25);
+/// Largest request head read on the raw path.
+const MAX_HEAD: usize = 16 * 1024;
+/// Most iovecs handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+/// How long a stream may take to send its last event when it is closed by the server.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// Reconnection delay advised to browsers (`retry:`), in milliseconds.
+const RETRY_MS: u32 = 1000;
+
+/// What a `/sse` request asks for.
+#[derive(Debug, Default)]
+pub(crate) struct SseRequest {
+    channels: Vec<String>,
+    token: Option<String>,
+    last_event_id: Option<String>,
+}
+
+impl SseRequest {
+    /// Reads the query and the `Last-Event-ID` header (which wins over `last_event_id=`).
+    fn parse(query: Option<&str>, last_event_id_header: Option<String>) -> SseRequest {
+        let mut req = SseRequest::default();
+        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = crate::ws::percent_decode(v).into_owned();
+            match k {
+                "channel" => req.channels.push(v),
+                "token" => req.token = Some(v),
+                "last_event_id" => req.last_event_id = Some(v),
+                _ => {}
+            }
+        }
+        if let Some(h) = last_event_id_header.filter(|h| !h.is_empty()) {
+            req.last_event_id = Some(h);
+        }
+        req
+    }
+}
+
+/// A stream's position on one channel: `None` where the channel keeps no history.
+type Position = Option<(Arc<str>, u64)>;
+
+/// An opened stream: subscribed, with its initial events queued.
+struct SseStream {
+    app: App,
+    id: u64,
+    outbox: Arc<Outbox<SseItem>>,
+    channels: Vec<ChannelName>,
+    positions: Vec<Position>,
+    index: HashMap<ChannelName, usize>,
+}
+
+impl SseStream {
+    /// Authenticates, validates every channel, subscribes, recovers what `Last-Event-ID` says
+    /// was missed, and queues the initial events.
+    async fn open(app: &App, req: SseRequest) -> Result<SseStream, ApiError> {
+        let node = app.node.clone();
+        let user = match &req.token {
+            Some(token) => {
+                let verifier =
+                    node.auth.verifier.as_ref().ok_or_else(|| {
+                        ApiError::new(401, "token authentication is not configured")
+                    })?;
+                Some(verifier.verify(token).map_err(|e| ApiError::new(401, e.to_string()))?)
+            }
+            None => None,
+        };
+        if req.channels.is_empty() {
+            return Err(ApiError::bad_request("give at least one `channel=` in the query"));
+        }
+        let mut channels: Vec<ChannelName> = Vec::with_capacity(req.channels.len());
+        for name in &req.channels {
+            let channel = ChannelName::parse(name)
+                .map_err(|e| ApiError::bad_request(format!("bad channel {name:?}: {e}")))?;
+            let options = node.options(&channel)?;
+            if user.is_none() && (!options.anonymous_subscribe || !node.auth.allow_anonymous) {
+                return Err(ApiError::new(
+                    401,
+                    format!("anonymous streams may not subscribe to {channel}"),
+                ));
+            }
+            if !channel.is_user_allowed(user.as_deref().unwrap_or("")) {
+                return Err(ApiError::new(403, format!("{channel} is limited to other users")));
+            }
+            if !channels.contains(&channel) {
+                channels.push(channel);
+            }
+        }
+        let resume = req.last_event_id.as_deref().map(sse::parse_event_id).unwrap_or_default();
+
+        let outbox = Arc::new(Outbox::new(node.limits.max_queue_bytes, node.metrics.clone()));
+        let id = node.next_connection_id();
+        let mut stream = SseStream {
+            app: app.clone(),
+            id,
+            outbox: outbox.clone(),
+            index: channels.iter().cloned().enumerate().map(|(i, c)| (c, i)).collect(),
+            positions: vec![None; channels.len()],
+            channels: channels.clone(),
+        };
+
+        // Subscribe everything first (pending: live publications are buffered), read history,
+        // then queue: retry advice, the reset event, recovered publications, live.
+        let mut plans = Vec::with_capacity(channels.len());
+        let mut reset = Vec::new();
+        for (i, channel) in channels.iter().enumerate() {
+            let options = node.options(channel)?.publish_options();
+            if node.hub.subscribe_pending(channel, id, Sink::Sse(outbox.clone())) {
+                if let Err(e) = node.broker.subscribe(channel).await {
+                    stream.abandon_all().await;
+                    return Err(ApiError::new(503, e.to_string()));
+                }
+            }
+            let mentioned = resume.get(channel.as_str());
+            let since = mentioned.cloned().flatten();
+            let query = HistoryQuery { limit: if since.is_some() { None } else { Some(0) }, since };
+            let page = match node.broker.history(channel, &options, &query).await {
+                Ok(page) => page,
+                Err(e) => {
+                    stream.abandon_all().await;
+                    return Err(ApiError::new(503, e.to_string()));
+                }
+            };
+            let recovered = query.since.is_some() && page.complete;
+            if mentioned.is_some() && !recovered {
+                reset.push(channel.as_str().to_string());
+            }
+            // Where the stream stands before what is queued for this channel.
+            stream.positions[i] = match (&query.since, &page.position) {
+                (Some(since), Some(_)) if recovered => {
+                    Some((Arc::from(since.epoch.as_str()), since.offset))
+                }
+                (_, Some(p)) => Some((Arc::from(p.epoch.as_str()), p.offset)),
+                (_, None) => None,
+            };
+            let recovered_items: Vec<SseItem> = if recovered {
+                page.publications
+                    .iter()
+                    .map(|p| SseItem {
+                        channel: Some(channel.clone()),
+                        offset: p.offset,
+                        epoch: p.epoch.clone(),
+                        body: Bytes::from(sse::encode_pub_event(
+                            channel.as_str(),
+                            p.offset,
+                            &p.data,
+                        )),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            plans.push((page.position, recovered_items));
+        }
+
+        let stream_event = |body: Vec<u8>| SseItem {
+            channel: None,
+            offset: None,
+            epoch: None,
+            body: Bytes::from(body),
+        };
+        outbox.push_final(stream_event(format!("retry: {RETRY_MS}\n\n").into_bytes()));
+        if !reset.is_empty() {
+            outbox.push_final(stream_event(sse::encode_reset_event(
+                reset.iter().map(String::as_str),
+            )));
+        }
+        for (channel, (position, items)) in channels.iter().zip(plans) {
+            let activated = node.hub.activate(channel, id, position.as_ref(), |_| {
+                for item in items {
+                    outbox.push_reply(item)?;
+                }
+                Ok(())
+            });
+            if activated.is_err() {
+                stream.abandon_all().await;
+                return Err(ApiError::new(503, "the stream overflowed while it was opened"));
+            }
+        }
+        // An event with only an id: the browser records the position without an event firing.
+        outbox.push_final(stream_event(Vec::new()));
+        node.metrics.subscriptions.fetch_add(channels.len() as i64, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    async fn abandon_all(&self) {
+        for channel in &self.channels {
+            if self.app.node.hub.unsubscribe(channel, self.id) {
+                let _ = self.app.node.broker.unsubscribe(channel).await;
+            }
+        }
+    }
+
+    /// Ends every subscription; called once when the stream ends.
+    async fn close(&self) {
+        self.outbox.close();
+        self.abandon_all().await;
+        self.app
+            .node
+            .metrics
+            .subscriptions
+            .fetch_sub(self.channels.len() as i64, Ordering::Relaxed);
+    }
+
+    /// The current id: positions on every channel.
+    fn event_id(&self) -> String {
+        sse::encode_event_id(
+            self.channels
+                .iter()
+                .zip(&self.positions)
+                .map(|(c, p)| (c.as_str(), p.as_ref().map(|(e, o)| (&**e, *o)))),
+        )
+    }
+
+    /// Turns queued items into wire chunks: `(bytes, body bytes to account as written)`.
+    fn render(&mut self, items: &mut VecDeque<SseItem>, out: &mut VecDeque<(Bytes, usize)>) {
+        for item in items.drain(..) {
+            match &item.channel {
+                Some(channel) => {
+                    if let (Some(&i), Some(offset), Some(epoch)) =
+                        (self.index.get(channel), item.offset, &item.epoch)
+                    {
+                        self.positions[i] = Some((epoch.clone(), offset));
+                    }
+                    out.push_back((Bytes::from(format!("id: {}\n", self.event_id())), 0));
+                }
+                None if item.body.is_empty() => {
+                    out.push_back((Bytes::from(format!("id: {}\n\n", self.event_id())), 0));
+                    continue;
+                }
+                None => {}
+            }
+            let len = item.body.len();
+            out.push_back((item.body, len));
+        }
+    }
+}
+
+/// The response head of a stream.
+fn stream_headers(headers: &mut HeaderMap) {
+    headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, http::HeaderValue::from_static("*"));
+    headers.insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+}
+
+/// `OPTIONS /sse`: CORS preflight.
+pub(crate) async fn preflight() -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let h = response.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, http::HeaderValue::from_static("*"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, http::HeaderValue::from_static("GET, OPTIONS"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        http::HeaderValue::from_static("Last-Event-ID, Cache-Control"),
+    );
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, http::HeaderValue::from_static("86400"));
+    response
+}
+
+fn with_cors(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, http::HeaderValue::from_static("*"));
+    response
+}
+
+/// `GET /sse` reached through hyper (a kept-alive HTTP connection): the same stream, written
+/// as a streaming body.
+pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Response {
+    let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let request = SseRequest::parse(req.uri().query(), last);
+    let mut stream = match SseStream::open(&app, request).await {
+        Ok(s) => s,
+        Err(e) => return with_cors(e.into_response()),
+    };
+    app.node.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    app.node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
+    let guard = app.tracker.token();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let interval = app.node.ping_interval.min(MAX_PING_INTERVAL);
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        let mut items = VecDeque::new();
+        let mut chunks = VecDeque::new();
+        let mut closing = false;
+        loop {
+            let state = stream.outbox.take(&mut items);
+            stream.render(&mut items, &mut chunks);
+            if !chunks.is_empty() {
+                let mut buf = Vec::new();
+                let mut accounted = 0;
+                for (bytes, body) in chunks.drain(..) {
+                    buf.extend_from_slice(&bytes);
+                    accounted += body;
+                }
+                let n = buf.len();
+                if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                    break;
+                }
+                stream.outbox.written(accounted);
+                app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if closing {
+                break;
+            }
+            if state == OutboxState::Overflowed {
+                closing = true;
+                close_stream(&stream, CloseCode::SlowConsumer);
+                continue;
+            }
+            tokio::select! {
+                _ = stream.outbox.notified() => {}
+                _ = ping.tick() => {
+                    stream.outbox.push_final(SseItem { channel: None, offset: None, epoch: None, body: Bytes::from_static(sse::PING) });
+                }
+                _ = tx.closed() => break,
+                _ = app.shutdown.cancelled() => {
+                    closing = true;
+                    close_stream(&stream, CloseCode::Shutdown);
+                }
+            }
+        }
+        stream.close().await;
+        app.node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    });
+    let body = Body::from_stream(tokio_stream_from(rx));
+    let mut response = Response::new(body);
+    stream_headers(response.headers_mut());
+    response
+}
+
+/// Adapts an mpsc receiver into a `Stream` for the response body.
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+/// Queues the `disconnect` event that ends a stream, dropping what is pending (the client
+/// resumes from its last id).
+fn close_stream(stream: &SseStream, code: CloseCode) {
+    stream.app.node.metrics.disconnect(code);
+    stream.outbox.discard();
+    stream.outbox.push_final(SseItem {
+        channel: None,
+        offset: None,
+        epoch: None,
+        body: Bytes::from(sse::encode_disconnect_event(
+            code.as_u16(),
+            code.reason(),
+            code.reconnect(),
+        )),
+    });
+}
+
+/// True when the first bytes of a request are `GET /sse` followed by `?` or a space.
+pub(crate) fn is_sse_request(head: &[u8]) -> bool {
+    head.len() >= 9 && head.starts_with(b"GET /sse") && matches!(head[8], b'?' | b' ')
+}
+
+/// Reads a request head from the raw socket: (path-and-query, Last-Event-ID).
+async fn read_head(stream: &mut TcpStream) -> Result<(String, Option<String>), ApiError> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 2048];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("read failed: {e}")))?;
+        if n == 0 {
+            return Err(ApiError::bad_request("connection closed before the request head ended"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_HEAD {
+            return Err(ApiError::new(431, "request head too large"));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let path = req.path.unwrap_or("/").to_string();
+                let last = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::to_string);
+                return Ok((path, last));
+            }
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(ApiError::bad_request(format!("malformed request: {e}"))),
+        }
+    }
+}
+
+/// Serves one `GET /sse` on the raw socket: response head, then events until the client goes.
+pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut stream)).await;
+    let (path, last) = match head {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return write_error(&mut stream, e).await,
+        Err(_) => return,
+    };
+    let query = path.split_once('?').map(|(_, q)| q);
+    let request = SseRequest::parse(query, last);
+    let mut sse_stream = match SseStream::open(&app, request).await {
+        Ok(s) => s,
+        Err(e) => return write_error(&mut stream, e).await,
+    };
+    let metrics = app.node.metrics.clone();
+    metrics.connections.fetch_add(1, Ordering::Relaxed);
+    metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(
+        stream = sse_stream.id,
+        channels = sse_stream.channels.len(),
+        "sse stream opened"
+    );
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+                access-control-allow-origin: *\r\nx-accel-buffering: no\r\nconnection: close\r\n\r\n";
+    let mut writer = RawWriter {
+        chunks: VecDeque::from([(Bytes::from_static(head.as_bytes()), 0)]),
+        items: VecDeque::new(),
+    };
+
+    let interval = app.node.ping_interval.min(MAX_PING_INTERVAL);
+    let ping = tokio::time::sleep(interval);
+    tokio::pin!(ping);
+    let mut close_by: Option<Instant> = None;
+    loop {
+        let flushed = match writer.flush(&stream, &mut sse_stream) {
+            Ok(f) => f,
+            Err(_) => break,
+        };
+        if close_by.is_some() && flushed && sse_stream.outbox.pending_bytes() == 0 {
+            break;
+        }
+        if close_by.is_none() && sse_stream.outbox.state() == OutboxState::Overflowed {
+            close_stream(&sse_stream, CloseCode::SlowConsumer);
+            close_by = Some(Instant::now() + CLOSE_FLUSH);
+            continue;
+        }
+        let blocked = !flushed;
+        let open = close_by.is_none();
+        let deadline = close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            _ = app.shutdown.cancelled(), if open => {
+                close_stream(&sse_stream, CloseCode::Shutdown);
+                close_by = Some(Instant::now() + app.shutdown_timeout);
+            }
+            r = stream.readable() => {
+                if r.is_err() { break; }
+                // The client sends nothing on an event stream: data or EOF means it is gone
+                // (or misbehaving); read and discard, stop on EOF.
+                let mut buf = [0u8; 512];
+                match stream.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            r = stream.writable(), if blocked => {
+                if r.is_err() { break; }
+                sse_stream.outbox.set_blocked(false);
+            }
+            _ = sse_stream.outbox.notified(), if !blocked => {}
+            _ = &mut ping, if open => {
+                sse_stream.outbox.push_final(SseItem { channel: None, offset: None, epoch: None, body: Bytes::from_static(sse::PING) });
+                ping.as_mut().reset(Instant::now() + interval);
+            }
+            _ = tokio::time::sleep_until(deadline), if !open => break,
+        }
+    }
+    sse_stream.close().await;
+    metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(stream = sse_stream.id, "sse stream closed");
+}
+
+/// The raw-socket writer of one stream.
+struct RawWriter {
+    /// Wire chunks not yet fully written, with the body bytes each accounts for.
+    chunks: VecDeque<(Bytes, usize)>,
+    items: VecDeque<SseItem>,
+}
+
+impl RawWriter {
+    /// Writes what is queued; true when everything went out.
+    fn flush(&mut self, stream: &TcpStream, sse: &mut SseStream) -> io::Result<bool> {
+        loop {
+            if self.chunks.is_empty() {
+                sse.outbox.take(&mut self.items);
+                sse.render(&mut self.items, &mut self.chunks);
+                if self.chunks.is_empty() {
+                    return Ok(true);
+                }
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (slot, (chunk, _)) in slices.iter_mut().zip(self.chunks.iter()) {
+                *slot = IoSlice::new(chunk);
+                count += 1;
+            }
+            match stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    sse.app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    let mut accounted = 0;
+                    while n > 0 {
+                        let Some((front, body)) = self.chunks.front_mut() else { break };
+                        if n >= front.len() {
+                            n -= front.len();
+                            accounted += *body;
+                            self.chunks.pop_front();
+                        } else {
+                            front.advance(n);
+                            n = 0;
+                        }
+                    }
+                    sse.outbox.written(accounted);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    sse.outbox.set_blocked(true);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Answers a refused raw `/sse` request with the JSON error and closes.
+async fn write_error(stream: &mut TcpStream, e: ApiError) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string();
+    let reason =
+        StatusCode::from_u16(e.code).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error");
+    let response = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         access-control-allow-origin: *\r\nconnection: close\r\n\r\n{body}",
+        e.code,
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_sse_requests() {
+        assert!(is_sse_request(b"GET /sse?channel=a HTTP/1.1"));
+        assert!(is_sse_request(b"GET /sse HTTP/1.1"));
+        assert!(!is_sse_request(b"GET /sse2 HTTP/1.1"));
+        assert!(!is_sse_request(b"POST /sse?channel=a"));
+        assert!(!is_sse_request(b"GET /ss"));
+    }
+
+    #[test]
+    fn request_parsing() {
+        let r = SseRequest::parse(Some("channel=a&channel=b%3Ax&token=t&last_event_id=q"), None);
+        assert_eq!(r.channels, ["a", "b:x"]);
+        assert_eq!(r.token.as_deref(), Some("t"));
+        assert_eq!(r.last_event_id.as_deref(), Some("q"));
+        let r = SseRequest::parse(Some("channel=a&last_event_id=q"), Some("h".into()));
+        assert_eq!(r.last_event_id.as_deref(), Some("h"), "the header wins");
+    }
+}
