@@ -66,6 +66,14 @@ impl Sink {
             Sink::Sse(o) => o.overflow(),
         }
     }
+
+    /// Asks the subscriber's writer to close the connection with `code`.
+    pub fn request_close(&self, code: herald_protocol::CloseCode) {
+        match self {
+            Sink::Ws(o) => o.request_close(code),
+            Sink::Sse(o) => o.request_close(code),
+        }
+    }
 }
 
 /// A publication encoded for each wire format, each at most once, on first need.

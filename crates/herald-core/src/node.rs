@@ -8,7 +8,7 @@ use bytes::Bytes;
 use herald_broker::{Broker, BrokerError};
 use herald_protocol::{ChannelName, ErrorCode, StreamPosition};
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Sink};
 use crate::metrics::Metrics;
 use crate::options::{ChannelOptions, Namespaces};
 use crate::session::TokenVerifier;
@@ -113,7 +113,74 @@ pub struct Node {
     pub auth: AuthSettings,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Every open connection, to disconnect them on request.
+    pub registry: Registry,
     next_connection: AtomicU64,
+}
+
+/// Which connections a disconnect request targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection.
+    All,
+    /// The connections authenticated as this user.
+    User(String),
+}
+
+/// The open connections of a node (any transport), sharded by id.
+#[derive(Debug)]
+pub struct Registry {
+    shards: Box<[parking_lot::Mutex<std::collections::HashMap<u64, (Option<Arc<str>>, Sink)>>]>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { shards: (0..16).map(|_| Default::default()).collect() }
+    }
+}
+
+impl Registry {
+    fn shard(
+        &self,
+        id: u64,
+    ) -> &parking_lot::Mutex<std::collections::HashMap<u64, (Option<Arc<str>>, Sink)>> {
+        &self.shards[(id % self.shards.len() as u64) as usize]
+    }
+
+    /// Records connection `id` of `user`, reachable through `sink`.
+    pub fn register(&self, id: u64, user: Option<&str>, sink: Sink) {
+        self.shard(id).lock().insert(id, (user.map(Arc::from), sink));
+    }
+
+    /// Records that connection `id` (re)authenticated as `user`.
+    pub fn set_user(&self, id: u64, user: &str) {
+        if let Some(entry) = self.shard(id).lock().get_mut(&id) {
+            entry.0 = Some(Arc::from(user));
+        }
+    }
+
+    /// Forgets connection `id`.
+    pub fn unregister(&self, id: u64) {
+        self.shard(id).lock().remove(&id);
+    }
+
+    /// Asks every targeted connection to close with `code`; returns how many.
+    pub fn disconnect(&self, target: &Target, code: herald_protocol::CloseCode) -> usize {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            for (user, sink) in shard.lock().values() {
+                let hit = match target {
+                    Target::All => true,
+                    Target::User(u) => user.as_deref() == Some(u.as_str()),
+                };
+                if hit {
+                    sink.request_close(code);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
 }
 
 impl Node {
@@ -137,6 +204,7 @@ impl Node {
             ping_interval,
             auth,
             metrics,
+            registry: Registry::default(),
             next_connection: AtomicU64::new(1),
         }
     }

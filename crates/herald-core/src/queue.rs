@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use herald_protocol::CloseCode;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -71,6 +72,8 @@ struct Inner<T> {
     /// The writer waits for the socket to drain; `queued_bytes` is then not in the backlog.
     blocked: bool,
     state: OutboxState,
+    /// The server asked this connection to close with this code (e.g. `POST /api/disconnect`).
+    close_request: Option<CloseCode>,
 }
 
 /// A connection's bounded outbound queue (see the module docs).
@@ -92,6 +95,7 @@ impl<T: Item> Outbox<T> {
                 queued_bytes: 0,
                 blocked: false,
                 state: OutboxState::Open,
+                close_request: None,
             }),
             notify: Notify::new(),
             max_bytes,
@@ -280,6 +284,22 @@ impl<T: Item> Outbox<T> {
         }
         drop(inner);
         self.notify.notify_one();
+    }
+
+    /// Asks the connection's writer to close with `code` (after the frames already queued).
+    pub fn request_close(&self, code: CloseCode) {
+        self.inner.lock().close_request.get_or_insert(code);
+        self.notify.notify_one();
+    }
+
+    /// Why the writer must close the connection now, if it must: 4008 after an overflow, or the
+    /// code of [`Outbox::request_close`].
+    pub fn pending_close(&self) -> Option<CloseCode> {
+        let inner = self.inner.lock();
+        match inner.state {
+            OutboxState::Overflowed => Some(CloseCode::SlowConsumer),
+            _ => inner.close_request,
+        }
     }
 
     /// The queue's state.

@@ -66,6 +66,7 @@ impl Session {
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, user: Option<String>) -> Self {
         let id = node.next_connection_id();
         let client = format!("{}-{}", node.id, id);
+        node.registry.register(id, user.as_deref(), Sink::Ws(outbox.clone()));
         Session { node, id, client, outbox, user, started: false, subscriptions: Vec::new() }
     }
 
@@ -139,7 +140,10 @@ impl Session {
             Some(token) => {
                 let verifier = self.node.auth.verifier.as_ref().ok_or(CloseCode::InvalidToken)?;
                 match verifier.verify(&token) {
-                    Ok(user) => self.user = Some(user),
+                    Ok(user) => {
+                        self.node.registry.set_user(self.id, &user);
+                        self.user = Some(user);
+                    }
                     Err(e) => {
                         tracing::debug!(conn = self.id, error = %e, "token refused");
                         return Err(CloseCode::InvalidToken);
@@ -309,6 +313,7 @@ impl Session {
 
     /// Ends every subscription; called once when the connection ends.
     pub async fn close(&mut self) {
+        self.node.registry.unregister(self.id);
         let channels = std::mem::take(&mut self.subscriptions);
         self.node.metrics.subscriptions.fetch_sub(channels.len() as i64, Ordering::Relaxed);
         for channel in &channels {

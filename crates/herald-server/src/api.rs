@@ -76,6 +76,7 @@ pub fn router(app: App) -> Router {
         .route("/channels", get(channels))
         .route("/info", get(info))
         .route("/history", get(history))
+        .route("/disconnect", post(disconnect))
         .layer(axum::middleware::from_fn_with_state(app.clone(), require_api_key));
     Router::new()
         .route("/ws", get(crate::ws::upgrade))
@@ -277,6 +278,36 @@ async fn history(
     }
     body.insert("publications".into(), publications.into());
     Ok(axum::Json(serde_json::Value::Object(body)))
+}
+
+#[derive(Deserialize)]
+struct DisconnectIn {
+    user: Option<String>,
+    #[serde(default)]
+    all: bool,
+    code: Option<u16>,
+}
+
+/// `POST /api/disconnect`: `{"user": "U"}` or `{"all": true}`, optional `code` (default 4000).
+async fn disconnect(
+    State(app): State<App>,
+    body: Body,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let body = read_body(body, app.config.max_body_bytes).await?;
+    let req: DisconnectIn = parse_object(&body)?;
+    let target = match (req.user, req.all) {
+        (Some(user), false) => herald_core::node::Target::User(user),
+        (None, true) => herald_core::node::Target::All,
+        _ => return Err(ApiError::bad_request("give either `user` or `\"all\": true`")),
+    };
+    let code = match req.code {
+        None => herald_protocol::CloseCode::Shutdown,
+        Some(c) => herald_protocol::CloseCode::from_u16(c).ok_or_else(|| {
+            ApiError::bad_request(format!("`code` {c} is not a Herald close code"))
+        })?,
+    };
+    let n = app.node.registry.disconnect(&target, code);
+    Ok(axum::Json(serde_json::json!({ "disconnected": n })))
 }
 
 async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {

@@ -25,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes};
 use herald_broker::HistoryQuery;
 use herald_core::hub::{Sink, SseItem};
-use herald_core::queue::OutboxState;
 use herald_core::Outbox;
 use herald_protocol::{sse, ChannelName, CloseCode};
 use http::{header, HeaderMap, Request, StatusCode};
@@ -219,6 +218,7 @@ impl SseStream {
         // An event with only an id: the browser records the position without an event firing.
         outbox.push_final(stream_event(Vec::new()));
         node.metrics.subscriptions.fetch_add(channels.len() as i64, Ordering::Relaxed);
+        node.registry.register(id, user.as_deref(), Sink::Sse(outbox.clone()));
         Ok(stream)
     }
 
@@ -232,6 +232,7 @@ impl SseStream {
 
     /// Ends every subscription; called once when the stream ends.
     async fn close(&self) {
+        self.app.node.registry.unregister(self.id);
         self.outbox.close();
         self.abandon_all().await;
         self.app
@@ -344,9 +345,10 @@ pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Respo
             if closing {
                 break;
             }
-            if state == OutboxState::Overflowed {
+            let _ = state;
+            if let Some(code) = stream.outbox.pending_close() {
                 closing = true;
-                close_stream(&stream, CloseCode::SlowConsumer);
+                close_stream(&stream, code);
                 continue;
             }
             tokio::select! {
@@ -475,10 +477,12 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
         if close_by.is_some() && flushed && sse_stream.outbox.pending_bytes() == 0 {
             break;
         }
-        if close_by.is_none() && sse_stream.outbox.state() == OutboxState::Overflowed {
-            close_stream(&sse_stream, CloseCode::SlowConsumer);
-            close_by = Some(Instant::now() + CLOSE_FLUSH);
-            continue;
+        if close_by.is_none() {
+            if let Some(code) = sse_stream.outbox.pending_close() {
+                close_stream(&sse_stream, code);
+                close_by = Some(Instant::now() + CLOSE_FLUSH);
+                continue;
+            }
         }
         let blocked = !flushed;
         let open = close_by.is_none();

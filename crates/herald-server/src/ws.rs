@@ -18,7 +18,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes};
-use herald_core::queue::OutboxState;
 use herald_core::{Outbox, Session};
 use herald_protocol::{push, ws, CloseCode};
 use http::{header, HeaderMap, Request, StatusCode};
@@ -257,9 +256,11 @@ impl Connection {
             {
                 break;
             }
-            if self.close_by.is_none() && self.outbox.state() == OutboxState::Overflowed {
-                self.start_close(CloseCode::SlowConsumer);
-                continue;
+            if self.close_by.is_none() {
+                if let Some(code) = self.outbox.pending_close() {
+                    self.start_close(code);
+                    continue;
+                }
             }
             let blocked = flushed == Flushed::Blocked;
             let open = self.close_by.is_none();

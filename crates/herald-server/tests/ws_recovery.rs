@@ -1,0 +1,261 @@
+//! Recovery over real reconnects: `subscribe` with `since` returns exactly what was missed (or
+//! says plainly that it cannot), live publications follow with no gap and no duplicate even
+//! while publishes race the subscribe, history expires after its TTL, and the `history` op and
+//! `GET /api/history` page through retained publications.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Server, TIMEOUT};
+use herald_client::StreamPosition;
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+[namespaces.h]
+history_size = 5
+[namespaces.big]
+history_size = 100000
+[namespaces.short]
+history_size = 10
+history_ttl_secs = 1
+"#;
+
+fn pos(offset: u64, epoch: &str) -> StreamPosition {
+    StreamPosition { offset, epoch: epoch.to_string() }
+}
+
+#[tokio::test]
+async fn reconnect_recovers_exactly_what_was_missed() {
+    let server = Server::start(CONFIG, &[]);
+    let mut api = server.api().await;
+    let (client, mut events) = server.client().await;
+    let sub = client.subscribe("h:a", None).await.expect("subscribe");
+    assert_eq!(sub.offset, Some(0));
+    assert!(!sub.recovered && sub.publications.is_empty());
+    let epoch = sub.epoch.clone().expect("epoch");
+    for i in 1..=3 {
+        api.publish("h:a", &json!(i)).await.expect("publish");
+    }
+    let mut last = 0;
+    for i in 1..=3 {
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.expect("pub");
+        assert_eq!((offset, data), (Some(i), json!(i)));
+        last = i;
+    }
+    client.close().await;
+
+    // Missed while away: 4, 5.
+    for i in 4..=5 {
+        api.publish("h:a", &json!(i)).await.expect("publish");
+    }
+    let (client, mut events) = server.client().await;
+    let sub = client.subscribe("h:a", Some(pos(last, &epoch))).await.expect("resubscribe");
+    assert!(sub.recovered, "nothing is missing");
+    assert_eq!(sub.offset, Some(5));
+    assert_eq!(sub.publications, vec![(Some(4), json!(4)), (Some(5), json!(5))]);
+    api.publish("h:a", &json!(6)).await.expect("publish");
+    let (_, offset, data) = events.next_pub(TIMEOUT).await.expect("live");
+    assert_eq!((offset, data), (Some(6), json!(6)));
+
+    // Already up to date: recovered with nothing to send.
+    let (c2, _e2) = server.client().await;
+    let sub = c2.subscribe("h:a", Some(pos(6, &epoch))).await.expect("subscribe");
+    assert!(sub.recovered && sub.publications.is_empty());
+}
+
+#[tokio::test]
+async fn unrecoverable_positions_say_so_with_what_history_has() {
+    let server = Server::start(CONFIG, &[]);
+    let mut api = server.api().await;
+    let mut epoch = String::new();
+    for i in 1..=12 {
+        let r = api.publish("h:t", &json!(i)).await.expect("publish");
+        epoch = r["epoch"].as_str().expect("epoch").to_string();
+    }
+    let (client, _events) = server.client().await;
+    // Trimmed: history holds 8..=12 only.
+    let sub = client.subscribe("h:t", Some(pos(3, &epoch))).await.expect("subscribe");
+    assert!(!sub.recovered);
+    let offsets: Vec<u64> = sub.publications.iter().filter_map(|p| p.0).collect();
+    assert_eq!(offsets, [8, 9, 10, 11, 12]);
+    client.unsubscribe("h:t").await.expect("unsubscribe");
+    // Another epoch.
+    let sub = client.subscribe("h:t", Some(pos(11, "zzzzzzzz"))).await.expect("subscribe");
+    assert!(!sub.recovered);
+    assert_eq!(sub.publications.len(), 5);
+    client.unsubscribe("h:t").await.expect("unsubscribe");
+    // A position from the future.
+    let sub = client.subscribe("h:t", Some(pos(99, &epoch))).await.expect("subscribe");
+    assert!(!sub.recovered);
+    // A channel without history: no offset, no epoch, not recovered.
+    let sub = client.subscribe("plain", Some(pos(1, &epoch))).await.expect("subscribe");
+    assert!(!sub.recovered && sub.offset.is_none() && sub.epoch.is_none());
+    assert!(sub.publications.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_racing_publishes_has_no_gap_and_no_duplicate() {
+    const TOTAL: u64 = 3000;
+    const CLIENTS: usize = 12;
+    let server = Arc::new(Server::start(CONFIG, &[]));
+    let done = Arc::new(AtomicBool::new(false));
+    // Learn the epoch first.
+    let epoch = server.api().await.publish("big:r", &json!(1)).await.expect("publish")["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_string();
+
+    let pump = {
+        let server = server.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut api = server.api().await;
+            let mut next = 2;
+            while next <= TOTAL {
+                let batch: Vec<(String, Value)> = (next..(next + 10).min(TOTAL + 1))
+                    .map(|i| ("big:r".to_string(), json!(i)))
+                    .collect();
+                next += batch.len() as u64;
+                api.batch(&batch).await.expect("batch");
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+
+    let mut checks = Vec::new();
+    for k in 0..CLIENTS {
+        let server = server.clone();
+        let epoch = epoch.clone();
+        checks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20 * k as u64)).await;
+            let (client, mut events) = server.client().await;
+            // Half resume from an earlier position, half start fresh.
+            let since = (k % 2 == 0).then(|| pos(1 + k as u64 * 7, &epoch));
+            let sub = client.subscribe("big:r", since.clone()).await.expect("subscribe");
+            let mut expected = match &since {
+                Some(s) => {
+                    assert!(sub.recovered, "history is large enough");
+                    s.offset + 1
+                }
+                None => sub.offset.expect("offset") + 1,
+            };
+            for (offset, data) in &sub.publications {
+                assert_eq!(
+                    *offset,
+                    Some(expected),
+                    "client {k}: reply publications are contiguous"
+                );
+                assert_eq!(data, &json!(expected));
+                expected += 1;
+            }
+            assert_eq!(expected - 1, sub.offset.expect("offset"), "reply ends at its position");
+            while expected <= TOTAL {
+                let (_, offset, data) = events.next_pub(TIMEOUT).await.expect("live publication");
+                assert_eq!(offset, Some(expected), "client {k}: live follows the reply exactly");
+                assert_eq!(data, json!(expected));
+                expected += 1;
+            }
+        }));
+    }
+    for c in checks {
+        c.await.expect("client check");
+    }
+    pump.await.expect("pump");
+    assert!(done.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn history_expires_after_its_ttl() {
+    let server = Server::start(CONFIG, &[]);
+    let mut api = server.api().await;
+    let r = api.publish("short:x", &json!(1)).await.expect("publish");
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (client, _events) = server.client().await;
+    let sub = client.subscribe("short:x", Some(pos(1, &epoch))).await.expect("subscribe");
+    assert!(!sub.recovered, "history expired");
+    assert_ne!(sub.epoch.as_deref(), Some(epoch.as_str()), "a new epoch began");
+    assert!(sub.publications.is_empty());
+    let r = api.publish("short:x", &json!(2)).await.expect("publish");
+    assert_eq!(r["offset"], json!(1), "offsets restart in the new epoch");
+}
+
+#[tokio::test]
+async fn history_op_and_api_page_through_retained_publications() {
+    let server = Server::start(CONFIG, &[]);
+    let mut api = server.api().await;
+    let mut epoch = String::new();
+    for i in 1..=8 {
+        epoch = api.publish("h:p", &json!({"n": i})).await.expect("publish")["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_string();
+    }
+    let (client, _events) = server.client().await;
+    let offsets = |v: &Value| -> Vec<u64> {
+        v["publications"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|p| p["offset"].as_u64().expect("offset"))
+            .collect()
+    };
+    // Newest 2.
+    let h = client.history("h:p", None, Some(2)).await.expect("history");
+    assert_eq!((h["offset"].clone(), h["epoch"].clone()), (json!(8), json!(epoch)));
+    assert_eq!(offsets(&h), [7, 8]);
+    // All retained (5).
+    assert_eq!(
+        offsets(&client.history("h:p", None, None).await.expect("history")),
+        [4, 5, 6, 7, 8]
+    );
+    // Page forward from 4, two at a time.
+    assert_eq!(
+        offsets(&client.history("h:p", Some(pos(4, &epoch)), Some(2)).await.expect("h")),
+        [5, 6]
+    );
+    assert_eq!(
+        offsets(&client.history("h:p", Some(pos(6, &epoch)), Some(2)).await.expect("h")),
+        [7, 8]
+    );
+    // limit 0: only the position.
+    let h = client.history("h:p", None, Some(0)).await.expect("history");
+    assert_eq!(h["publications"], json!([]));
+    assert_eq!(h["offset"], json!(8));
+    // Without history.
+    let h = client.history("plain", None, None).await.expect("history");
+    assert_eq!(h, json!({"publications": []}));
+
+    // The same over HTTP.
+    let (status, _, body) = api
+        .request(
+            "GET",
+            &format!("/api/history?channel=h:p&since_offset=5&since_epoch={epoch}&limit=2"),
+            None,
+        )
+        .await
+        .expect("history");
+    assert_eq!(status, 200);
+    let h: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(offsets(&h), [6, 7]);
+    assert_eq!(h["publications"][0]["data"], json!({"n": 6}));
+    for (query, code) in [
+        ("channel=bad%20name", 400),
+        ("channel=nope:x", 404),
+        ("", 400),
+        ("channel=h:p&since_offset=x&since_epoch=e", 400),
+        ("channel=h:p&since_offset=1", 400),
+        ("channel=h:p&limit=-1", 400),
+    ] {
+        let (status, _, body) =
+            api.request("GET", &format!("/api/history?{query}"), None).await.expect("req");
+        assert_eq!(status, code, "{query}: {}", String::from_utf8_lossy(&body));
+    }
+    // Retained history is visible in the metrics.
+    let (_, _, metrics) = api.request("GET", "/metrics", None).await.expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    assert!(metrics.contains("herald_history_publications 5"), "{metrics}");
+}
