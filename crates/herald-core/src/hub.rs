@@ -112,11 +112,14 @@ impl<'a> Encoded<'a> {
         }
     }
 
-    /// Queues the publication to `sink`; returns the bytes to add to the node backlog.
-    fn push(&mut self, sink: &Sink) -> Result<usize, PushError> {
-        match sink {
-            Sink::Ws(o) => o.push_shared(self.ws()),
-            Sink::Sse(o) => o.push_shared(self.sse()),
+    /// Queues the publication to `sink` (replacing the pending one of the channel where it
+    /// is conflated); returns the bytes to add to the node backlog.
+    fn push(&mut self, sink: &Sink, conflate: bool) -> Result<isize, PushError> {
+        match (sink, conflate) {
+            (Sink::Ws(o), false) => o.push_shared(self.ws()).map(|n| n as isize),
+            (Sink::Sse(o), false) => o.push_shared(self.sse()).map(|n| n as isize),
+            (Sink::Ws(o), true) => o.push_conflated(self.channel, self.ws()),
+            (Sink::Sse(o), true) => o.push_conflated(self.channel, self.sse()),
         }
     }
 }
@@ -140,6 +143,8 @@ struct Pending {
 struct ChannelEntry {
     live: Vec<Subscriber>,
     pending: Vec<Pending>,
+    /// Slow subscribers keep only the newest pending publication (namespace `conflate`).
+    conflate: bool,
 }
 
 impl ChannelEntry {
@@ -186,9 +191,16 @@ impl Hub {
     /// Registers connection `id` as a pending subscriber of `channel`: publications are buffered
     /// for it until [`Hub::activate`]. Returns true when it is the channel's first local
     /// subscriber (the caller then subscribes the node at the broker).
-    pub fn subscribe_pending(&self, channel: &ChannelName, id: u64, sink: Sink) -> bool {
+    pub fn subscribe_pending(
+        &self,
+        channel: &ChannelName,
+        id: u64,
+        sink: Sink,
+        conflate: bool,
+    ) -> bool {
         let mut channels = self.shard(channel).lock();
         let entry = channels.entry(channel.clone()).or_default();
+        entry.conflate = conflate;
         let first = entry.len() == 0;
         if first {
             self.metrics.channels.fetch_add(1, Ordering::Relaxed);
@@ -218,6 +230,7 @@ impl Hub {
         let pending = entry.pending.swap_remove(i);
         prelude(&pending.sink)?;
         let mut backlog = 0;
+        let conflate = entry.conflate;
         for publication in &pending.buffered {
             let newer = match (after, publication.offset) {
                 (Some(pos), Some(offset)) => {
@@ -226,7 +239,7 @@ impl Hub {
                 _ => true,
             };
             if newer {
-                backlog += Encoded::new(channel, publication).push(&pending.sink)?;
+                backlog += Encoded::new(channel, publication).push(&pending.sink, conflate)?;
                 self.metrics.deliveries_out.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -283,7 +296,7 @@ impl BrokerHandler for Hub {
         let mut backlog = 0;
         for sub in &entry.live {
             // A refused push marks the queue overflowed; its writer disconnects with 4008.
-            if let Ok(counted) = encoded.push(&sub.sink) {
+            if let Ok(counted) = encoded.push(&sub.sink, entry.conflate) {
                 backlog += counted;
             }
         }
@@ -322,10 +335,10 @@ mod tests {
     fn fan_out_shares_one_buffer() {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
-        let a = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
-        let b = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
-        assert!(hub.subscribe_pending(&c, 1, Sink::Ws(a.clone())));
-        assert!(!hub.subscribe_pending(&c, 2, Sink::Ws(b.clone())));
+        let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
+        let b = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
+        assert!(hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false));
+        assert!(!hub.subscribe_pending(&c, 2, Sink::Ws(b.clone()), false));
         hub.activate(&c, 1, None, |_| a.push(Bytes::from_static(b"r1"))).unwrap();
         hub.activate(&c, 2, None, |_| b.push(Bytes::from_static(b"r2"))).unwrap();
         hub.handle_publication(&c, &publication(None, "1"));
@@ -342,8 +355,8 @@ mod tests {
     fn pending_subscriber_gets_reply_then_newer_publications_only() {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
-        let a = Arc::new(Outbox::new(1 << 20, Arc::new(Metrics::default())));
-        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()));
+        let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false);
         hub.handle_publication(&c, &publication(Some(5), "5"));
         hub.handle_publication(&c, &publication(Some(6), "6"));
         let pos = StreamPosition { offset: 5, epoch: "e".into() };

@@ -4,6 +4,66 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use herald_protocol::{CloseCode, ErrorCode};
 
+/// A limit that refused something, for `herald_limit_hits_total{kind=...}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// `limits.max_connections`.
+    Connections = 0,
+    /// `limits.max_connections_per_user`.
+    ConnectionsPerUser,
+    /// `limits.max_connections_per_ip`.
+    ConnectionsPerIp,
+    /// `limits.max_subscriptions_per_connection`.
+    Subscriptions,
+    /// `limits.command_rate` / `command_burst`.
+    CommandRate,
+    /// `limits.max_message_bytes`.
+    MessageSize,
+    /// `limits.max_publication_bytes`.
+    PublicationSize,
+    /// `limits.max_body_bytes`.
+    BodySize,
+    /// `limits.max_batch_publications`.
+    BatchSize,
+    /// `limits.max_queue_bytes` / `max_queue_messages` (slow consumer).
+    Queue,
+}
+
+impl LimitKind {
+    /// Every kind, in index order.
+    pub const ALL: [LimitKind; 10] = [
+        LimitKind::Connections,
+        LimitKind::ConnectionsPerUser,
+        LimitKind::ConnectionsPerIp,
+        LimitKind::Subscriptions,
+        LimitKind::CommandRate,
+        LimitKind::MessageSize,
+        LimitKind::PublicationSize,
+        LimitKind::BodySize,
+        LimitKind::BatchSize,
+        LimitKind::Queue,
+    ];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitKind::Connections => "connections",
+            LimitKind::ConnectionsPerUser => "connections_per_user",
+            LimitKind::ConnectionsPerIp => "connections_per_ip",
+            LimitKind::Subscriptions => "subscriptions",
+            LimitKind::CommandRate => "command_rate",
+            LimitKind::MessageSize => "message_size",
+            LimitKind::PublicationSize => "publication_size",
+            LimitKind::BodySize => "body_size",
+            LimitKind::BatchSize => "batch_size",
+            LimitKind::Queue => "queue",
+        }
+    }
+}
+
+/// Upper bounds of the queue-depth histogram buckets (messages taken by one writer flush).
+pub const QUEUE_DEPTH_BUCKETS: [u64; 10] = [1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384];
+
 /// Counters and gauges of one node. Every field is updated with relaxed atomics; the publish
 /// path adds once per publication, not once per delivery.
 #[derive(Debug, Default)]
@@ -31,6 +91,14 @@ pub struct Metrics {
     pub errors: [AtomicU64; 9],
     /// Server-initiated disconnects, by close code (index of [`CloseCode::ALL`]).
     pub disconnects: [AtomicU64; 9],
+    /// Limit hits, by kind (index of [`LimitKind::ALL`]).
+    pub limit_hits: [AtomicU64; 10],
+    /// Pending publications replaced by a newer one on conflated channels.
+    pub conflated_drops: AtomicU64,
+    /// Writer flushes by messages taken at once (cumulative buckets are computed at render).
+    pub queue_depth: [AtomicU64; 11],
+    /// Sum of messages taken by writer flushes.
+    pub queue_depth_sum: AtomicU64,
 }
 
 impl Metrics {
@@ -42,6 +110,20 @@ impl Metrics {
     /// Counts one disconnect with `code`.
     pub fn disconnect(&self, code: CloseCode) {
         self.disconnects[code.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one hit of a limit.
+    pub fn limit(&self, kind: LimitKind) {
+        self.limit_hits[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one writer flush that took `messages` messages from its queue.
+    pub fn observe_queue_depth(&self, messages: usize) {
+        let m = messages as u64;
+        let i =
+            QUEUE_DEPTH_BUCKETS.iter().position(|b| m <= *b).unwrap_or(QUEUE_DEPTH_BUCKETS.len());
+        self.queue_depth[i].fetch_add(1, Ordering::Relaxed);
+        self.queue_depth_sum.fetch_add(m, Ordering::Relaxed);
     }
 
     /// Renders every metric in the Prometheus text exposition format.
@@ -111,6 +193,29 @@ impl Metrics {
                 c(&self.disconnects[code.index()])
             );
         }
+        let _ = writeln!(out, "# HELP herald_limit_hits_total Requests refused by a limit, by kind.\n# TYPE herald_limit_hits_total counter");
+        for kind in LimitKind::ALL {
+            let _ = writeln!(
+                out,
+                "herald_limit_hits_total{{kind=\"{}\"}} {}",
+                kind.name(),
+                c(&self.limit_hits[kind as usize])
+            );
+        }
+        let _ = writeln!(out, "# HELP herald_conflated_drops_total Pending publications replaced by a newer one on conflated channels.\n# TYPE herald_conflated_drops_total counter\nherald_conflated_drops_total {}", c(&self.conflated_drops));
+        let _ = writeln!(out, "# HELP herald_queue_depth Messages a connection writer found queued per flush.\n# TYPE herald_queue_depth histogram");
+        let mut cumulative = 0;
+        for (i, bound) in QUEUE_DEPTH_BUCKETS.iter().enumerate() {
+            cumulative += c(&self.queue_depth[i]);
+            let _ = writeln!(out, "herald_queue_depth_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += c(&self.queue_depth[QUEUE_DEPTH_BUCKETS.len()]);
+        let _ = writeln!(out, "herald_queue_depth_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "herald_queue_depth_sum {}\nherald_queue_depth_count {cumulative}",
+            c(&self.queue_depth_sum)
+        );
         out
     }
 }

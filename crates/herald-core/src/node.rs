@@ -27,6 +27,22 @@ pub struct Limits {
     pub max_backlog_bytes: usize,
     /// How long a publish waits for the backlog to shrink before failing with 503.
     pub publish_timeout: Duration,
+    /// A connection's pending outbound messages; beyond: 4008.
+    pub max_queue_messages: usize,
+    /// Subscriptions one connection may hold (SSE: channels per stream); beyond: 429.
+    pub max_subscriptions_per_connection: usize,
+    /// Open connections on the node (every transport); beyond: 4029 (SSE: HTTP 429).
+    pub max_connections: usize,
+    /// Open connections of one user; 0 = no limit; beyond: 4029.
+    pub max_connections_per_user: usize,
+    /// Open connections from one IP address; 0 = no limit; beyond: 4029.
+    pub max_connections_per_ip: usize,
+    /// Commands per second one connection may send (sustained); beyond: 429 replies.
+    pub command_rate: u32,
+    /// Commands one connection may send in a burst above the rate.
+    pub command_burst: u32,
+    /// Publications in one `POST /api/batch`; beyond: 413.
+    pub max_batch_publications: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +53,14 @@ impl Default for Limits {
             max_queue_bytes: 1 << 20,
             max_backlog_bytes: 64 << 20,
             publish_timeout: Duration::from_secs(2),
+            max_queue_messages: 16384,
+            max_subscriptions_per_connection: 1024,
+            max_connections: 1_000_000,
+            max_connections_per_user: 0,
+            max_connections_per_ip: 0,
+            command_rate: 1000,
+            command_burst: 2000,
+            max_batch_publications: 10_000,
         }
     }
 }
@@ -127,54 +151,166 @@ pub enum Target {
     User(String),
 }
 
-/// The open connections of a node (any transport), sharded by id.
+/// Why a connection was refused by a connection limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectionLimit {
+    /// `limits.max_connections` on the node.
+    #[error("the node holds its maximum of connections")]
+    Node,
+    /// `limits.max_connections_per_user`.
+    #[error("this user holds its maximum of connections")]
+    User,
+    /// `limits.max_connections_per_ip`.
+    #[error("this address holds its maximum of connections")]
+    Ip,
+}
+
+struct Registered {
+    user: Option<Arc<str>>,
+    ip: Option<std::net::IpAddr>,
+    sink: Sink,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered").field("user", &self.user).field("ip", &self.ip).finish()
+    }
+}
+
+/// The open connections of a node (any transport), sharded by id, with the per-user and per-IP
+/// counts the connection limits need.
 #[derive(Debug)]
 pub struct Registry {
-    shards: Box<[parking_lot::Mutex<std::collections::HashMap<u64, (Option<Arc<str>>, Sink)>>]>,
+    shards: Box<[parking_lot::Mutex<std::collections::HashMap<u64, Registered>>]>,
+    counts: parking_lot::Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    users: std::collections::HashMap<Arc<str>, usize>,
+    ips: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+fn dec<K: std::hash::Hash + Eq>(map: &mut std::collections::HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { shards: (0..16).map(|_| Default::default()).collect() }
+        Registry {
+            shards: (0..16).map(|_| Default::default()).collect(),
+            counts: Default::default(),
+        }
     }
 }
 
 impl Registry {
-    fn shard(
-        &self,
-        id: u64,
-    ) -> &parking_lot::Mutex<std::collections::HashMap<u64, (Option<Arc<str>>, Sink)>> {
+    fn shard(&self, id: u64) -> &parking_lot::Mutex<std::collections::HashMap<u64, Registered>> {
         &self.shards[(id % self.shards.len() as u64) as usize]
     }
 
-    /// Records connection `id` of `user`, reachable through `sink`.
-    pub fn register(&self, id: u64, user: Option<&str>, sink: Sink) {
-        self.shard(id).lock().insert(id, (user.map(Arc::from), sink));
+    /// Records connection `id` of `user` from `ip`, reachable through `sink`, unless a
+    /// connection limit of `limits` refuses it.
+    pub fn register(
+        &self,
+        id: u64,
+        user: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+        sink: Sink,
+        limits: &Limits,
+    ) -> Result<(), ConnectionLimit> {
+        let user: Option<Arc<str>> = user.map(Arc::from);
+        {
+            let mut counts = self.counts.lock();
+            if counts.total >= limits.max_connections {
+                return Err(ConnectionLimit::Node);
+            }
+            if let (Some(u), n) = (&user, limits.max_connections_per_user) {
+                if n > 0 && counts.users.get(u).copied().unwrap_or(0) >= n {
+                    return Err(ConnectionLimit::User);
+                }
+            }
+            if let (Some(ip), n) = (ip, limits.max_connections_per_ip) {
+                if n > 0 && counts.ips.get(&ip).copied().unwrap_or(0) >= n {
+                    return Err(ConnectionLimit::Ip);
+                }
+            }
+            counts.total += 1;
+            if let Some(u) = &user {
+                *counts.users.entry(u.clone()).or_default() += 1;
+            }
+            if let Some(ip) = ip {
+                *counts.ips.entry(ip).or_default() += 1;
+            }
+        }
+        self.shard(id).lock().insert(id, Registered { user, ip, sink });
+        Ok(())
     }
 
-    /// Records that connection `id` (re)authenticated as `user`.
-    pub fn set_user(&self, id: u64, user: &str) {
-        if let Some(entry) = self.shard(id).lock().get_mut(&id) {
-            entry.0 = Some(Arc::from(user));
+    /// Records that connection `id` authenticated as `user`, unless the user's connection
+    /// limit refuses it.
+    pub fn set_user(&self, id: u64, user: &str, limits: &Limits) -> Result<(), ConnectionLimit> {
+        let mut shard = self.shard(id).lock();
+        let Some(entry) = shard.get_mut(&id) else { return Ok(()) };
+        let mut counts = self.counts.lock();
+        let user: Arc<str> = Arc::from(user);
+        if entry.user.as_deref() == Some(&*user) {
+            return Ok(());
         }
+        let n = limits.max_connections_per_user;
+        if n > 0 && counts.users.get(&user).copied().unwrap_or(0) >= n {
+            return Err(ConnectionLimit::User);
+        }
+        if let Some(old) = entry.user.take() {
+            dec(&mut counts.users, &old);
+        }
+        *counts.users.entry(user.clone()).or_default() += 1;
+        entry.user = Some(user);
+        Ok(())
     }
 
     /// Forgets connection `id`.
     pub fn unregister(&self, id: u64) {
-        self.shard(id).lock().remove(&id);
+        let removed = self.shard(id).lock().remove(&id);
+        if let Some(r) = removed {
+            let mut counts = self.counts.lock();
+            counts.total -= 1;
+            if let Some(u) = &r.user {
+                dec(&mut counts.users, u);
+            }
+            if let Some(ip) = &r.ip {
+                dec(&mut counts.ips, ip);
+            }
+        }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.counts.lock().total
+    }
+
+    /// True when no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Asks every targeted connection to close with `code`; returns how many.
     pub fn disconnect(&self, target: &Target, code: herald_protocol::CloseCode) -> usize {
         let mut n = 0;
         for shard in self.shards.iter() {
-            for (user, sink) in shard.lock().values() {
+            for r in shard.lock().values() {
                 let hit = match target {
                     Target::All => true,
-                    Target::User(u) => user.as_deref() == Some(u.as_str()),
+                    Target::User(u) => r.user.as_deref() == Some(u.as_str()),
                 };
                 if hit {
-                    sink.request_close(code);
+                    r.sink.request_close(code);
                     n += 1;
                 }
             }
@@ -256,6 +392,7 @@ impl Node {
     ) -> Result<Option<StreamPosition>, PublishError> {
         let options = self.options(channel)?;
         if data.len() > self.limits.max_publication_bytes {
+            self.metrics.limit(crate::metrics::LimitKind::PublicationSize);
             return Err(PublishError::TooLarge {
                 size: data.len(),
                 limit: self.limits.max_publication_bytes,

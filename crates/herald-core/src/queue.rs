@@ -26,7 +26,8 @@ use herald_protocol::CloseCode;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::metrics::Metrics;
+use crate::metrics::{LimitKind, Metrics};
+use herald_protocol::ChannelName;
 
 /// Something a connection's writer sends: its size counts against the queue's bound.
 pub trait Item: Send + 'static {
@@ -65,6 +66,8 @@ pub enum OutboxState {
 #[derive(Debug)]
 struct Inner<T> {
     frames: VecDeque<T>,
+    /// The newest pending publication of each conflated channel (written after `frames`).
+    conflated: Vec<(ChannelName, T)>,
     /// Bytes queued here plus bytes taken by the writer and not yet written.
     pending_bytes: usize,
     /// Bytes in `frames` (not yet taken by the writer).
@@ -82,15 +85,18 @@ pub struct Outbox<T = Bytes> {
     inner: Mutex<Inner<T>>,
     notify: Notify,
     max_bytes: usize,
+    max_messages: usize,
     metrics: Arc<Metrics>,
 }
 
 impl<T: Item> Outbox<T> {
-    /// An empty queue bounded to `max_bytes` pending bytes, adding to `metrics`' backlog.
-    pub fn new(max_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    /// An empty queue bounded to `max_bytes` pending bytes and `max_messages` queued messages,
+    /// adding to `metrics`' backlog.
+    pub fn new(max_bytes: usize, max_messages: usize, metrics: Arc<Metrics>) -> Self {
         Outbox {
             inner: Mutex::new(Inner {
                 frames: VecDeque::new(),
+                conflated: Vec::new(),
                 pending_bytes: 0,
                 queued_bytes: 0,
                 blocked: false,
@@ -99,6 +105,7 @@ impl<T: Item> Outbox<T> {
             }),
             notify: Notify::new(),
             max_bytes,
+            max_messages,
             metrics,
         }
     }
@@ -164,9 +171,12 @@ impl<T: Item> Outbox<T> {
             OutboxState::Closed => return Err(PushError::Closed),
         }
         let len = frame.wire_len();
-        if inner.pending_bytes > 0 && inner.pending_bytes + len > self.max_bytes {
+        if (inner.pending_bytes > 0 && inner.pending_bytes + len > self.max_bytes)
+            || inner.frames.len() >= self.max_messages
+        {
             inner.state = OutboxState::Overflowed;
             drop(inner);
+            self.metrics.limit(LimitKind::Queue);
             self.notify.notify_one();
             return Err(PushError::Overflow);
         }
@@ -180,6 +190,52 @@ impl<T: Item> Outbox<T> {
             self.notify.notify_one();
         }
         Ok(counted)
+    }
+
+    /// Queues a publication of a conflated channel: it replaces the channel's pending one, if
+    /// any (a slow subscriber gets the newest value, never a backlog and never 4008 for it).
+    /// Returns the bytes the caller must add to the node backlog (may be negative).
+    pub fn push_conflated(&self, channel: &ChannelName, frame: T) -> Result<isize, PushError> {
+        let mut inner = self.inner.lock();
+        match inner.state {
+            OutboxState::Open => {}
+            OutboxState::Overflowed => return Err(PushError::Overflow),
+            OutboxState::Closed => return Err(PushError::Closed),
+        }
+        let len = frame.wire_len();
+        let blocked = inner.blocked;
+        let was_empty = inner.frames.is_empty() && inner.conflated.is_empty();
+        let old = match inner.conflated.iter_mut().find(|(c, _)| c == channel) {
+            Some(slot) => Some(std::mem::replace(&mut slot.1, frame).wire_len()),
+            None => {
+                inner.conflated.push((channel.clone(), frame));
+                None
+            }
+        };
+        let old_len = old.unwrap_or(0);
+        inner.pending_bytes = inner.pending_bytes + len - old_len;
+        inner.queued_bytes = inner.queued_bytes + len - old_len;
+        drop(inner);
+        if old.is_some() {
+            self.metrics.conflated_drops.fetch_add(1, Ordering::Relaxed);
+        } else if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(if blocked { 0 } else { len as isize - old_len as isize })
+    }
+
+    /// Drops the pending publication of a conflated channel (on unsubscribe).
+    pub fn drop_conflated(&self, channel: &ChannelName) {
+        let mut inner = self.inner.lock();
+        if let Some(i) = inner.conflated.iter().position(|(c, _)| c == channel) {
+            let (_, frame) = inner.conflated.swap_remove(i);
+            let len = frame.wire_len();
+            inner.pending_bytes -= len;
+            inner.queued_bytes -= len;
+            let counted = if inner.blocked { 0 } else { len };
+            drop(inner);
+            self.sub_backlog(counted);
+        }
     }
 
     /// Adds fan-out bytes returned by [`Outbox::push_shared`] to the node backlog.
@@ -226,16 +282,24 @@ impl<T: Item> Outbox<T> {
     /// Moves every queued frame to the back of `into` and returns the queue's state.
     pub fn take(&self, into: &mut VecDeque<T>) -> OutboxState {
         let mut inner = self.inner.lock();
+        let before = into.len();
         if into.is_empty() {
             std::mem::swap(&mut inner.frames, into);
         } else {
             into.extend(inner.frames.drain(..));
         }
+        if !inner.conflated.is_empty() {
+            into.extend(inner.conflated.drain(..).map(|(_, frame)| frame));
+        }
+        let taken_messages = into.len() - before;
         let taken = std::mem::take(&mut inner.queued_bytes);
         let counted = if inner.blocked { 0 } else { taken };
         let state = inner.state;
         drop(inner);
         self.sub_backlog(counted);
+        if taken_messages > 0 {
+            self.metrics.observe_queue_depth(taken_messages);
+        }
         state
     }
 
@@ -245,6 +309,7 @@ impl<T: Item> Outbox<T> {
         let mut inner = self.inner.lock();
         let dropped = std::mem::take(&mut inner.queued_bytes);
         inner.frames = VecDeque::new();
+        inner.conflated = Vec::new();
         inner.pending_bytes -= dropped;
         let counted = if inner.blocked { 0 } else { dropped };
         drop(inner);
@@ -269,6 +334,7 @@ impl<T: Item> Outbox<T> {
         let mut inner = self.inner.lock();
         inner.state = OutboxState::Closed;
         inner.frames = VecDeque::new();
+        inner.conflated = Vec::new();
         let queued = std::mem::take(&mut inner.queued_bytes);
         inner.pending_bytes -= queued;
         let counted = if inner.blocked { 0 } else { queued };
@@ -328,7 +394,7 @@ mod tests {
 
     #[test]
     fn bounded_in_bytes_and_overflow_is_sticky() {
-        let q = Outbox::new(10, Arc::new(Metrics::default()));
+        let q = Outbox::new(10, 100, Arc::new(Metrics::default()));
         assert_eq!(q.push(frame(6)), Ok(()));
         assert_eq!(q.push(frame(4)), Ok(()));
         assert_eq!(q.push(frame(1)), Err(PushError::Overflow));
@@ -341,13 +407,13 @@ mod tests {
 
     #[test]
     fn taken_bytes_count_until_written() {
-        let q = Outbox::new(10, Arc::new(Metrics::default()));
+        let q = Outbox::new(10, 100, Arc::new(Metrics::default()));
         q.push(frame(8)).unwrap();
         let mut taken = VecDeque::new();
         q.take(&mut taken);
         assert_eq!(q.pending_bytes(), 8);
         assert_eq!(q.push(frame(3)), Err(PushError::Overflow));
-        let q = Outbox::new(10, Arc::new(Metrics::default()));
+        let q = Outbox::new(10, 100, Arc::new(Metrics::default()));
         q.push(frame(8)).unwrap();
         q.take(&mut taken);
         q.written(8);
@@ -356,7 +422,7 @@ mod tests {
 
     #[test]
     fn final_frames_bypass_the_bound_but_not_close() {
-        let q = Outbox::new(1, Arc::new(Metrics::default()));
+        let q = Outbox::new(1, 100, Arc::new(Metrics::default()));
         q.push_final(frame(5));
         assert_eq!(q.pending_bytes(), 5);
         q.close();
@@ -369,7 +435,7 @@ mod tests {
 
     #[test]
     fn oversized_frame_fits_an_empty_queue() {
-        let q = Outbox::new(10, Arc::new(Metrics::default()));
+        let q = Outbox::new(10, 100, Arc::new(Metrics::default()));
         assert_eq!(q.push(frame(50)), Ok(()));
         assert_eq!(q.push(frame(1)), Err(PushError::Overflow));
     }
@@ -378,7 +444,7 @@ mod tests {
     fn backlog_counts_only_queues_whose_writer_can_write() {
         let metrics = Arc::new(Metrics::default());
         let backlog = || metrics.backlog_bytes.load(Ordering::Relaxed);
-        let q = Outbox::new(100, metrics.clone());
+        let q = Outbox::new(100, 100, metrics.clone());
         q.push(frame(10)).unwrap();
         assert_eq!(backlog(), 10);
         q.set_blocked(true);
@@ -399,9 +465,48 @@ mod tests {
         assert_eq!(backlog(), 0);
     }
 
+    #[test]
+    fn bounded_in_messages() {
+        let q = Outbox::new(1000, 2, Arc::new(Metrics::default()));
+        q.push(frame(1)).unwrap();
+        q.push(frame(1)).unwrap();
+        assert_eq!(q.push(frame(1)), Err(PushError::Overflow));
+    }
+
+    #[test]
+    fn conflation_keeps_the_newest_per_channel_after_fifo_frames() {
+        let metrics = Arc::new(Metrics::default());
+        let q = Outbox::new(10, 100, metrics.clone());
+        let a = ChannelName::parse("a").unwrap();
+        let b = ChannelName::parse("b").unwrap();
+        q.push(Bytes::from_static(b"reply")).unwrap();
+        let mut delta = 0;
+        for v in [&b"a1"[..], b"a2", b"a3"] {
+            delta += q.push_conflated(&a, Bytes::copy_from_slice(v)).unwrap();
+        }
+        delta += q.push_conflated(&b, Bytes::from_static(b"b1")).unwrap();
+        // Far over the byte bound in total offered, never overflowed.
+        for _ in 0..100 {
+            delta += q.push_conflated(&a, Bytes::from_static(b"a4")).unwrap();
+        }
+        metrics.backlog_bytes.fetch_add(delta as i64, Ordering::Relaxed);
+        assert_eq!(q.state(), OutboxState::Open);
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        let taken: Vec<&[u8]> = taken.iter().map(|f| &f[..]).collect();
+        assert_eq!(taken, [&b"reply"[..], b"a4", b"b1"]);
+        assert_eq!(metrics.conflated_drops.load(Ordering::Relaxed), 102);
+        assert_eq!(metrics.backlog_bytes.load(Ordering::Relaxed), 0);
+        let delta = q.push_conflated(&a, Bytes::from_static(b"a5")).unwrap();
+        metrics.backlog_bytes.fetch_add(delta as i64, Ordering::Relaxed);
+        q.drop_conflated(&a);
+        assert_eq!(q.pending_bytes(), 9, "reply + a4 + b1 taken, not yet written");
+        assert_eq!(metrics.backlog_bytes.load(Ordering::Relaxed), 0);
+    }
+
     #[tokio::test]
     async fn push_into_empty_queue_wakes_the_writer() {
-        let q = Arc::new(Outbox::new(100, Arc::new(Metrics::default())));
+        let q = Arc::new(Outbox::new(100, 100, Arc::new(Metrics::default())));
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.notified().await });
         q.push(frame(1)).unwrap();

@@ -17,6 +17,8 @@ use herald_protocol::{
 };
 
 use crate::hub::Sink;
+use crate::metrics::LimitKind;
+use crate::node::ConnectionLimit;
 use crate::node::Node;
 use crate::options::ChannelOptions;
 use crate::queue::{Outbox, PushError};
@@ -59,6 +61,19 @@ pub struct Session {
     /// Some command was handled (a later `connect` is refused).
     started: bool,
     subscriptions: Vec<ChannelName>,
+    /// Command rate bucket: tokens left, last refill.
+    tokens: f32,
+    refilled: std::time::Instant,
+    /// Commands refused in a row by the rate limit.
+    refused: u32,
+}
+
+fn limit_kind(e: ConnectionLimit) -> LimitKind {
+    match e {
+        ConnectionLimit::Node => LimitKind::Connections,
+        ConnectionLimit::User => LimitKind::ConnectionsPerUser,
+        ConnectionLimit::Ip => LimitKind::ConnectionsPerIp,
+    }
 }
 
 impl Session {
@@ -66,8 +81,53 @@ impl Session {
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, user: Option<String>) -> Self {
         let id = node.next_connection_id();
         let client = format!("{}-{}", node.id, id);
-        node.registry.register(id, user.as_deref(), Sink::Ws(outbox.clone()));
-        Session { node, id, client, outbox, user, started: false, subscriptions: Vec::new() }
+        let tokens = node.limits.command_burst as f32;
+        Session {
+            node,
+            id,
+            client,
+            outbox,
+            user,
+            started: false,
+            subscriptions: Vec::new(),
+            tokens,
+            refilled: std::time::Instant::now(),
+            refused: 0,
+        }
+    }
+
+    /// Registers the connection (from `ip`) with the node, enforcing the connection limits;
+    /// on `Err` the transport closes with 4029.
+    pub fn register(&self, ip: Option<std::net::IpAddr>) -> Result<(), ConnectionLimit> {
+        let node = &self.node;
+        let sink = Sink::Ws(self.outbox.clone());
+        node.registry.register(self.id, self.user.as_deref(), ip, sink, &node.limits).inspect_err(
+            |e| {
+                node.metrics.limit(limit_kind(*e));
+            },
+        )
+    }
+
+    /// Takes one command from the rate bucket: `Ok(true)` to go on, `Ok(false)` to refuse it
+    /// with 429, `Err` (4029) when the client keeps sending while refused.
+    fn take_token(&mut self) -> Result<bool, CloseCode> {
+        let limits = &self.node.limits;
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f32();
+        self.refilled = now;
+        self.tokens =
+            (self.tokens + elapsed * limits.command_rate as f32).min(limits.command_burst as f32);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            return Ok(true);
+        }
+        self.node.metrics.limit(LimitKind::CommandRate);
+        self.refused += 1;
+        if self.refused > limits.command_burst.max(1) {
+            return Err(CloseCode::LimitReached);
+        }
+        Ok(false)
     }
 
     /// The connection's id within the node.
@@ -107,10 +167,19 @@ impl Session {
     pub async fn handle(&mut self, cmd: Command) -> Result<(), CloseCode> {
         let first = !self.started;
         self.started = true;
+        let allowed = self.take_token()?;
         let Some(id) = cmd.id else {
             // Only `pong` comes without id; liveness is tracked by the transport.
             return Ok(());
         };
+        if !allowed {
+            let limits = &self.node.limits;
+            let message = format!(
+                "command rate over {} per second (burst {}): slow down",
+                limits.command_rate, limits.command_burst
+            );
+            return self.reply(id, Reply::Error(ErrorCode::LimitReached, message));
+        }
         let reply = match cmd.kind {
             CommandKind::Pong => return Ok(()),
             CommandKind::Connect { token } => {
@@ -141,7 +210,11 @@ impl Session {
                 let verifier = self.node.auth.verifier.as_ref().ok_or(CloseCode::InvalidToken)?;
                 match verifier.verify(&token) {
                     Ok(user) => {
-                        self.node.registry.set_user(self.id, &user);
+                        let node = &self.node;
+                        if let Err(e) = node.registry.set_user(self.id, &user, &node.limits) {
+                            node.metrics.limit(limit_kind(e));
+                            return Err(CloseCode::LimitReached);
+                        }
                         self.user = Some(user);
                     }
                     Err(e) => {
@@ -203,7 +276,18 @@ impl Session {
             ));
         }
         let publish_options = options.publish_options();
-        if node.hub.subscribe_pending(&channel, self.id, Sink::Ws(self.outbox.clone())) {
+        if self.subscriptions.len() >= node.limits.max_subscriptions_per_connection {
+            node.metrics.limit(LimitKind::Subscriptions);
+            return Err(Reply::Error(
+                ErrorCode::LimitReached,
+                format!(
+                    "this connection holds its maximum of {} subscriptions",
+                    node.limits.max_subscriptions_per_connection
+                ),
+            ));
+        }
+        let conflate = options.conflate;
+        if node.hub.subscribe_pending(&channel, self.id, Sink::Ws(self.outbox.clone()), conflate) {
             if let Err(e) = node.broker.subscribe(&channel).await {
                 self.abandon(&channel).await;
                 return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
@@ -249,6 +333,7 @@ impl Session {
     async fn unsubscribe(&mut self, id: u32, channel: &ChannelName) -> Reply {
         if let Some(i) = self.subscriptions.iter().position(|c| c == channel) {
             self.subscriptions.swap_remove(i);
+            self.outbox.drop_conflated(channel);
             self.node.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
             self.abandon(channel).await;
         }

@@ -118,10 +118,12 @@ async fn require_api_key(State(app): State<App>, req: Request, next: Next) -> Re
 }
 
 /// Reads a body of at most `max` bytes; beyond: 413.
-async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
+async fn read_body(app: &App, body: Body) -> Result<Bytes, ApiError> {
+    let max = app.config.max_body_bytes;
     match http_body_util::Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            app.node.metrics.limit(herald_core::metrics::LimitKind::BodySize);
             Err(ApiError::new(413, format!("request body is larger than {max} bytes")))
         }
         Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
@@ -184,7 +186,7 @@ async fn publish(
     State(app): State<App>,
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let body = read_body(body, app.config.max_body_bytes).await?;
+    let body = read_body(&app, body).await?;
     let p: PublicationIn<'_> = parse_object(&body)?;
     publish_one(&app, &p).await.map(axum::Json)
 }
@@ -193,10 +195,18 @@ async fn batch(
     State(app): State<App>,
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let body = read_body(body, app.config.max_body_bytes).await?;
+    let body = read_body(&app, body).await?;
     let batch: BatchIn<'_> = parse_object(&body)?;
     let publications =
         batch.publications.ok_or_else(|| ApiError::bad_request("`publications` is missing"))?;
+    let max = app.node.limits.max_batch_publications;
+    if publications.len() > max {
+        app.node.metrics.limit(herald_core::metrics::LimitKind::BatchSize);
+        return Err(ApiError::new(
+            413,
+            format!("a batch holds at most {max} publications, this one {}", publications.len()),
+        ));
+    }
     let mut results = Vec::with_capacity(publications.len());
     for p in &publications {
         results.push(match publish_one(&app, p).await {
@@ -293,7 +303,7 @@ async fn disconnect(
     State(app): State<App>,
     body: Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let body = read_body(body, app.config.max_body_bytes).await?;
+    let body = read_body(&app, body).await?;
     let req: DisconnectIn = parse_object(&body)?;
     let target = match (req.user, req.all) {
         (Some(user), false) => herald_core::node::Target::User(user),

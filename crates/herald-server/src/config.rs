@@ -70,6 +70,14 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "max_queue_bytes", int(1024, BYTES_MAX)),
     ("limits", "max_backlog_bytes", int(1 << 16, BYTES_MAX)),
     ("limits", "publish_timeout_ms", int(0, 600_000)),
+    ("limits", "max_queue_messages", int(16, 1 << 30)),
+    ("limits", "max_subscriptions_per_connection", int(1, 1 << 20)),
+    ("limits", "max_connections", int(1, 1 << 32)),
+    ("limits", "max_connections_per_user", int(0, 1 << 32)),
+    ("limits", "max_connections_per_ip", int(0, 1 << 32)),
+    ("limits", "command_rate", int(1, 1 << 30)),
+    ("limits", "command_burst", int(1, 1 << 30)),
+    ("limits", "max_batch_publications", int(1, 1 << 24)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
 ];
@@ -447,6 +455,26 @@ impl Config {
             max_backlog_bytes: limit("max_backlog_bytes", defaults.max_backlog_bytes),
             publish_timeout: get_int(t, &["limits", "publish_timeout_ms"])
                 .map_or(defaults.publish_timeout, |v| Duration::from_millis(v as u64)),
+            max_queue_messages: limit("max_queue_messages", defaults.max_queue_messages),
+            max_subscriptions_per_connection: limit(
+                "max_subscriptions_per_connection",
+                defaults.max_subscriptions_per_connection,
+            ),
+            max_connections: limit("max_connections", defaults.max_connections),
+            max_connections_per_user: limit(
+                "max_connections_per_user",
+                defaults.max_connections_per_user,
+            ),
+            max_connections_per_ip: limit(
+                "max_connections_per_ip",
+                defaults.max_connections_per_ip,
+            ),
+            command_rate: limit("command_rate", defaults.command_rate as usize) as u32,
+            command_burst: limit("command_burst", defaults.command_burst as usize) as u32,
+            max_batch_publications: limit(
+                "max_batch_publications",
+                defaults.max_batch_publications,
+            ),
         };
         let max_body_bytes = limit("max_body_bytes", 8 << 20);
         let channel_defaults = channel_options(t, &[CHANNEL_TABLE], &ChannelOptions::default());

@@ -91,7 +91,11 @@ struct SseStream {
 impl SseStream {
     /// Authenticates, validates every channel, subscribes, recovers what `Last-Event-ID` says
     /// was missed, and queues the initial events.
-    async fn open(app: &App, req: SseRequest) -> Result<SseStream, ApiError> {
+    async fn open(
+        app: &App,
+        req: SseRequest,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<SseStream, ApiError> {
         let node = app.node.clone();
         let user = match &req.token {
             Some(token) => {
@@ -126,8 +130,39 @@ impl SseStream {
         }
         let resume = req.last_event_id.as_deref().map(sse::parse_event_id).unwrap_or_default();
 
-        let outbox = Arc::new(Outbox::new(node.limits.max_queue_bytes, node.metrics.clone()));
+        if channels.len() > node.limits.max_subscriptions_per_connection {
+            node.metrics.limit(herald_core::metrics::LimitKind::Subscriptions);
+            return Err(ApiError::new(
+                429,
+                format!(
+                    "a stream may hold at most {} channels",
+                    node.limits.max_subscriptions_per_connection
+                ),
+            ));
+        }
+        let limits = &node.limits;
+        let outbox = Arc::new(Outbox::new(
+            limits.max_queue_bytes,
+            limits.max_queue_messages,
+            node.metrics.clone(),
+        ));
         let id = node.next_connection_id();
+        node.registry
+            .register(id, user.as_deref(), ip, Sink::Sse(outbox.clone()), &node.limits)
+            .map_err(|e| {
+                node.metrics.limit(match e {
+                    herald_core::node::ConnectionLimit::Node => {
+                        herald_core::metrics::LimitKind::Connections
+                    }
+                    herald_core::node::ConnectionLimit::User => {
+                        herald_core::metrics::LimitKind::ConnectionsPerUser
+                    }
+                    herald_core::node::ConnectionLimit::Ip => {
+                        herald_core::metrics::LimitKind::ConnectionsPerIp
+                    }
+                });
+                ApiError::new(429, e.to_string())
+            })?;
         let mut stream = SseStream {
             app: app.clone(),
             id,
@@ -143,7 +178,8 @@ impl SseStream {
         let mut reset = Vec::new();
         for (i, channel) in channels.iter().enumerate() {
             let options = node.options(channel)?.publish_options();
-            if node.hub.subscribe_pending(channel, id, Sink::Sse(outbox.clone())) {
+            let conflate = node.options(channel)?.conflate;
+            if node.hub.subscribe_pending(channel, id, Sink::Sse(outbox.clone()), conflate) {
                 if let Err(e) = node.broker.subscribe(channel).await {
                     stream.abandon_all().await;
                     return Err(ApiError::new(503, e.to_string()));
@@ -218,11 +254,11 @@ impl SseStream {
         // An event with only an id: the browser records the position without an event firing.
         outbox.push_final(stream_event(Vec::new()));
         node.metrics.subscriptions.fetch_add(channels.len() as i64, Ordering::Relaxed);
-        node.registry.register(id, user.as_deref(), Sink::Sse(outbox.clone()));
         Ok(stream)
     }
 
     async fn abandon_all(&self) {
+        self.app.node.registry.unregister(self.id);
         for channel in &self.channels {
             if self.app.node.hub.unsubscribe(channel, self.id) {
                 let _ = self.app.node.broker.unsubscribe(channel).await;
@@ -232,7 +268,6 @@ impl SseStream {
 
     /// Ends every subscription; called once when the stream ends.
     async fn close(&self) {
-        self.app.node.registry.unregister(self.id);
         self.outbox.close();
         self.abandon_all().await;
         self.app
@@ -310,7 +345,7 @@ fn with_cors(mut response: Response) -> Response {
 pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Response {
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let request = SseRequest::parse(req.uri().query(), last);
-    let mut stream = match SseStream::open(&app, request).await {
+    let mut stream = match SseStream::open(&app, request, None).await {
         Ok(s) => s,
         Err(e) => return with_cors(e.into_response()),
     };
@@ -446,7 +481,8 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
     };
     let query = path.split_once('?').map(|(_, q)| q);
     let request = SseRequest::parse(query, last);
-    let mut sse_stream = match SseStream::open(&app, request).await {
+    let ip = stream.peer_addr().ok().map(|a| a.ip());
+    let mut sse_stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
         Err(e) => return write_error(&mut stream, e).await,
     };

@@ -203,7 +203,11 @@ struct Connection {
 impl Connection {
     fn new(app: App, stream: TcpStream) -> Self {
         let limits = &app.node.limits;
-        let outbox = Arc::new(Outbox::new(limits.max_queue_bytes, app.node.metrics.clone()));
+        let outbox = Arc::new(Outbox::new(
+            limits.max_queue_bytes,
+            limits.max_queue_messages,
+            app.node.metrics.clone(),
+        ));
         let decoder = ws::Decoder::new(ws::Role::Server, limits.max_message_bytes);
         Connection {
             app,
@@ -225,6 +229,8 @@ impl Connection {
         let user = auth.as_ref().ok().cloned().flatten();
         let mut session = Session::new(node.clone(), self.outbox.clone(), user);
         tracing::debug!(conn = session.id(), "websocket connected");
+        let ip = self.stream.peer_addr().ok().map(|a| a.ip());
+        let registered = session.register(ip);
 
         let interval = node.ping_interval;
         let ping = tokio::time::sleep(interval);
@@ -233,6 +239,9 @@ impl Connection {
 
         if let Err(code) = auth {
             self.start_close(code);
+        } else if let Err(limit) = registered {
+            tracing::debug!(conn = session.id(), %limit, "connection refused by a limit");
+            self.start_close(CloseCode::LimitReached);
         } else if !prefix.is_empty() {
             if let Err(code) = self.decoder.feed(&prefix, &mut self.messages).map_err(ws_close_code)
             {
@@ -276,7 +285,12 @@ impl Connection {
                     if r.is_err() { break; }
                     match self.read() {
                         ReadResult::Eof => break,
-                        ReadResult::Invalid(code) => self.start_close(code),
+                        ReadResult::Invalid(code) => {
+                            if code == CloseCode::MessageTooBig {
+                                node.metrics.limit(herald_core::metrics::LimitKind::MessageSize);
+                            }
+                            self.start_close(code);
+                        }
                         ReadResult::Empty => {}
                         ReadResult::Data => {
                             self.last_heard = Instant::now();
