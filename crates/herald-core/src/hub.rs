@@ -26,6 +26,10 @@ use crate::queue::{Item, Outbox, PushError};
 
 const SHARDS: usize = 128;
 
+/// Below this many subscribers a lagging channel does not slow its publishers: its lagging
+/// subscribers are slow consumers, cut with 4008 when their queue overflows.
+pub const MIN_SUBSCRIBERS_TO_THROTTLE: usize = 4;
+
 /// Most publications buffered for one pending subscription before it counts as a slow consumer.
 const MAX_PENDING_PUBLICATIONS: usize = 16 * 1024;
 
@@ -64,6 +68,14 @@ impl Sink {
         match self {
             Sink::Ws(o) => o.overflow(),
             Sink::Sse(o) => o.overflow(),
+        }
+    }
+
+    /// True while the subscriber is behind (see [`Outbox::is_lagging`]).
+    pub fn is_lagging(&self) -> bool {
+        match self {
+            Sink::Ws(o) => o.is_lagging(),
+            Sink::Sse(o) => o.is_lagging(),
         }
     }
 
@@ -145,6 +157,8 @@ struct ChannelEntry {
     pending: Vec<Pending>,
     /// Slow subscribers keep only the newest pending publication (namespace `conflate`).
     conflate: bool,
+    /// Live subscribers found lagging by the last broadcast.
+    lagging: usize,
 }
 
 impl ChannelEntry {
@@ -280,6 +294,22 @@ impl Hub {
         out
     }
 
+    /// True when most subscribers of `channel` are behind (at least
+    /// [`MIN_SUBSCRIBERS_TO_THROTTLE`] of them): the readers as a whole cannot keep up, so the
+    /// publisher should wait instead of the subscribers being cut one by one. With `refresh`,
+    /// the subscribers are looked at now; without, the last broadcast's count is used.
+    pub fn is_congested(&self, channel: &ChannelName, refresh: bool) -> bool {
+        let mut channels = self.shard(channel).lock();
+        let Some(entry) = channels.get_mut(channel) else { return false };
+        if entry.conflate || entry.live.len() < MIN_SUBSCRIBERS_TO_THROTTLE {
+            return false;
+        }
+        if refresh {
+            entry.lagging = entry.live.iter().filter(|s| s.sink.is_lagging()).count();
+        }
+        entry.lagging * 2 > entry.live.len()
+    }
+
     /// Local subscribers of `channel`.
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
         self.shard(channel).lock().get(channel).map_or(0, ChannelEntry::len)
@@ -294,12 +324,15 @@ impl BrokerHandler for Hub {
         };
         let mut encoded = Encoded::new(channel, publication);
         let mut backlog = 0;
+        let mut lagging = 0;
         for sub in &entry.live {
             // A refused push marks the queue overflowed; its writer disconnects with 4008.
             if let Ok(counted) = encoded.push(&sub.sink, entry.conflate) {
                 backlog += counted;
             }
+            lagging += usize::from(sub.sink.is_lagging());
         }
+        entry.lagging = lagging;
         self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
         self.metrics.deliveries_out.fetch_add(entry.live.len() as u64, Ordering::Relaxed);
         for pending in &mut entry.pending {

@@ -367,20 +367,26 @@ impl Node {
         self.metrics.backlog_bytes.load(Ordering::Relaxed) > self.limits.max_backlog_bytes as i64
     }
 
-    /// Waits, bounded by `limits.publish_timeout`, while the node is saturated.
-    async fn wait_for_backlog(&self) -> Result<(), PublishError> {
-        if !self.is_saturated() {
+    /// Waits, bounded by `limits.publish_timeout`, while the node is saturated (its own
+    /// backlog is too large) or most subscribers of `channel` are behind. A minority of slow
+    /// subscribers never makes publishers wait: they are cut with 4008.
+    async fn wait_for_capacity(&self, channel: &ChannelName) -> Result<(), PublishError> {
+        if !self.is_saturated() && !self.hub.is_congested(channel, false) {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.limits.publish_timeout;
-        while self.is_saturated() {
+        let mut delay = Duration::from_micros(200);
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(5));
+            if !self.is_saturated() && !self.hub.is_congested(channel, true) {
+                return Ok(());
+            }
             if tokio::time::Instant::now() >= deadline {
                 self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(PublishError::Overloaded);
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Ok(())
     }
 
     /// Publishes `data` (raw JSON text) into `channel`, from any source. Returns the position
@@ -398,7 +404,7 @@ impl Node {
                 limit: self.limits.max_publication_bytes,
             });
         }
-        self.wait_for_backlog().await?;
+        self.wait_for_capacity(channel).await?;
         let position = self.broker.publish(channel, data, &options.publish_options()).await?;
         self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
         Ok(position)

@@ -18,7 +18,7 @@
 //! publishers; it only fills its own bound and is cut with 4008.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -87,6 +87,9 @@ pub struct Outbox<T = Bytes> {
     max_bytes: usize,
     max_messages: usize,
     metrics: Arc<Metrics>,
+    /// Pending more than half of the bound (cleared below a quarter): the subscriber is
+    /// behind. Read without the lock by publishers deciding whether to wait.
+    lagging: AtomicBool,
 }
 
 impl<T: Item> Outbox<T> {
@@ -107,6 +110,26 @@ impl<T: Item> Outbox<T> {
             max_bytes,
             max_messages,
             metrics,
+            lagging: AtomicBool::new(false),
+        }
+    }
+
+    /// True while the subscriber is behind (more than half of its bound pending).
+    pub fn is_lagging(&self) -> bool {
+        self.lagging.load(Ordering::Relaxed)
+    }
+
+    /// Updates the lagging flag after `inner` changed (hysteresis: set above half of the
+    /// bound, cleared below a quarter).
+    fn update_lag(&self, inner: &Inner<T>) {
+        let over =
+            inner.pending_bytes * 2 > self.max_bytes || inner.frames.len() * 2 > self.max_messages;
+        let under =
+            inner.pending_bytes * 4 < self.max_bytes && inner.frames.len() * 4 < self.max_messages;
+        if over {
+            self.lagging.store(true, Ordering::Relaxed);
+        } else if under {
+            self.lagging.store(false, Ordering::Relaxed);
         }
     }
 
@@ -185,6 +208,7 @@ impl<T: Item> Outbox<T> {
         inner.queued_bytes += len;
         inner.frames.push_back(frame);
         let counted = if inner.blocked { 0 } else { len };
+        self.update_lag(&inner);
         drop(inner);
         if was_empty {
             self.notify.notify_one();
@@ -311,6 +335,7 @@ impl<T: Item> Outbox<T> {
         inner.frames = VecDeque::new();
         inner.conflated = Vec::new();
         inner.pending_bytes -= dropped;
+        self.update_lag(&inner);
         let counted = if inner.blocked { 0 } else { dropped };
         drop(inner);
         self.sub_backlog(counted);
@@ -321,6 +346,7 @@ impl<T: Item> Outbox<T> {
     pub fn written(&self, n: usize) {
         let mut inner = self.inner.lock();
         inner.pending_bytes = inner.pending_bytes.saturating_sub(n);
+        self.update_lag(&inner);
     }
 
     /// Returns the writer's frames that were taken but not written to the accounting, e.g. when

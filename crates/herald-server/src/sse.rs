@@ -545,7 +545,8 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
                 if r.is_err() { break; }
                 sse_stream.outbox.set_blocked(false);
             }
-            _ = sse_stream.outbox.notified(), if !blocked => {}
+            // Also while blocked: an overflow or a close request must wake the writer.
+            _ = sse_stream.outbox.notified() => {}
             _ = &mut ping, if open => {
                 sse_stream.outbox.push_final(SseItem { channel: None, offset: None, epoch: None, body: Bytes::from_static(sse::PING) });
                 ping.as_mut().reset(Instant::now() + interval);

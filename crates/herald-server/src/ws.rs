@@ -38,7 +38,7 @@ const READ_CHUNK: usize = 8192;
 /// Most reads per wake-up, so one chatty client cannot starve the others on its thread.
 const MAX_READS_PER_WAKE: usize = 16;
 /// How long a closing connection may take to flush its final frames (except on shutdown).
-const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -304,7 +304,8 @@ impl Connection {
                     if r.is_err() { break; }
                     self.outbox.set_blocked(false);
                 }
-                _ = self.outbox.notified(), if !blocked => {}
+                // Also while blocked: an overflow or a close request must wake the writer.
+                _ = self.outbox.notified() => {}
                 _ = &mut ping, if open => {
                     if self.last_heard.elapsed() > interval * 2 {
                         self.start_close(CloseCode::NoPong);
