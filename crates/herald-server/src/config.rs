@@ -64,6 +64,7 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("", "log_level", Kind::Str),
     ("", "node_id", Kind::Str),
     ("", "shutdown_timeout_secs", int(0, 3600)),
+    ("", "write_coalescing", Kind::Bool),
     ("limits", "max_message_bytes", int(16, BYTES_MAX)),
     ("limits", "max_body_bytes", int(64, BYTES_MAX)),
     ("limits", "max_publication_bytes", int(1, BYTES_MAX)),
@@ -152,6 +153,9 @@ pub struct Config {
     pub node_id: Option<String>,
     /// How long shutdown waits for clients to be told and flushed.
     pub shutdown_timeout: Duration,
+    /// Write every frame queued for a connection in one vectored write (default); `false`
+    /// writes one frame per system call, only to measure what coalescing gains.
+    pub write_coalescing: bool,
     /// Limits.
     pub limits: Limits,
     /// One HTTP request body; beyond: 413.
@@ -499,6 +503,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(
                 get_int(t, &["shutdown_timeout_secs"]).unwrap_or(5) as u64,
             ),
+            write_coalescing: get_bool(t, &["write_coalescing"]).unwrap_or(true),
             limits,
             max_body_bytes,
             auth,

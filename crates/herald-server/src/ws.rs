@@ -433,7 +433,9 @@ impl Connection {
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut count = 0;
-            for (slot, frame) in slices.iter_mut().zip(self.writing.iter()) {
+            // Without coalescing (a benchmark baseline), one frame per write.
+            let limit = if self.app.config.write_coalescing { MAX_IOVECS } else { 1 };
+            for (slot, frame) in slices[..limit].iter_mut().zip(self.writing.iter()) {
                 *slot = IoSlice::new(frame);
                 count += 1;
             }
