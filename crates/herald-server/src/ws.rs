@@ -233,7 +233,8 @@ impl Connection {
         let registered = session.register(ip);
 
         let interval = node.ping_interval;
-        let ping = tokio::time::sleep(interval);
+        let mut next_ping = Instant::now() + interval;
+        let ping = tokio::time::sleep_until(next_ping);
         tokio::pin!(ping);
         let shutdown = self.app.shutdown.clone();
 
@@ -307,14 +308,21 @@ impl Connection {
                 // Also while blocked: an overflow or a close request must wake the writer.
                 _ = self.outbox.notified() => {}
                 _ = &mut ping, if open => {
-                    if self.last_heard.elapsed() > interval * 2 {
+                    // Wakes at the next ping or when the client's silence reaches two
+                    // intervals, whichever comes first.
+                    let now = Instant::now();
+                    let silent_until = self.last_heard + interval * 2;
+                    if now >= silent_until {
                         self.start_close(CloseCode::NoPong);
                     } else {
-                        let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
-                        if self.outbox.push(frame).is_err() {
-                            self.outbox.overflow();
+                        if now >= next_ping {
+                            let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
+                            if self.outbox.push(frame).is_err() {
+                                self.outbox.overflow();
+                            }
+                            next_ping = now + interval;
                         }
-                        ping.as_mut().reset(Instant::now() + interval);
+                        ping.as_mut().reset(next_ping.min(self.last_heard + interval * 2 + Duration::from_millis(1)));
                     }
                 }
                 _ = tokio::time::sleep_until(close_by), if !open => break,
