@@ -1,2 +1,617 @@
-//! Herald's load generator: idle, fanout, spread and ingest scenarios.
-fn main() {}
+//! `herald-bench`: Herald's load generator.
+//!
+//! Scenarios: `idle` (server memory per held connection), `fanout` (one channel, many
+//! subscribers), `spread` (many channels with Zipf popularity), `ingest` (publications accepted
+//! per second over `/api/batch` or WebSocket `publish`). The main process publishes and
+//! coordinates; subscriber connections live in worker processes (this same binary, re-executed
+//! with the hidden `worker` subcommand), at most ~15,000 each by default, so that no process
+//! needs more than its 20,000 open files. Progress goes to stderr once per second; the result
+//! is one JSON line on stdout (and a markdown table with `--markdown`).
+//!
+//! ```text
+//! herald --listen 127.0.0.1:18500 --set namespaces.bench.client_publish=true &
+//! herald-bench fanout --url ws://127.0.0.1:18500/ws --connections 2000 --rate 0 --duration 10
+//! ```
+
+mod conn;
+mod plan;
+mod publish;
+mod report;
+mod sys;
+mod worker;
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+
+use crate::plan::{Layout, Plan, Target};
+use crate::publish::{Chooser, PubConfig, PubCounters};
+use crate::report::Report;
+use crate::worker::{FromWorker, Progress, ToWorker, WorkerResult};
+
+/// Herald's load generator: measures a Herald node (or the reference fan-out server) with
+/// thousands of WebSocket subscribers spread over worker processes.
+#[derive(Parser, Debug)]
+#[command(name = "herald-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// N connections subscribed and held; reports the server's RSS per connection
+    /// (VmRSS before opening them, and 2 s after the last is subscribed).
+    Idle(Args),
+    /// N subscribers on one channel, a publisher at --rate (or as fast as possible):
+    /// deliveries/s, loss, end-to-end latency.
+    Fanout(Args),
+    /// N clients each on --per-client of --channels channels chosen by Zipf(--zipf)
+    /// popularity; publications spread over channels with the same weights.
+    Spread(Args),
+    /// Publications/s accepted through /api/batch (--mode batch) or WebSocket `publish`
+    /// (--mode ws), over --channels channels; with --connections > 0 each channel gets
+    /// connections/channels subscribers and deliveries are counted too.
+    Ingest(Args),
+    /// Internal: one worker process (JSON lines on stdin/stdout).
+    #[command(hide = true)]
+    Worker,
+}
+
+/// How `ingest` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// `POST /api/batch` with --batch publications each, --publishers connections.
+    Batch,
+    /// WebSocket `publish` commands, --batch in flight per connection, --publishers
+    /// connections. The channels' namespace must allow client publish
+    /// (e.g. `--set namespaces.bench.client_publish=true` with the default prefix `bench:`).
+    Ws,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Args {
+    /// Which server: herald (subscribe through the protocol, publish through /api/batch or
+    /// /api/publish) or reference (no protocol: every connection receives every publication;
+    /// publish through POST /publish).
+    #[arg(long, value_enum, default_value = "herald")]
+    target: Target,
+    /// WebSocket URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// HTTP base URL for publishing (default: the host and port of --url).
+    #[arg(long)]
+    http: Option<String>,
+    /// API key sent as `Authorization: Bearer KEY` on /api/* calls.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Subscriber connections (default 1000; ingest: 0).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Channels (default 1; spread: 100). Channel i is named <channel-prefix>i.
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Channels per client in spread (default 3).
+    #[arg(long)]
+    per_client: Option<usize>,
+    /// Zipf exponent of channel popularity in spread (rank k has weight 1/k^s).
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Publications per second over all publishers; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Seconds of measured publishing (idle: seconds the connections are held after the
+    /// memory reading).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of publishing before measurement starts (not timed, still checked for loss).
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Size of each publication's data in bytes (JSON `{"t":..,"s":..,"c":..,"w":..,"p":"xx.."}`).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Publications per HTTP request (batch; 1 = /api/publish), or WebSocket `publish`
+    /// commands in flight per connection (ingest --mode ws). At a fixed --rate, the most sent
+    /// at once when publications are due.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Concurrent publishers (default: 1 at a fixed rate, 2 as fast as possible, 4 for ingest).
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Worker processes holding the connections (default ceil(connections / 15000)).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Source addresses for the connections, used round-robin: a range `127.0.0.1-127.0.0.8`
+    /// or a list `127.0.0.1,127.0.0.2` (default: as many 127.0.0.x as needed for at most
+    /// 20,000 connections per address).
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// The server's process id, for its RSS (default: the process listening on --url's port,
+    /// found through /proc/net/tcp and /proc/*/fd).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// How ingest publishes.
+    #[arg(long, value_enum, default_value = "batch")]
+    mode: Mode,
+    /// Prefix of channel names; its namespace (`bench`) must exist on the server, and allow
+    /// client publish for ingest --mode ws.
+    #[arg(long, default_value = "bench:")]
+    channel_prefix: String,
+    /// Connections each worker opens at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Longest wait, in seconds, for in-flight publications after publishing stops.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// A free text copied into the results (e.g. the build or the machine).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Also print the results as a one-row markdown table (with header).
+    #[arg(long)]
+    markdown: bool,
+    /// Append the JSON line of results to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Which scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Idle,
+    Fanout,
+    Spread,
+    Ingest,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Fanout => "fanout",
+            Scenario::Spread => "spread",
+            Scenario::Ingest => "ingest",
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (scenario, args) = match cli.command {
+        Command::Worker => return worker::run(),
+        Command::Idle(a) => (Scenario::Idle, a),
+        Command::Fanout(a) => (Scenario::Fanout, a),
+        Command::Spread(a) => (Scenario::Spread, a),
+        Command::Ingest(a) => (Scenario::Ingest, a),
+    };
+    sys::raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(coordinate(scenario, args.clone()))?;
+    let line = serde_json::to_string(&report)?;
+    println!("{line}");
+    if args.markdown {
+        print!("{}", report.markdown());
+    }
+    if let Some(path) = &args.out {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(file, "{line}")?;
+    }
+    // Workers are killed on drop; don't wait for the runtime's idle tasks.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+/// Parses `a.b.c.d-a.b.c.e` or `ip,ip,...`.
+fn parse_ips(text: &str) -> anyhow::Result<Vec<IpAddr>> {
+    if let Some((from, to)) = text.split_once('-') {
+        let from: std::net::Ipv4Addr = from.trim().parse().context("--source-ips")?;
+        let to: std::net::Ipv4Addr = to.trim().parse().context("--source-ips")?;
+        let (a, b) = (u32::from(from), u32::from(to));
+        if b < a || b - a > 65536 {
+            bail!("--source-ips: bad range {text}");
+        }
+        return Ok((a..=b).map(|i| IpAddr::V4(i.into())).collect());
+    }
+    text.split(',').map(|s| s.trim().parse().context("--source-ips")).collect()
+}
+
+/// The port of a `ws://host:port/...` URL.
+fn url_port(url: &str) -> Option<u16> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    authority.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).or(Some(80))
+}
+
+/// A worker's messages, or its end.
+enum WorkerEvent {
+    Message(FromWorker),
+    Gone,
+}
+
+/// Ready report of one worker.
+struct Ready {
+    ready: u64,
+    failed: u64,
+    sub_counts: Vec<u64>,
+    first_error: Option<String>,
+}
+
+/// The worker processes and what they said last.
+struct Fleet {
+    stdins: Vec<ChildStdin>,
+    _children: Vec<Child>,
+    rx: mpsc::UnboundedReceiver<(usize, WorkerEvent)>,
+    progress: Vec<Progress>,
+    ready: Vec<Option<Ready>>,
+    results: Vec<Option<WorkerResult>>,
+    gone: Vec<bool>,
+    connections: usize,
+    started: Instant,
+    next_print: Instant,
+    counters: Option<Arc<PubCounters>>,
+    last_delivered: (Instant, u64),
+}
+
+impl Fleet {
+    async fn spawn(plans: Vec<Plan>, connections: usize) -> anyhow::Result<Fleet> {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stdins = Vec::new();
+        let mut children = Vec::new();
+        let n = plans.len();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let mut child = tokio::process::Command::new(&exe)
+                .arg("worker")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {i}"))?;
+            let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("worker stdin"))?;
+            let stdout = child.stdout.take().ok_or_else(|| anyhow!("worker stdout"))?;
+            let mut line = serde_json::to_string(&ToWorker::Plan(Box::new(plan)))?;
+            line.push('\n');
+            stdin.write_all(line.as_bytes()).await?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match serde_json::from_str::<FromWorker>(&line) {
+                        Ok(m) => {
+                            let _ = tx.send((i, WorkerEvent::Message(m)));
+                        }
+                        Err(e) => eprintln!("worker {i}: bad line ({e}): {line}"),
+                    }
+                }
+                let _ = tx.send((i, WorkerEvent::Gone));
+            });
+            stdins.push(stdin);
+            children.push(child);
+        }
+        let now = Instant::now();
+        Ok(Fleet {
+            stdins,
+            _children: children,
+            rx,
+            progress: vec![Progress::default(); n],
+            ready: (0..n).map(|_| None).collect(),
+            results: (0..n).map(|_| None).collect(),
+            gone: vec![false; n],
+            connections,
+            started: now,
+            next_print: now + Duration::from_secs(1),
+            counters: None,
+            last_delivered: (now, 0),
+        })
+    }
+
+    async fn send(&mut self, msg: &ToWorker) -> anyhow::Result<()> {
+        let mut line = serde_json::to_string(msg)?;
+        line.push('\n');
+        for (i, stdin) in self.stdins.iter_mut().enumerate() {
+            if !self.gone[i] {
+                stdin.write_all(line.as_bytes()).await.with_context(|| format!("worker {i}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delivered(&self) -> u64 {
+        self.progress.iter().map(|p| p.delivered).sum()
+    }
+
+    fn all_ready(&self) -> bool {
+        self.ready.iter().all(Option::is_some)
+    }
+
+    fn all_results(&self) -> bool {
+        self.results.iter().all(Option::is_some)
+    }
+
+    /// Handles worker messages until `until`, printing the progress line every second.
+    async fn step(&mut self, until: Instant) -> anyhow::Result<()> {
+        loop {
+            let now = Instant::now();
+            if now >= self.next_print {
+                self.print_progress();
+            }
+            let wake = until.min(self.next_print);
+            if now >= until {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(wake.into(), self.rx.recv()).await {
+                Err(_) => {}
+                // No worker at all (ingest without subscribers): just keep time.
+                Ok(None) => tokio::time::sleep_until(wake.into()).await,
+                Ok(Some((i, WorkerEvent::Gone))) => {
+                    self.gone[i] = true;
+                    if self.results[i].is_none() {
+                        bail!("worker {i} ended unexpectedly (see its messages above)");
+                    }
+                }
+                Ok(Some((i, WorkerEvent::Message(m)))) => {
+                    match m {
+                        FromWorker::Progress(p) => self.progress[i] = p,
+                        FromWorker::Ready { ready, failed, sub_counts, first_error } => {
+                            self.ready[i] = Some(Ready { ready, failed, sub_counts, first_error })
+                        }
+                        FromWorker::Result(r) => self.results[i] = Some(*r),
+                    }
+                    // Return as soon as something a caller waits for may have happened.
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn print_progress(&mut self) {
+        let now = Instant::now();
+        self.next_print = now + Duration::from_secs(1);
+        let ready: u64 = self.progress.iter().map(|p| p.ready).sum();
+        let failed: u64 = self.progress.iter().map(|p| p.failed).sum();
+        let closed: u64 = self.progress.iter().map(|p| p.closed).sum();
+        let delivered = self.delivered();
+        let (then, before) = self.last_delivered;
+        let rate = (delivered - before.min(delivered)) as f64
+            / now.duration_since(then).as_secs_f64().max(1e-3);
+        self.last_delivered = (now, delivered);
+        let mut line = format!(
+            "[{:6.1}s] connections {ready}/{} (failed {failed}, closed {closed})",
+            self.started.elapsed().as_secs_f64(),
+            self.connections
+        );
+        if let Some(c) = &self.counters {
+            line.push_str(&format!(
+                "  published {}  503s {}",
+                c.published.load(Ordering::Relaxed),
+                c.status_503.load(Ordering::Relaxed)
+            ));
+        }
+        line.push_str(&format!("  delivered {delivered} ({})", report::human_rate(rate)));
+        eprintln!("{line}");
+    }
+}
+
+async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
+    let connections =
+        args.connections.unwrap_or(if scenario == Scenario::Ingest { 0 } else { 1000 });
+    let channels =
+        args.channels.unwrap_or(if scenario == Scenario::Spread { 100 } else { 1 }).max(1);
+    let per_client =
+        args.per_client.unwrap_or(if scenario == Scenario::Spread { 3 } else { 1 }).max(1);
+    if args.target == Target::Reference && matches!(scenario, Scenario::Spread) {
+        bail!("the reference server has no channels: spread needs --target herald");
+    }
+    if args.target == Target::Reference && scenario == Scenario::Ingest && args.mode == Mode::Ws {
+        bail!("the reference server reads no commands: ingest --mode ws needs --target herald");
+    }
+    if scenario == Scenario::Idle && connections == 0 {
+        bail!("idle needs --connections > 0");
+    }
+    let ws_port = url_port(&args.url).ok_or_else(|| anyhow!("--url: no port"))?;
+    let http = match &args.http {
+        Some(h) => h.clone(),
+        None => {
+            let rest = args.url.split_once("://").map_or(args.url.as_str(), |(_, r)| r);
+            format!("http://{}", rest.split('/').next().unwrap_or("127.0.0.1:8080"))
+        }
+    };
+    let server_pid = args.server_pid.or_else(|| sys::find_listener(ws_port));
+    if scenario == Scenario::Idle && server_pid.is_none() {
+        bail!("cannot find the process listening on port {ws_port}: pass --server-pid");
+    }
+    let workers = match args.workers {
+        Some(w) => w.max(1).min(connections.max(1)),
+        None => connections.div_ceil(15_000),
+    };
+    let workers = if connections == 0 { 0 } else { workers.max(1) };
+    let source_ips = match &args.source_ips {
+        Some(text) => parse_ips(text)?,
+        None => {
+            let n = connections.div_ceil(20_000).max(1) as u32;
+            (1..=n).map(|i| IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i as u8))).collect()
+        }
+    };
+    let layout = match (args.target, scenario) {
+        (Target::Reference, _) => Layout::One,
+        (_, Scenario::Idle | Scenario::Ingest) => Layout::RoundRobin,
+        (_, Scenario::Fanout) => Layout::One,
+        (_, Scenario::Spread) => Layout::Zipf,
+    };
+    let template = Plan {
+        worker: 0,
+        first: 0,
+        count: 0,
+        url: args.url.clone(),
+        target: args.target,
+        source_ips,
+        layout,
+        channels,
+        per_client,
+        zipf: args.zipf,
+        channel_prefix: args.channel_prefix.clone(),
+        connect_concurrency: args.connect_concurrency,
+    };
+    let plans: Vec<Plan> = (0..workers)
+        .map(|w| {
+            let first = connections * w / workers;
+            let next = connections * (w + 1) / workers;
+            Plan { worker: w, first, count: next - first, ..template.clone() }
+        })
+        .collect();
+
+    let rss_before = server_pid.and_then(sys::rss_bytes);
+    eprintln!(
+        "herald-bench {}: target {} {}, {connections} connections in {workers} worker(s), server pid {}",
+        scenario.name(),
+        args.target.name(),
+        args.url,
+        server_pid.map_or("unknown".into(), |p| p.to_string())
+    );
+    let mut fleet = Fleet::spawn(plans, connections).await?;
+    while !fleet.all_ready() {
+        fleet.step(Instant::now() + Duration::from_secs(3600)).await?;
+    }
+    let mut sub_counts = vec![0u64; channels];
+    let (mut ready, mut failed, mut first_error) = (0, 0, None);
+    for r in fleet.ready.iter().flatten() {
+        ready += r.ready;
+        failed += r.failed;
+        for (c, n) in r.sub_counts.iter().enumerate() {
+            if c < channels {
+                sub_counts[c] += n;
+            }
+        }
+        if first_error.is_none() {
+            first_error.clone_from(&r.first_error);
+        }
+    }
+    eprintln!(
+        "[{:6.1}s] {ready} connections ready, {failed} failed{}",
+        fleet.started.elapsed().as_secs_f64(),
+        first_error.as_ref().map_or(String::new(), |e| format!(" (first error: {e})"))
+    );
+    if args.target == Target::Reference {
+        sub_counts = vec![ready];
+    }
+
+    let mut report = Report::new(scenario.name(), args.target.name(), &args.label);
+    report.connections = connections as u64;
+    report.connections_ready = ready;
+    report.connect_failures = failed;
+    report.first_error = first_error;
+    report.channels = channels as u64;
+    report.per_client = per_client as u64;
+    report.payload = args.payload as u64;
+    report.workers = workers as u64;
+    report.server_pid = server_pid;
+    report.server_rss_before = rss_before;
+
+    let counters = Arc::new(PubCounters::default());
+    let mut measured_secs = args.duration;
+    let mut measure_start = 0;
+    if scenario == Scenario::Idle {
+        let settle_end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < settle_end {
+            fleet.step(settle_end).await?;
+        }
+        report.server_rss_after = server_pid.and_then(sys::rss_bytes);
+        let hold_end = Instant::now() + Duration::from_secs_f64(args.duration);
+        while Instant::now() < hold_end {
+            fleet.step(hold_end).await?;
+        }
+    } else {
+        let publishers = args.publishers.unwrap_or(match (scenario, args.rate > 0.0) {
+            (_, true) => 1,
+            (Scenario::Ingest, false) => 4,
+            (_, false) => 2,
+        });
+        let publishers = publishers.max(1);
+        let now = Instant::now();
+        measure_start = plan::unix_nanos() + (args.warmup * 1e9) as u64;
+        fleet.send(&ToWorker::Measure { start_ns: measure_start }).await?;
+        let end = now + Duration::from_secs_f64(args.warmup + args.duration);
+        let chooser = match (args.target, scenario) {
+            (Target::Reference, _) | (_, Scenario::Fanout) => Chooser::One,
+            (_, Scenario::Spread) => Chooser::Zipf(plan::Zipf::new(channels, args.zipf)),
+            _ => Chooser::RoundRobin(channels),
+        };
+        let cfg = Arc::new(PubConfig {
+            target: args.target,
+            http: http.clone(),
+            ws_url: args.url.clone(),
+            api_key: args.api_key.clone(),
+            prefix: args.channel_prefix.clone(),
+            payload: args.payload,
+            batch: args.batch.max(1),
+            rate: args.rate / publishers as f64,
+            chooser,
+            channels,
+            sub_counts: sub_counts.clone(),
+            measure_start,
+            end,
+        });
+        fleet.counters = Some(Arc::clone(&counters));
+        let mut tasks = Vec::new();
+        for w in 0..publishers {
+            let (cfg, counters) = (Arc::clone(&cfg), Arc::clone(&counters));
+            tasks.push(if scenario == Scenario::Ingest && args.mode == Mode::Ws {
+                tokio::spawn(publish::ws_publisher(w as u32, cfg, counters))
+            } else {
+                tokio::spawn(publish::http_publisher(w as u32, cfg, counters))
+            });
+        }
+        while !tasks.iter().all(|t| t.is_finished()) {
+            fleet.step(Instant::now() + Duration::from_millis(100)).await?;
+        }
+        // Measured publications are those stamped within the window of --duration seconds.
+        measured_secs = args.duration.max(1e-3);
+        // Drain: wait for in-flight publications, while deliveries still progress.
+        let expected = counters.expected.load(Ordering::Relaxed);
+        let drain_end = Instant::now() + Duration::from_secs_f64(args.drain);
+        let mut last = (Instant::now(), fleet.delivered());
+        while fleet.delivered() < expected && Instant::now() < drain_end && workers > 0 {
+            fleet.step(Instant::now() + Duration::from_millis(50)).await?;
+            let d = fleet.delivered();
+            if d != last.1 {
+                last = (Instant::now(), d);
+            } else if last.0.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        }
+        report.server_rss_after = server_pid.and_then(sys::rss_bytes);
+    }
+
+    fleet.send(&ToWorker::Stop).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fleet.all_results() {
+        if Instant::now() > deadline {
+            bail!("workers did not report their results within 30 s");
+        }
+        fleet.step(deadline).await?;
+    }
+    let results: Vec<WorkerResult> = fleet.results.iter_mut().filter_map(Option::take).collect();
+    report.fill(&args_summary(&args), &counters, &results, measured_secs, measure_start)?;
+    if let Some(e) = counters.first_error.lock().ok().and_then(|e| e.clone()) {
+        report.publish_first_error = Some(e);
+    }
+    Ok(report)
+}
+
+/// The offered rate and duration, as the report states them.
+fn args_summary(args: &Args) -> report::Offered {
+    report::Offered { rate: args.rate, duration: args.duration, warmup: args.warmup }
+}

@@ -1,0 +1,368 @@
+//! A lean WebSocket client for measuring: the upgrade written by hand, a frame reader that
+//! parses server frames in place (no copy, no allocation per message), and the few scans the
+//! bench needs on each `herald.json` line (no JSON parse of publications).
+//!
+//! `herald-client`'s [`herald_client::Client`] decodes every publication into a
+//! `serde_json::Value` and hands it through a channel to another task: correct and convenient,
+//! but at a few hundred thousand messages per second per core that costs more than the server
+//! being measured. Subscribers here count and time publications in the task that reads them.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{anyhow, bail, Context as _};
+use herald_protocol::ws::{encode_frame, Opcode, Role};
+use memchr::memmem;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Largest frame accepted from the server.
+const MAX_FRAME: usize = 64 << 20;
+
+/// A parsed `ws://host:port/path?query`.
+#[derive(Debug, Clone)]
+pub(crate) struct WsUrl {
+    /// Where to connect.
+    pub(crate) addr: SocketAddr,
+    /// `Host` header value.
+    pub(crate) authority: String,
+    /// Path and query.
+    pub(crate) target: String,
+}
+
+impl WsUrl {
+    pub(crate) fn parse(url: &str) -> anyhow::Result<WsUrl> {
+        let rest = url
+            .strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| anyhow!("{url}: only ws:// (or http://) URLs are supported"))?;
+        let (authority, target) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let with_port =
+            if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
+            .with_context(|| format!("resolving {with_port}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{with_port}: no address"))?;
+        Ok(WsUrl { addr, authority: authority.to_owned(), target: target.to_owned() })
+    }
+}
+
+/// Opens a TCP connection from `local` (port chosen by the system) and performs the upgrade,
+/// offering `herald.json`. Returns the stream and any bytes read past the response head.
+pub(crate) async fn open(
+    url: &WsUrl,
+    local: Option<IpAddr>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let socket = if url.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // Close with a reset: the bench's sockets leave no TIME_WAIT behind, which would otherwise
+    // exhaust the ports of a bound source address over successive runs (and slow connecting
+    // down to a few hundred per second long before).
+    #[allow(deprecated)] // a zero linger never blocks: it resets at once
+    socket.set_linger(Some(std::time::Duration::ZERO))?;
+    if let Some(ip) = local {
+        // Ports of earlier runs' connections linger in TIME_WAIT; without this, binding a
+        // source address runs out of ports that `connect` alone would reuse.
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("binding {ip}"))?;
+    }
+    let mut stream =
+        socket.connect(url.addr).await.with_context(|| format!("connecting {}", url.addr))?;
+    stream.set_nodelay(true)?;
+    let key = herald_protocol::ws::client_key();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: herald.json\r\n\r\n",
+        url.target, url.authority
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let end = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("server closed during the upgrade");
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(i) = memmem::find(&head, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() > 16 * 1024 {
+            bail!("upgrade response head too long");
+        }
+    };
+    let status_line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    if !status_line.starts_with(b"HTTP/1.1 101") {
+        bail!("upgrade refused: {}", String::from_utf8_lossy(status_line).trim());
+    }
+    let early = head[end..].to_vec();
+    Ok((stream, early))
+}
+
+/// One masked client text frame.
+pub(crate) fn text_frame(payload: &[u8]) -> bytes::Bytes {
+    encode_frame(Role::Client, Opcode::Text, payload)
+}
+
+/// Incremental reader of server frames: complete frames are handed out as slices of the input;
+/// only an incomplete trailing frame (and a fragmented message) is copied.
+#[derive(Debug, Default)]
+pub(crate) struct FrameReader {
+    partial: Vec<u8>,
+    /// A fragmented message being reassembled: its opcode and bytes so far.
+    fragmented: Option<(u8, Vec<u8>)>,
+}
+
+/// A frame header: (header length, payload length, opcode, fin, mask).
+type Header = (usize, usize, u8, bool, Option<[u8; 4]>);
+
+fn parse_header(data: &[u8]) -> anyhow::Result<Option<Header>> {
+    let (b0, b1) = match data {
+        [b0, b1, ..] => (*b0, *b1),
+        _ => return Ok(None),
+    };
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0f;
+    let masked = b1 & 0x80 != 0;
+    let (mut hlen, len) = match b1 & 0x7f {
+        126 => {
+            if data.len() < 4 {
+                return Ok(None);
+            }
+            (4, u16::from_be_bytes([data[2], data[3]]) as u64)
+        }
+        127 => {
+            if data.len() < 10 {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&data[2..10]);
+            (10, u64::from_be_bytes(b))
+        }
+        n => (2, n as u64),
+    };
+    if len > MAX_FRAME as u64 {
+        bail!("frame of {len} bytes from the server");
+    }
+    let mask = if masked {
+        if data.len() < hlen + 4 {
+            return Ok(None);
+        }
+        let m = [data[hlen], data[hlen + 1], data[hlen + 2], data[hlen + 3]];
+        hlen += 4;
+        Some(m)
+    } else {
+        None
+    };
+    Ok(Some((hlen, len as usize, opcode, fin, mask)))
+}
+
+impl FrameReader {
+    /// Feeds bytes read from the socket; calls `on_message(opcode, payload)` for every complete
+    /// message (fragments reassembled).
+    pub(crate) fn feed(
+        &mut self,
+        mut input: &[u8],
+        on_message: &mut impl FnMut(u8, &[u8]),
+    ) -> anyhow::Result<()> {
+        while !self.partial.is_empty() {
+            match parse_header(&self.partial)? {
+                Some((hlen, plen, op, fin, mask)) => {
+                    let total = hlen + plen;
+                    if self.partial.len() < total {
+                        let take = (total - self.partial.len()).min(input.len());
+                        self.partial.extend_from_slice(&input[..take]);
+                        input = &input[take..];
+                        if self.partial.len() < total {
+                            return Ok(());
+                        }
+                    }
+                    let mut frame = std::mem::take(&mut self.partial);
+                    if frame.len() > total {
+                        self.partial.extend_from_slice(&frame[total..]);
+                    }
+                    let payload = &mut frame[hlen..total];
+                    if let Some(m) = mask {
+                        herald_protocol::ws::apply_mask(payload, m);
+                    }
+                    Self::frame(&mut self.fragmented, op, fin, payload, on_message)?;
+                }
+                None => {
+                    if input.is_empty() {
+                        return Ok(());
+                    }
+                    let take = input.len().min(14);
+                    self.partial.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                }
+            }
+        }
+        while !input.is_empty() {
+            match parse_header(input)? {
+                Some((hlen, plen, op, fin, None)) if input.len() >= hlen + plen => {
+                    Self::frame(
+                        &mut self.fragmented,
+                        op,
+                        fin,
+                        &input[hlen..hlen + plen],
+                        on_message,
+                    )?;
+                    input = &input[hlen + plen..];
+                }
+                _ => {
+                    self.partial.extend_from_slice(input);
+                    // A masked complete frame (servers do not mask) goes the slow way.
+                    if let Some((hlen, plen, _, _, Some(_))) = parse_header(input)? {
+                        if input.len() >= hlen + plen {
+                            return self.feed(&[], on_message);
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn frame(
+        fragmented: &mut Option<(u8, Vec<u8>)>,
+        op: u8,
+        fin: bool,
+        payload: &[u8],
+        on_message: &mut impl FnMut(u8, &[u8]),
+    ) -> anyhow::Result<()> {
+        match (op, fin) {
+            (0, _) => {
+                let Some((_, buf)) = fragmented.as_mut() else {
+                    bail!("continuation without a start")
+                };
+                buf.extend_from_slice(payload);
+                if buf.len() > MAX_FRAME {
+                    bail!("fragmented message too long");
+                }
+                if fin {
+                    if let Some((op, buf)) = fragmented.take() {
+                        on_message(op, &buf);
+                    }
+                }
+            }
+            (1 | 2, false) => *fragmented = Some((op, payload.to_vec())),
+            _ => on_message(op, payload),
+        }
+        Ok(())
+    }
+}
+
+/// Precomputed searches over `herald.json` lines.
+#[derive(Debug)]
+pub(crate) struct Scanner {
+    t: memmem::Finder<'static>,
+    s: memmem::Finder<'static>,
+    c: memmem::Finder<'static>,
+    w: memmem::Finder<'static>,
+    code: memmem::Finder<'static>,
+}
+
+/// The fields of a bench payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub(crate) t: u64,
+    pub(crate) s: u64,
+    pub(crate) c: u32,
+    pub(crate) w: u32,
+}
+
+/// Digits at the start of `b`, as a number, and how many bytes they took.
+pub(crate) fn digits(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    let mut n = 0;
+    for &d in b {
+        if !d.is_ascii_digit() {
+            break;
+        }
+        v = v.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+        n += 1;
+    }
+    (n > 0).then_some((v, n))
+}
+
+impl Scanner {
+    pub(crate) fn new() -> Scanner {
+        Scanner {
+            t: memmem::Finder::new(b"{\"t\":").into_owned(),
+            s: memmem::Finder::new(b"\"s\":").into_owned(),
+            c: memmem::Finder::new(b"\"c\":").into_owned(),
+            w: memmem::Finder::new(b"\"w\":").into_owned(),
+            code: memmem::Finder::new(b"\"code\":").into_owned(),
+        }
+    }
+
+    /// The stamp of a `pub` line: fields read in the order the bench writes them, each one
+    /// searched for where the order differs (a server that re-encodes data).
+    pub(crate) fn stamp(&self, line: &[u8]) -> Option<Stamp> {
+        let start = self.t.find(line)? + 5;
+        let (t, n) = digits(&line[start..])?;
+        let mut at = start + n;
+        let mut field = |finder: &memmem::Finder<'static>, key: &[u8]| -> Option<u64> {
+            let rest = &line[at..];
+            let pos = if rest.first() == Some(&b',') && rest[1..].starts_with(key) {
+                at + 1 + key.len()
+            } else {
+                finder.find(line)? + key.len()
+            };
+            let (v, n) = digits(&line[pos..])?;
+            at = pos + n;
+            Some(v)
+        };
+        let s = field(&self.s, b"\"s\":")?;
+        let c = field(&self.c, b"\"c\":")?;
+        let w = field(&self.w, b"\"w\":")?;
+        Some(Stamp { t, s, c: c as u32, w: w as u32 })
+    }
+
+    /// The `"code":N` in a line (disconnect and error replies).
+    pub(crate) fn code(&self, line: &[u8]) -> Option<u64> {
+        let at = self.code.find(line)? + 7;
+        digits(&line[at..]).map(|(v, _)| v)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use herald_protocol::ws::encode_frame;
+
+    #[test]
+    fn reads_frames_split_anywhere() {
+        let mut wire = Vec::new();
+        for i in 0..50u32 {
+            let text = format!("{{\"pub\":{{\"channel\":\"b\",\"data\":{{\"t\":{i},\"s\":{i},\"c\":0,\"w\":1,\"p\":\"{}\"}}}}}}", "x".repeat(i as usize * 7));
+            wire.extend_from_slice(&encode_frame(Role::Server, Opcode::Text, text.as_bytes()));
+        }
+        let scanner = Scanner::new();
+        for chunk in [1, 2, 3, 7, 100, 4096] {
+            let mut reader = FrameReader::default();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                reader
+                    .feed(piece, &mut |op, p| {
+                        assert_eq!(op, 1);
+                        got.push(scanner.stamp(p).unwrap().s)
+                    })
+                    .unwrap();
+            }
+            assert_eq!(got, (0..50).collect::<Vec<u64>>(), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn scans_stamps_in_any_order() {
+        let s = Scanner::new();
+        let line = br#"{"pub":{"channel":"bench:1","data":{"t":123,"s":4,"c":1,"w":2,"p":"xx"}}}"#;
+        assert_eq!(s.stamp(line), Some(Stamp { t: 123, s: 4, c: 1, w: 2 }));
+        let sorted = br#"{"pub":{"channel":"c","data":{"c":1,"p":"x","s":4,"t":123,"w":2}}}"#;
+        assert_eq!(s.stamp(sorted), None); // "t" is not first: not a bench payload written by us
+        assert_eq!(s.code(br#"{"disconnect":{"code":4008,"reason":"slow"}}"#), Some(4008));
+    }
+}

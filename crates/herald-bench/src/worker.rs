@@ -1,0 +1,454 @@
+//! The worker process: holds a share of the subscriber connections on one thread, counts and
+//! times every publication they receive, and talks to the main process in JSON lines (plan and
+//! commands on stdin, progress and results on stdout).
+//!
+//! ```text
+//! main -> worker   {"plan":{...}}            first line
+//! worker -> main   {"progress":{...}}        every 250 ms
+//! worker -> main   {"ready":{...}}           once every connection is subscribed (or failed)
+//! main -> worker   {"measure":{"start_ns":T}} publications sent at or after T are timed
+//! main -> worker   "stop"
+//! worker -> main   {"result":{...}}          then the worker exits
+//! ```
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use hdrhistogram::serialization::{Serializer as _, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::conn::{self, FrameReader, Scanner, Stamp, WsUrl};
+use crate::plan::{self, Plan, Target, Zipf};
+
+/// Lowest and highest latency recorded, in microseconds.
+pub(crate) const HIST_LOW: u64 = 1;
+pub(crate) const HIST_HIGH: u64 = 60_000_000;
+
+/// A new latency histogram (1 us .. 60 s, 3 significant digits).
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(HIST_LOW, HIST_HIGH, 3).unwrap_or_else(|_| {
+        // Bounds are constants known to be valid.
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"))
+    })
+}
+
+/// What the main process sends a worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ToWorker {
+    Plan(Box<Plan>),
+    Measure { start_ns: u64 },
+    Stop,
+}
+
+/// Counters shown in the progress line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Progress {
+    pub(crate) ready: u64,
+    pub(crate) failed: u64,
+    pub(crate) delivered: u64,
+    pub(crate) closed: u64,
+}
+
+/// A worker's final counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct WorkerResult {
+    pub(crate) ready: u64,
+    pub(crate) failed: u64,
+    pub(crate) delivered: u64,
+    pub(crate) measured: u64,
+    pub(crate) gaps: u64,
+    pub(crate) missing: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) unsubs: u64,
+    pub(crate) unparsed: u64,
+    /// When the last timed publication arrived (unix nanos; 0: none).
+    pub(crate) last_measured_ns: u64,
+    pub(crate) disconnects: BTreeMap<String, u64>,
+    /// The latency histogram, HdrHistogram V2 serialization, base64.
+    pub(crate) histogram: String,
+}
+
+/// What a worker sends the main process.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum FromWorker {
+    Progress(Progress),
+    Ready {
+        ready: u64,
+        failed: u64,
+        /// Successful subscriptions per channel index.
+        sub_counts: Vec<u64>,
+        first_error: Option<String>,
+    },
+    Result(Box<WorkerResult>),
+}
+
+/// The worker's counters, shared by its connection tasks (one thread).
+struct Stats {
+    hist: Histogram<u64>,
+    progress: Progress,
+    measured: u64,
+    gaps: u64,
+    missing: u64,
+    duplicates: u64,
+    unsubs: u64,
+    unparsed: u64,
+    disconnects: BTreeMap<String, u64>,
+    sub_counts: Vec<u64>,
+    first_error: Option<String>,
+    measure_start: u64,
+    last_measured_ns: u64,
+}
+
+struct Ctx {
+    plan: Plan,
+    url: WsUrl,
+    zipf: Option<Zipf>,
+    scanner: Scanner,
+    stats: RefCell<Stats>,
+}
+
+/// One connection's view: the last sequence per (channel, publisher) stream, and what the
+/// messages read so far ask of it.
+#[derive(Default)]
+struct ConnState {
+    streams: Vec<(u32, u32, u64)>,
+    replies_ok: usize,
+    reply_error: Option<u64>,
+    pongs: usize,
+    ws_pongs: Vec<Vec<u8>>,
+    close: Option<String>,
+    disconnect: Option<u64>,
+}
+
+thread_local! {
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 128 * 1024]);
+}
+
+fn send(msg: &FromWorker) {
+    let mut out = std::io::stdout().lock();
+    if let Ok(line) = serde_json::to_string(msg) {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// The `worker` subcommand.
+pub(crate) fn run() -> anyhow::Result<()> {
+    crate::sys::raise_fd_limit();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the plan")?;
+    let ToWorker::Plan(plan) = serde_json::from_str(&line).context("parsing the plan")? else {
+        anyhow::bail!("the first line must be the plan");
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(*plan))
+}
+
+async fn serve(plan: Plan) -> anyhow::Result<()> {
+    let url = WsUrl::parse(&plan.url)?;
+    let zipf = (plan.layout == plan::Layout::Zipf).then(|| Zipf::new(plan.channels, plan.zipf));
+    let stats = Stats {
+        hist: new_histogram(),
+        progress: Progress::default(),
+        measured: 0,
+        gaps: 0,
+        missing: 0,
+        duplicates: 0,
+        unsubs: 0,
+        unparsed: 0,
+        disconnects: BTreeMap::new(),
+        sub_counts: vec![0; plan.channels.max(1)],
+        first_error: None,
+        measure_start: u64::MAX,
+        last_measured_ns: 0,
+    };
+    let ctx = Rc::new(Ctx { plan, url, zipf, scanner: Scanner::new(), stats: RefCell::new(stats) });
+    let gate = Rc::new(Semaphore::new(ctx.plan.connect_concurrency.max(1)));
+    for i in 0..ctx.plan.count {
+        tokio::task::spawn_local(connection(Rc::clone(&ctx), ctx.plan.first + i, Rc::clone(&gate)));
+    }
+
+    // Progress, and the ready report once every connection is settled.
+    let ticker_ctx = Rc::clone(&ctx);
+    tokio::task::spawn_local(async move {
+        let mut reported_ready = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let stats = ticker_ctx.stats.borrow();
+            send(&FromWorker::Progress(stats.progress.clone()));
+            let settled = stats.progress.ready + stats.progress.failed;
+            if !reported_ready && settled >= ticker_ctx.plan.count as u64 {
+                reported_ready = true;
+                send(&FromWorker::Ready {
+                    ready: stats.progress.ready,
+                    failed: stats.progress.failed,
+                    sub_counts: stats.sub_counts.clone(),
+                    first_error: stats.first_error.clone(),
+                });
+            }
+        }
+    });
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        match serde_json::from_str::<ToWorker>(&line) {
+            Ok(ToWorker::Measure { start_ns }) => ctx.stats.borrow_mut().measure_start = start_ns,
+            Ok(ToWorker::Stop) => {
+                let result = finish(&ctx);
+                send(&FromWorker::Result(Box::new(result)));
+                std::process::exit(0);
+            }
+            Ok(ToWorker::Plan(_)) | Err(_) => {
+                eprintln!("worker {}: ignoring {line:?}", ctx.plan.worker)
+            }
+        }
+    }
+    // The main process went away.
+    std::process::exit(1);
+}
+
+fn finish(ctx: &Ctx) -> WorkerResult {
+    let stats = ctx.stats.borrow();
+    let mut bytes = Vec::new();
+    let histogram = match V2Serializer::new().serialize(&stats.hist, &mut bytes) {
+        Ok(_) => base64::engine::general_purpose::STANDARD.encode(&bytes),
+        Err(e) => {
+            eprintln!("worker {}: cannot serialize the histogram: {e:?}", ctx.plan.worker);
+            String::new()
+        }
+    };
+    WorkerResult {
+        ready: stats.progress.ready,
+        failed: stats.progress.failed,
+        delivered: stats.progress.delivered,
+        measured: stats.measured,
+        gaps: stats.gaps,
+        missing: stats.missing,
+        duplicates: stats.duplicates,
+        unsubs: stats.unsubs,
+        unparsed: stats.unparsed,
+        last_measured_ns: stats.last_measured_ns,
+        disconnects: stats.disconnects.clone(),
+        histogram,
+    }
+}
+
+async fn connection(ctx: Rc<Ctx>, index: usize, gate: Rc<Semaphore>) {
+    let subs = plan::subscriptions(&ctx.plan, ctx.zipf.as_ref(), index);
+    let ips = &ctx.plan.source_ips;
+    let ip = (!ips.is_empty()).then(|| ips[index % ips.len()]);
+    let permit = gate.acquire().await;
+    let setup = tokio::time::timeout(Duration::from_secs(60), setup(&ctx, ip, &subs)).await;
+    drop(permit);
+    let (mut stream, mut reader, mut state) = match setup {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(e)) => return failed(&ctx, format!("connection {index}: {e:#}")),
+        Err(_) => return failed(&ctx, format!("connection {index}: setup timed out after 60 s")),
+    };
+    {
+        let mut stats = ctx.stats.borrow_mut();
+        stats.progress.ready += 1;
+        for &c in &subs {
+            stats.sub_counts[c as usize] += 1;
+        }
+    }
+    let why = loop {
+        match pump(&ctx, &mut stream, &mut reader, &mut state).await {
+            Ok(true) => {}
+            Ok(false) => break state.close.take().unwrap_or_else(|| "eof".to_owned()),
+            Err(e) => break state.close.take().unwrap_or_else(|| format!("error: {e}")),
+        }
+    };
+    let why = match (why.as_str(), state.disconnect) {
+        ("eof", Some(code)) => code.to_string(),
+        _ => why,
+    };
+    let mut stats = ctx.stats.borrow_mut();
+    stats.progress.closed += 1;
+    *stats.disconnects.entry(why).or_default() += 1;
+}
+
+fn failed(ctx: &Ctx, why: String) {
+    let mut stats = ctx.stats.borrow_mut();
+    stats.progress.failed += 1;
+    if stats.first_error.is_none() {
+        stats.first_error = Some(why);
+    }
+}
+
+async fn setup(
+    ctx: &Ctx,
+    ip: Option<std::net::IpAddr>,
+    subs: &[u32],
+) -> anyhow::Result<(TcpStream, FrameReader, ConnState)> {
+    let (mut stream, early) = conn::open(&ctx.url, ip).await?;
+    let mut reader = FrameReader::default();
+    let mut state = ConnState::default();
+    if ctx.plan.target == Target::Herald && !subs.is_empty() {
+        let mut cmds = String::new();
+        for (i, c) in subs.iter().enumerate() {
+            if i > 0 {
+                cmds.push('\n');
+            }
+            cmds.push_str(&format!(
+                "{{\"op\":\"subscribe\",\"id\":{},\"channel\":\"{}{c}\"}}",
+                i + 1,
+                ctx.plan.channel_prefix
+            ));
+        }
+        stream.write_all(&conn::text_frame(cmds.as_bytes())).await?;
+    }
+    if !early.is_empty() {
+        let mut stats = ctx.stats.borrow_mut();
+        let now = plan::unix_nanos();
+        reader.feed(&early, &mut |op, p| on_message(ctx, &mut stats, &mut state, now, op, p))?;
+    }
+    if ctx.plan.target == Target::Herald {
+        while state.replies_ok < subs.len() {
+            if let Some(code) = state.reply_error {
+                anyhow::bail!("subscribe refused with {code}");
+            }
+            if !pump(ctx, &mut stream, &mut reader, &mut state).await? {
+                anyhow::bail!(
+                    "closed while subscribing ({})",
+                    state.close.as_deref().unwrap_or("eof")
+                );
+            }
+        }
+    }
+    Ok((stream, reader, state))
+}
+
+/// Waits for the socket, reads what it has, handles every message; `Ok(false)` at the end of
+/// the connection.
+async fn pump(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    state: &mut ConnState,
+) -> anyhow::Result<bool> {
+    stream.readable().await?;
+    let open = READ_BUF.with(|buf| -> anyhow::Result<bool> {
+        let mut buf = buf.borrow_mut();
+        for _ in 0..4 {
+            match stream.try_read(&mut buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    let now = plan::unix_nanos();
+                    let mut stats = ctx.stats.borrow_mut();
+                    reader.feed(&buf[..n], &mut |op, p| {
+                        on_message(ctx, &mut stats, state, now, op, p)
+                    })?;
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(state.close.is_none())
+    })?;
+    if state.pongs > 0 || !state.ws_pongs.is_empty() {
+        let mut out = Vec::new();
+        for _ in 0..std::mem::take(&mut state.pongs) {
+            out.extend_from_slice(&conn::text_frame(b"{\"op\":\"pong\"}"));
+        }
+        for p in std::mem::take(&mut state.ws_pongs) {
+            out.extend_from_slice(&herald_protocol::ws::encode_frame(
+                herald_protocol::ws::Role::Client,
+                herald_protocol::ws::Opcode::Pong,
+                &p,
+            ));
+        }
+        stream.write_all(&out).await?;
+    }
+    Ok(open)
+}
+
+fn on_message(
+    ctx: &Ctx,
+    stats: &mut Stats,
+    state: &mut ConnState,
+    now: u64,
+    op: u8,
+    payload: &[u8],
+) {
+    match op {
+        1 => {
+            for line in payload.split(|&b| b == b'\n') {
+                on_line(ctx, stats, state, now, line);
+            }
+        }
+        8 => {
+            let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            state.close = Some(code.map_or_else(|| "close".to_owned(), |c| c.to_string()));
+        }
+        9 => state.ws_pongs.push(payload.iter().take(125).copied().collect()),
+        _ => {}
+    }
+}
+
+fn on_line(ctx: &Ctx, stats: &mut Stats, state: &mut ConnState, now: u64, line: &[u8]) {
+    if line.starts_with(b"{\"pub\"") {
+        match ctx.scanner.stamp(line) {
+            Some(stamp) => record(stats, state, now, stamp),
+            None => stats.unparsed += 1,
+        }
+    } else if line.starts_with(b"{\"ping\"") {
+        state.pongs += 1;
+    } else if line.starts_with(b"{\"id\"") {
+        if memchr::memmem::find(line, b"\"error\"").is_some() {
+            state.reply_error = Some(ctx.scanner.code(line).unwrap_or(0));
+        } else {
+            state.replies_ok += 1;
+        }
+    } else if line.starts_with(b"{\"disconnect\"") {
+        state.disconnect = ctx.scanner.code(line);
+    } else if line.starts_with(b"{\"unsub\"") {
+        stats.unsubs += 1;
+    } else if !line.is_empty() {
+        stats.unparsed += 1;
+    }
+}
+
+fn record(stats: &mut Stats, state: &mut ConnState, now: u64, stamp: Stamp) {
+    let entry = match state.streams.iter().position(|e| e.0 == stamp.c && e.1 == stamp.w) {
+        Some(i) => &mut state.streams[i],
+        None => {
+            state.streams.push((stamp.c, stamp.w, 0));
+            let last = state.streams.len() - 1;
+            &mut state.streams[last]
+        }
+    };
+    let last = entry.2;
+    if stamp.s <= last {
+        stats.duplicates += 1;
+        return;
+    }
+    if stamp.s > last + 1 {
+        stats.gaps += 1;
+        stats.missing += stamp.s - last - 1;
+    }
+    entry.2 = stamp.s;
+    stats.progress.delivered += 1;
+    if stamp.t >= stats.measure_start {
+        stats.measured += 1;
+        stats.last_measured_ns = now;
+        let us = (now.saturating_sub(stamp.t) / 1000).clamp(HIST_LOW, HIST_HIGH);
+        stats.hist.saturating_record(us);
+    }
+}
