@@ -59,6 +59,8 @@ pub enum OutboxState {
     Open,
     /// A push overflowed the bound; the writer must disconnect with 4008.
     Overflowed,
+    /// The writer is sending its final frames (disconnect, close): nothing more is queued.
+    Closing,
     /// The connection is closing.
     Closed,
 }
@@ -162,7 +164,7 @@ impl<T: Item> Outbox<T> {
         match inner.state {
             OutboxState::Open => {}
             OutboxState::Overflowed => return Err(PushError::Overflow),
-            OutboxState::Closed => return Err(PushError::Closed),
+            OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
         }
         if inner.pending_bytes >= self.max_bytes {
             inner.state = OutboxState::Overflowed;
@@ -191,7 +193,7 @@ impl<T: Item> Outbox<T> {
         match inner.state {
             OutboxState::Open => {}
             OutboxState::Overflowed => return Err(PushError::Overflow),
-            OutboxState::Closed => return Err(PushError::Closed),
+            OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
         }
         let len = frame.wire_len();
         if (inner.pending_bytes > 0 && inner.pending_bytes + len > self.max_bytes)
@@ -224,7 +226,7 @@ impl<T: Item> Outbox<T> {
         match inner.state {
             OutboxState::Open => {}
             OutboxState::Overflowed => return Err(PushError::Overflow),
-            OutboxState::Closed => return Err(PushError::Closed),
+            OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
         }
         let len = frame.wire_len();
         let blocked = inner.blocked;
@@ -290,7 +292,7 @@ impl<T: Item> Outbox<T> {
     /// close frame), unless the queue is closed.
     pub fn push_final(&self, frame: T) {
         let mut inner = self.inner.lock();
-        if inner.state == OutboxState::Closed {
+        if matches!(inner.state, OutboxState::Closed | OutboxState::Closing) {
             return;
         }
         let len = frame.wire_len();
@@ -375,6 +377,30 @@ impl<T: Item> Outbox<T> {
             inner.state = OutboxState::Overflowed;
         }
         drop(inner);
+        self.notify.notify_one();
+    }
+
+    /// Starts closing: drops every pending frame (the client recovers them), queues `finals`
+    /// (the disconnect push, the close frame) and refuses everything pushed afterwards, so the
+    /// finals are the last frames on the wire.
+    pub fn finish(&self, finals: impl IntoIterator<Item = T>) {
+        self.discard();
+        let mut inner = self.inner.lock();
+        if inner.state == OutboxState::Closed {
+            return;
+        }
+        inner.state = OutboxState::Closing;
+        let mut added = 0;
+        for frame in finals {
+            let len = frame.wire_len();
+            inner.pending_bytes += len;
+            inner.queued_bytes += len;
+            inner.frames.push_back(frame);
+            added += len;
+        }
+        let counted = if inner.blocked { 0 } else { added };
+        drop(inner);
+        self.add_backlog(counted);
         self.notify.notify_one();
     }
 

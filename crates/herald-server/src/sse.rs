@@ -418,8 +418,7 @@ fn tokio_stream_from(
 /// resumes from its last id).
 fn close_stream(stream: &SseStream, code: CloseCode) {
     stream.app.node.metrics.disconnect(code);
-    stream.outbox.discard();
-    stream.outbox.push_final(SseItem {
+    stream.outbox.finish([SseItem {
         channel: None,
         offset: None,
         epoch: None,
@@ -428,7 +427,7 @@ fn close_stream(stream: &SseStream, code: CloseCode) {
             code.reason(),
             code.reconnect(),
         )),
-    });
+    }]);
 }
 
 /// True when the first bytes of a request are `GET /sse` followed by `?` or a space.

@@ -146,7 +146,9 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
         };
         let stream = parts.io.into_inner();
         let _guard = app.tracker.token();
-        Connection::new(app, stream).run(parts.read_buf, auth).await;
+        let run = Connection::new(app, stream).run(parts.read_buf, auth);
+        tracing::trace!(bytes = std::mem::size_of_val(&run), "connection future size");
+        run.await;
     });
 
     let mut response = Response::new(Body::empty());
@@ -349,10 +351,11 @@ impl Connection {
         let keep = usize::from(!self.writing.is_empty());
         let dropped: usize = self.writing.drain(keep..).map(|b| b.len()).sum();
         self.outbox.forget(dropped);
-        self.outbox.discard();
         let disconnect = push::encode_disconnect(code);
-        self.outbox.push_final(ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect));
-        self.outbox.push_final(ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()));
+        self.outbox.finish([
+            ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect),
+            ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()),
+        ]);
         self.close_by = Some(Instant::now() + CLOSE_FLUSH);
     }
 
@@ -412,8 +415,7 @@ impl Connection {
                 ws::Message::Close(_) => {
                     // The client closes: answer with a normal close frame and end.
                     self.close_by = Some(Instant::now() + CLOSE_FLUSH);
-                    self.outbox.discard();
-                    self.outbox.push_final(ws::encode_close(ws::Role::Server, 1000, ""));
+                    self.outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")]);
                     break;
                 }
             }
