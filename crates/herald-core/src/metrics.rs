@@ -177,6 +177,18 @@ impl Metrics {
             "Bytes written to client sockets.",
             c(&self.bytes_out).to_string(),
         );
+        metric(
+            "herald_backlog_bytes",
+            "gauge",
+            "Bytes queued for connections whose socket can take them, waiting for CPU.",
+            g(&self.backlog_bytes).max(0).to_string(),
+        );
+        metric(
+            "herald_publish_overloaded_total",
+            "counter",
+            "Publications refused with 503 while the node or the channel's readers were saturated.",
+            c(&self.publish_overloaded).to_string(),
+        );
         let _ = writeln!(out, "# HELP herald_errors_total Errors answered, by code.\n# TYPE herald_errors_total counter");
         for code in ErrorCode::ALL {
             let _ = writeln!(
@@ -234,5 +246,7 @@ mod tests {
         assert!(text.contains("herald_errors_total{code=\"413\"} 1"));
         assert!(text.contains("herald_disconnects_total{code=\"4008\"} 1"));
         assert!(text.contains("herald_deliveries_total 7"));
+        assert!(text.contains("herald_backlog_bytes 0"));
+        assert!(text.contains("herald_publish_overloaded_total 0"));
     }
 }

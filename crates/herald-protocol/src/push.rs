@@ -149,6 +149,21 @@ pub fn encode_unsub(channel: &str, code: u16, reason: &str) -> Vec<u8> {
     out
 }
 
+/// The body of a history answer (`GET /api/history`): `{"offset":N,"epoch":"E",
+/// "publications":[...]}` with each `data` relayed verbatim.
+pub fn encode_history_body(
+    position: Option<&StreamPosition>,
+    publications: &[PublicationRef<'_>],
+) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(64 + publications.iter().map(|p| p.data.len() + 32).sum::<usize>());
+    out.push(b'{');
+    write_position(&mut out, position);
+    write_publications(&mut out, publications);
+    out.push(b'}');
+    out
+}
+
 fn write_position(out: &mut Vec<u8>, position: Option<&StreamPosition>) {
     if let Some(pos) = position {
         out.extend_from_slice(b"\"offset\":");

@@ -237,7 +237,7 @@ struct HistoryParams {
 async fn history(
     State(app): State<App>,
     query: Result<axum::extract::Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let axum::extract::Query(q) =
         query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
     let channel = q.channel.ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
@@ -270,24 +270,13 @@ async fn history(
         .history(&channel, &options.publish_options(), &query)
         .await
         .map_err(|e| ApiError::new(503, e.to_string()))?;
-    let mut body = serde_json::Map::new();
-    if let Some(p) = &page.position {
-        body.insert("offset".into(), p.offset.into());
-        body.insert("epoch".into(), p.epoch.clone().into());
-    }
-    let mut publications = Vec::with_capacity(page.publications.len());
-    for p in &page.publications {
-        let data: &RawValue = serde_json::from_slice(&p.data)
-            .map_err(|e| ApiError::new(500, format!("stored publication is not JSON: {e}")))?;
-        let mut o = serde_json::Map::new();
-        if let Some(offset) = p.offset {
-            o.insert("offset".into(), offset.into());
-        }
-        o.insert("data".into(), serde_json::to_value(data).unwrap_or(serde_json::Value::Null));
-        publications.push(serde_json::Value::Object(o));
-    }
-    body.insert("publications".into(), publications.into());
-    Ok(axum::Json(serde_json::Value::Object(body)))
+    let refs: Vec<herald_protocol::push::PublicationRef<'_>> = page
+        .publications
+        .iter()
+        .map(|p| herald_protocol::push::PublicationRef { offset: p.offset, data: &p.data })
+        .collect();
+    let body = herald_protocol::push::encode_history_body(page.position.as_ref(), &refs);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(Deserialize)]

@@ -9,6 +9,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::App;
 
+/// The client address of an HTTP request, as a request extension.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Idle time before TCP keepalive probes start, so half-open connections do not accumulate.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
@@ -69,7 +73,8 @@ pub async fn run(listener: TcpListener, app: App) {
             }
         };
         configure(&stream);
-        let service = TowerToHyperService::new(router.clone());
+        let with_peer = router.clone().layer(axum::Extension(PeerAddr(peer)));
+        let service = TowerToHyperService::new(with_peer);
         let shutdown = app.shutdown.clone();
         let app2 = app.clone();
         app.tracker.spawn(async move {

@@ -43,6 +43,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_IOVECS: usize = 64;
 /// How long a stream may take to send its last event when it is closed by the server.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// How long the hyper path waits for a stalled client to take the next chunk.
+const HYPER_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnection delay advised to browsers (`retry:`), in milliseconds.
 const RETRY_MS: u32 = 1000;
 
@@ -195,7 +197,12 @@ impl SseStream {
                     return Err(ApiError::new(503, e.to_string()));
                 }
             };
-            let recovered = query.since.is_some() && page.complete;
+            // A recovery larger than half the stream's queue bound would not fit next to live
+            // traffic: the client is told to reset instead (never a stream that cannot open).
+            let recovered_bytes: usize = page.publications.iter().map(|p| p.data.len() + 64).sum();
+            let recovered = query.since.is_some()
+                && page.complete
+                && recovered_bytes <= node.limits.max_queue_bytes / 2;
             if mentioned.is_some() && !recovered {
                 reset.push(channel.as_str().to_string());
             }
@@ -345,7 +352,8 @@ fn with_cors(mut response: Response) -> Response {
 pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Response {
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let request = SseRequest::parse(req.uri().query(), last);
-    let mut stream = match SseStream::open(&app, request, None).await {
+    let ip = req.extensions().get::<crate::listener::PeerAddr>().map(|p| p.0.ip());
+    let mut stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
         Err(e) => return with_cors(e.into_response()),
     };
@@ -371,8 +379,16 @@ pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Respo
                     accounted += body;
                 }
                 let n = buf.len();
-                if tx.send(Ok(Bytes::from(buf))).await.is_err() {
-                    break;
+                // A client that stops reading fills the body channel: give up on it after a
+                // while instead of holding the stream forever.
+                match tokio::time::timeout(HYPER_SEND_TIMEOUT, tx.send(Ok(Bytes::from(buf)))).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        app.node.metrics.disconnect(CloseCode::SlowConsumer);
+                        break;
+                    }
                 }
                 stream.outbox.written(accounted);
                 app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);

@@ -145,8 +145,12 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
             }
         };
         let stream = parts.io.into_inner();
+        // Bytes read past the request head. Copied out: even an empty `Bytes` split from
+        // hyper's read buffer would keep that whole buffer alive for the connection's life.
+        let prefix = parts.read_buf.to_vec();
+        drop(parts.read_buf);
         let _guard = app.tracker.token();
-        let run = Connection::new(app, stream).run(parts.read_buf, auth);
+        let run = Connection::new(app, stream).run(prefix, auth);
         tracing::trace!(bytes = std::mem::size_of_val(&run), "connection future size");
         run.await;
     });
@@ -224,7 +228,7 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, prefix: Bytes, auth: Result<Option<String>, CloseCode>) {
+    async fn run(mut self, prefix: Vec<u8>, auth: Result<Option<String>, CloseCode>) {
         let node = self.app.node.clone();
         node.metrics.connections.fetch_add(1, Ordering::Relaxed);
         node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
@@ -253,6 +257,7 @@ impl Connection {
                 self.start_close(code);
             }
         }
+        drop(prefix);
 
         loop {
             let flushed = match self.flush() {
@@ -332,7 +337,7 @@ impl Connection {
         }
 
         self.outbox.close();
-        session.close().await;
+        Box::pin(session.close()).await;
         let _ = self.stream.try_write(&[]);
         drop(self.stream);
         node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -395,7 +400,9 @@ impl Connection {
         for message in messages.iter() {
             match message {
                 ws::Message::Text(text) => {
-                    if let Err(code) = session.handle_text(text).await {
+                    // Boxed: the command futures are large and short-lived; inline they would
+                    // sit in every idle connection's task.
+                    if let Err(code) = Box::pin(session.handle_text(text)).await {
                         result = Err(code);
                         break;
                     }
@@ -423,7 +430,7 @@ impl Connection {
         // Give the vector's allocation back for the next read, but not a large one.
         let mut messages = messages;
         messages.clear();
-        if messages.capacity() <= 16 {
+        if messages.capacity() <= 2 {
             self.messages = messages;
         }
         result
@@ -435,7 +442,7 @@ impl Connection {
             if self.writing.is_empty() {
                 self.outbox.take(&mut self.writing);
                 if self.writing.is_empty() {
-                    if self.writing.capacity() > 64 {
+                    if self.writing.capacity() > 4 {
                         self.writing = VecDeque::new();
                     }
                     return Ok(Flushed::All);
