@@ -32,7 +32,7 @@ use crate::app::App;
 pub const PROTOCOL_JSON: &str = "herald.json";
 
 /// Most iovecs handed to one `writev`.
-const MAX_IOVECS: usize = 64;
+const MAX_IOVECS: usize = 512;
 /// Size of the stack buffer one read lands in.
 const READ_CHUNK: usize = 8192;
 /// Most reads per wake-up, so one chatty client cannot starve the others on its thread.
