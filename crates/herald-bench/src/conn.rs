@@ -1,6 +1,8 @@
 //! A lean WebSocket client for measuring: the upgrade written by hand, a frame reader that
 //! parses server frames in place (no copy, no allocation per message), and the few scans the
-//! bench needs on each `herald.json` line (no JSON parse of publications).
+//! bench needs on each `herald.json` line (no JSON parse of publications). The same for
+//! Server-Sent Events: `GET /sse` written by hand and an event-stream reader ([`SseReader`])
+//! that handles lines in place.
 //!
 //! `herald-client`'s [`herald_client::Client`] decodes every publication into a
 //! `serde_json::Value` and hands it through a channel to another task: correct and convenient,
@@ -49,54 +51,129 @@ impl WsUrl {
     }
 }
 
-/// Opens a TCP connection from `local` (port chosen by the system) and performs the upgrade,
-/// offering `herald.json`. Returns the stream and any bytes read past the response head.
-pub(crate) async fn open(
-    url: &WsUrl,
+/// Opens a TCP connection from `local` (port chosen by the system), with a receive buffer of
+/// `recv_buffer` bytes when given (set before connecting, so the window offered is small from
+/// the start).
+async fn connect(
+    addr: SocketAddr,
     local: Option<IpAddr>,
-) -> anyhow::Result<(TcpStream, Vec<u8>)> {
-    let socket = if url.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    recv_buffer: Option<u32>,
+) -> anyhow::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     // Close with a reset: the bench's sockets leave no TIME_WAIT behind, which would otherwise
     // exhaust the ports of a bound source address over successive runs (and slow connecting
     // down to a few hundred per second long before).
     #[allow(deprecated)] // a zero linger never blocks: it resets at once
     socket.set_linger(Some(std::time::Duration::ZERO))?;
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
     if let Some(ip) = local {
         // Ports of earlier runs' connections linger in TIME_WAIT; without this, binding a
         // source address runs out of ports that `connect` alone would reuse.
         socket.set_reuseaddr(true)?;
         socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("binding {ip}"))?;
     }
-    let mut stream =
-        socket.connect(url.addr).await.with_context(|| format!("connecting {}", url.addr))?;
+    let stream = socket.connect(addr).await.with_context(|| format!("connecting {addr}"))?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads an HTTP response head: (head bytes, length of the head including its blank line).
+async fn read_head(stream: &mut TcpStream, what: &str) -> anyhow::Result<(Vec<u8>, usize)> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("server closed during the {what}");
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(i) = memmem::find(&head, b"\r\n\r\n") {
+            return Ok((head, i + 4));
+        }
+        if head.len() > 16 * 1024 {
+            bail!("{what} response head too long");
+        }
+    }
+}
+
+/// Opens a TCP connection from `local` (port chosen by the system) and performs the upgrade,
+/// offering `herald.json`. Returns the stream and any bytes read past the response head.
+pub(crate) async fn open(
+    url: &WsUrl,
+    local: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut stream = connect(url.addr, local, recv_buffer).await?;
     let key = herald_protocol::ws::client_key();
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: herald.json\r\n\r\n",
         url.target, url.authority
     );
     stream.write_all(request.as_bytes()).await?;
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    let end = loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("server closed during the upgrade");
-        }
-        head.extend_from_slice(&chunk[..n]);
-        if let Some(i) = memmem::find(&head, b"\r\n\r\n") {
-            break i + 4;
-        }
-        if head.len() > 16 * 1024 {
-            bail!("upgrade response head too long");
-        }
-    };
+    let (head, end) = read_head(&mut stream, "upgrade").await?;
     let status_line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     if !status_line.starts_with(b"HTTP/1.1 101") {
         bail!("upgrade refused: {}", String::from_utf8_lossy(status_line).trim());
     }
     let early = head[end..].to_vec();
     Ok((stream, early))
+}
+
+/// Opens a TCP connection from `local` and asks for the event stream of `channels`:
+/// `GET /sse?channel=A&channel=B` on `url`'s host and port. Returns the stream and any bytes
+/// read past the response head; a refusal (a status other than 200, with a JSON error body) is
+/// an error carrying the status and the body.
+pub(crate) async fn open_sse(
+    url: &WsUrl,
+    local: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+    channels: impl IntoIterator<Item = String>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut stream = connect(url.addr, local, recv_buffer).await?;
+    let mut target = String::from("/sse");
+    for (i, channel) in channels.into_iter().enumerate() {
+        target.push(if i == 0 { '?' } else { '&' });
+        target.push_str("channel=");
+        percent_encode(&channel, &mut target);
+    }
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        url.authority
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let (mut head, end) = read_head(&mut stream, "stream request").await?;
+    let status_line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    if !status_line.starts_with(b"HTTP/1.1 200") {
+        let status = String::from_utf8_lossy(status_line).trim().to_owned();
+        // The JSON error: what came with the head, and the rest until the server closes
+        // (it answers `connection: close`), briefly.
+        let mut chunk = [0u8; 1024];
+        while head.len() < end + 4096 {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), stream.read(&mut chunk))
+                .await
+            {
+                Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        let body = String::from_utf8_lossy(&head[end..]);
+        bail!("stream refused: {status} {}", body.trim());
+    }
+    let early = head[end..].to_vec();
+    Ok((stream, early))
+}
+
+/// Appends `text` percent-encoded for a query value (everything but unreserved characters).
+fn percent_encode(text: &str, out: &mut String) {
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
 }
 
 /// One masked client text frame.
@@ -253,6 +330,106 @@ impl FrameReader {
     }
 }
 
+/// One event of an event stream, as [`SseReader`] hands it out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SseEvent<'a> {
+    /// The `event:` field (empty when absent: a `message`).
+    pub(crate) event: &'a [u8],
+    /// The `data:` lines, joined by `\n`.
+    pub(crate) data: &'a [u8],
+    /// Whether the event had an `id:` line.
+    pub(crate) id: bool,
+}
+
+/// Incremental reader of a `text/event-stream`: complete lines are read where they lie in the
+/// input; only an incomplete trailing line is copied, and the data of the event being built
+/// (one short copy per event, into a buffer that is reused). An event is handed out at its
+/// blank line when it had an `id`, an `event` or `data`; blocks of only comments (`: ping`) or
+/// `retry:` are not. Lines end with `\n` or `\r\n` (a lone `\r`, which the format allows and
+/// Herald never sends, is not recognised).
+#[derive(Debug, Default)]
+pub(crate) struct SseReader {
+    partial: Vec<u8>,
+    event: Vec<u8>,
+    data: Vec<u8>,
+    has_data: bool,
+    has_id: bool,
+    /// Comment lines seen (`: ping`).
+    pub(crate) comments: u64,
+}
+
+impl SseReader {
+    /// Feeds bytes read from the socket; calls `on_event` for every complete event.
+    pub(crate) fn feed(
+        &mut self,
+        mut input: &[u8],
+        on_event: &mut impl FnMut(SseEvent<'_>),
+    ) -> anyhow::Result<()> {
+        if !self.partial.is_empty() {
+            let Some(i) = memchr::memchr(b'\n', input) else {
+                self.partial.extend_from_slice(input);
+                if self.partial.len() > MAX_FRAME {
+                    bail!("event-stream line longer than {MAX_FRAME} bytes");
+                }
+                return Ok(());
+            };
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&input[..i]);
+            self.line(&line, on_event);
+            line.clear();
+            self.partial = line;
+            input = &input[i + 1..];
+        }
+        while let Some(i) = memchr::memchr(b'\n', input) {
+            self.line(&input[..i], on_event);
+            input = &input[i + 1..];
+        }
+        self.partial.extend_from_slice(input);
+        Ok(())
+    }
+
+    fn line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if self.has_data || self.has_id || !self.event.is_empty() {
+                on_event(SseEvent { event: &self.event, data: &self.data, id: self.has_id });
+            }
+            self.event.clear();
+            self.data.clear();
+            self.has_data = false;
+            self.has_id = false;
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(0) => {
+                self.comments += 1;
+                return;
+            }
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
+            b"id" => self.has_id = true,
+            // `retry:` and unknown fields.
+            _ => {}
+        }
+    }
+}
+
 /// Precomputed searches over `herald.json` lines.
 #[derive(Debug)]
 pub(crate) struct Scanner {
@@ -364,5 +541,52 @@ mod tests {
         let sorted = br#"{"pub":{"channel":"c","data":{"c":1,"p":"x","s":4,"t":123,"w":2}}}"#;
         assert_eq!(s.stamp(sorted), None); // "t" is not first: not a bench payload written by us
         assert_eq!(s.code(br#"{"disconnect":{"code":4008,"reason":"slow"}}"#), Some(4008));
+    }
+    #[test]
+    fn reads_event_streams_split_anywhere() {
+        let mut wire = b"retry: 1000\n\nid: bench:0@e:0\n\n".to_vec();
+        for i in 1..=30u32 {
+            wire.extend_from_slice(format!("id: bench:0@e:{i}\n").as_bytes());
+            wire.extend_from_slice(&herald_protocol::sse::encode_pub_event(
+                "bench:0",
+                Some(i as u64),
+                format!(
+                    "{{\"t\":{i},\"s\":{i},\"c\":0,\"w\":1,\"p\":\"{}\"}}",
+                    "x".repeat(i as usize * 5)
+                )
+                .as_bytes(),
+            ));
+            if i % 7 == 0 {
+                wire.extend_from_slice(herald_protocol::sse::PING);
+            }
+        }
+        wire.extend_from_slice(&herald_protocol::sse::encode_disconnect_event(4008, "slow", true));
+        let scanner = Scanner::new();
+        for chunk in [1, 2, 3, 7, 100, 4096] {
+            let mut reader = SseReader::default();
+            let (mut ready, mut got, mut code) = (0, Vec::new(), None);
+            for piece in wire.chunks(chunk) {
+                reader
+                    .feed(piece, &mut |e| match e.event {
+                        b"" if e.id && e.data.is_empty() => ready += 1,
+                        b"pub" => got.push(scanner.stamp(e.data).unwrap().s),
+                        b"disconnect" => code = scanner.code(e.data),
+                        other => panic!("unexpected event {other:?}"),
+                    })
+                    .unwrap();
+            }
+            assert_eq!(ready, 1, "chunk {chunk}");
+            assert_eq!(got, (1..=30).collect::<Vec<u64>>(), "chunk {chunk}");
+            assert_eq!(code, Some(4008), "chunk {chunk}");
+            assert_eq!(reader.comments, 4, "chunk {chunk}");
+        }
+        let mut reader = SseReader::default();
+        let mut joined = Vec::new();
+        reader
+            .feed(b"event: x\r\ndata: a\r\ndata:b\r\n\r\n", &mut |e| {
+                joined = [e.event, b"|", e.data].concat()
+            })
+            .unwrap();
+        assert_eq!(joined, b"x|a\nb");
     }
 }

@@ -8,9 +8,15 @@
 //! needs more than its 20,000 open files. Progress goes to stderr once per second; the result
 //! is one JSON line on stdout (and a markdown table with `--markdown`).
 //!
+//! Subscribers are WebSocket connections, or Server-Sent Events streams with `--transport sse`
+//! (Herald only). With `--slow-fraction F`, that fraction of them subscribe and then never
+//! read again: the others are measured as usual, and the report says how many of the slow
+//! ones the server closed.
+//!
 //! ```text
 //! herald --listen 127.0.0.1:18500 --set namespaces.bench.client_publish=true &
 //! herald-bench fanout --url ws://127.0.0.1:18500/ws --connections 2000 --rate 0 --duration 10
+//! herald-bench fanout --url ws://127.0.0.1:18500/ws --transport sse --slow-fraction 0.01
 //! ```
 
 mod conn;
@@ -33,13 +39,13 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
-use crate::plan::{Layout, Plan, Target};
+use crate::plan::{Layout, Plan, Target, Transport};
 use crate::publish::{Chooser, PubConfig, PubCounters};
 use crate::report::Report;
 use crate::worker::{FromWorker, Progress, ToWorker, WorkerResult};
 
 /// Herald's load generator: measures a Herald node (or the reference fan-out server) with
-/// thousands of WebSocket subscribers spread over worker processes.
+/// thousands of WebSocket (or SSE) subscribers spread over worker processes.
 #[derive(Parser, Debug)]
 #[command(name = "herald-bench", version)]
 struct Cli {
@@ -85,9 +91,19 @@ struct Args {
     /// publish through POST /publish).
     #[arg(long, value_enum, default_value = "herald")]
     target: Target,
-    /// WebSocket URL of the server.
+    /// WebSocket URL of the server (SSE streams open `/sse` on its host and port).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
+    /// How subscribers connect: WebSocket (`herald.json`) or Server-Sent Events
+    /// (`GET /sse?channel=..`, Herald only).
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
+    /// Fraction of subscriber connections that subscribe and then never read their socket
+    /// again (receive buffer 4 KiB). They are left out of deliveries, loss and latency; the
+    /// report counts them (`slow_connections`) and those the server closed
+    /// (`slow_disconnected`), found by reading them at the end.
+    #[arg(long, default_value_t = 0.0)]
+    slow_fraction: f64,
     /// HTTP base URL for publishing (default: the host and port of --url).
     #[arg(long)]
     http: Option<String>,
@@ -244,6 +260,7 @@ enum WorkerEvent {
 struct Ready {
     ready: u64,
     failed: u64,
+    slow: u64,
     sub_counts: Vec<u64>,
     first_error: Option<String>,
 }
@@ -365,8 +382,9 @@ impl Fleet {
                 Ok(Some((i, WorkerEvent::Message(m)))) => {
                     match m {
                         FromWorker::Progress(p) => self.progress[i] = p,
-                        FromWorker::Ready { ready, failed, sub_counts, first_error } => {
-                            self.ready[i] = Some(Ready { ready, failed, sub_counts, first_error })
+                        FromWorker::Ready { ready, failed, slow, sub_counts, first_error } => {
+                            self.ready[i] =
+                                Some(Ready { ready, failed, slow, sub_counts, first_error })
                         }
                         FromWorker::Result(r) => self.results[i] = Some(*r),
                     }
@@ -421,6 +439,15 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     if scenario == Scenario::Idle && connections == 0 {
         bail!("idle needs --connections > 0");
     }
+    if args.target == Target::Reference && args.transport == Transport::Sse {
+        bail!("the reference server has no SSE endpoint: --transport sse needs --target herald");
+    }
+    if !(0.0..1.0).contains(&args.slow_fraction) {
+        bail!("--slow-fraction must be at least 0 and below 1");
+    }
+    if scenario == Scenario::Idle && args.slow_fraction > 0.0 {
+        bail!("idle connections read nothing anyway: --slow-fraction is for the other scenarios");
+    }
     let ws_port = url_port(&args.url).ok_or_else(|| anyhow!("--url: no port"))?;
     let http = match &args.http {
         Some(h) => h.clone(),
@@ -457,6 +484,8 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         count: 0,
         url: args.url.clone(),
         target: args.target,
+        transport: args.transport,
+        slow_fraction: args.slow_fraction,
         source_ips,
         layout,
         channels,
@@ -475,10 +504,11 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
 
     let rss_before = server_pid.and_then(sys::rss_bytes);
     eprintln!(
-        "herald-bench {}: target {} {}, {connections} connections in {workers} worker(s), server pid {}",
+        "herald-bench {}: target {} {} over {}, {connections} connections in {workers} worker(s), server pid {}",
         scenario.name(),
         args.target.name(),
         args.url,
+        args.transport.name(),
         server_pid.map_or("unknown".into(), |p| p.to_string())
     );
     let mut fleet = Fleet::spawn(plans, connections).await?;
@@ -486,10 +516,11 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         fleet.step(Instant::now() + Duration::from_secs(3600)).await?;
     }
     let mut sub_counts = vec![0u64; channels];
-    let (mut ready, mut failed, mut first_error) = (0, 0, None);
+    let (mut ready, mut failed, mut slow, mut first_error) = (0, 0, 0, None);
     for r in fleet.ready.iter().flatten() {
         ready += r.ready;
         failed += r.failed;
+        slow += r.slow;
         for (c, n) in r.sub_counts.iter().enumerate() {
             if c < channels {
                 sub_counts[c] += n;
@@ -500,17 +531,21 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         }
     }
     eprintln!(
-        "[{:6.1}s] {ready} connections ready, {failed} failed{}",
+        "[{:6.1}s] {ready} connections ready{}, {failed} failed{}",
         fleet.started.elapsed().as_secs_f64(),
+        if slow > 0 { format!(" ({slow} never reading)") } else { String::new() },
         first_error.as_ref().map_or(String::new(), |e| format!(" (first error: {e})"))
     );
     if args.target == Target::Reference {
-        sub_counts = vec![ready];
+        sub_counts = vec![ready - slow];
     }
 
     let mut report = Report::new(scenario.name(), args.target.name(), &args.label);
+    report.transport = args.transport.name().into();
     report.connections = connections as u64;
     report.connections_ready = ready;
+    report.slow_fraction = args.slow_fraction;
+    report.slow_connections = slow;
     report.connect_failures = failed;
     report.first_error = first_error;
     report.channels = channels as u64;

@@ -30,6 +30,26 @@ impl Target {
     }
 }
 
+/// How subscribers connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Transport {
+    /// WebSocket, `herald.json`: one `subscribe` command per channel.
+    Ws,
+    /// Server-Sent Events (Herald only): `GET /sse?channel=A&channel=B` on --url's host and
+    /// port, all of a connection's channels in one request.
+    Sse,
+}
+
+impl Transport {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
 /// How subscriptions are laid out over channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -57,6 +77,10 @@ pub(crate) struct Plan {
     pub(crate) url: String,
     /// Which server.
     pub(crate) target: Target,
+    /// How subscribers connect.
+    pub(crate) transport: Transport,
+    /// Fraction of connections that subscribe and then never read again ([`is_slow`]).
+    pub(crate) slow_fraction: f64,
     /// Source addresses, used round-robin by global connection index.
     pub(crate) source_ips: Vec<IpAddr>,
     /// Subscription layout.
@@ -151,6 +175,13 @@ pub(crate) fn subscriptions(plan: &Plan, zipf: Option<&Zipf>, index: usize) -> V
             chosen
         }
     }
+}
+
+/// Whether connection `index` is one of the never-reading ones: spread evenly over the
+/// indexes, `floor(n * fraction)` of the first `n` connections.
+pub(crate) fn is_slow(plan: &Plan, index: usize) -> bool {
+    let f = plan.slow_fraction;
+    f > 0.0 && ((index + 1) as f64 * f).floor() > (index as f64 * f).floor()
 }
 
 /// Unix time in nanoseconds.

@@ -260,7 +260,7 @@ pub(crate) async fn ws_publisher(w: u32, cfg: Arc<PubConfig>, counters: Arc<PubC
 
 async fn ws_publish(w: u32, cfg: &PubConfig, counters: &PubCounters) -> anyhow::Result<()> {
     let url = WsUrl::parse(&cfg.ws_url)?;
-    let (mut stream, early) = conn::open(&url, None).await?;
+    let (mut stream, early) = conn::open(&url, None, None).await?;
     let window = cfg.batch.max(1);
     let mut source = Source::new(w, cfg.channels);
     let mut reader = FrameReader::default();

@@ -37,10 +37,22 @@ pub(crate) struct Offered {
 pub(crate) struct Report {
     pub(crate) scenario: String,
     pub(crate) target: String,
+    /// How subscribers connected: `ws` or `sse`.
+    pub(crate) transport: String,
     pub(crate) label: String,
     pub(crate) connections: u64,
+    /// Connections subscribed, never-reading ones included.
     pub(crate) connections_ready: u64,
     pub(crate) connect_failures: u64,
+    /// Fraction of connections asked to never read after subscribing.
+    pub(crate) slow_fraction: f64,
+    /// Never-reading connections subscribed: out of every delivery, loss and latency figure
+    /// (and of `disconnects`).
+    pub(crate) slow_connections: u64,
+    /// Never-reading connections the server had closed by the end of the run.
+    pub(crate) slow_disconnected: u64,
+    /// Those, by close code (or `eof`, `error: ...`).
+    pub(crate) slow_disconnects: BTreeMap<String, u64>,
     pub(crate) channels: u64,
     pub(crate) per_client: u64,
     /// Publications per second asked for; 0 = as fast as possible.
@@ -123,6 +135,10 @@ impl Report {
             for (k, v) in &r.disconnects {
                 *self.disconnects.entry(k.clone()).or_default() += v;
             }
+            for (k, v) in &r.slow_disconnects {
+                *self.slow_disconnects.entry(k.clone()).or_default() += v;
+                self.slow_disconnected += v;
+            }
             if !r.histogram.is_empty() {
                 let bytes = base64::engine::general_purpose::STANDARD.decode(&r.histogram)?;
                 let h: hdrhistogram::Histogram<u64> = Deserializer::new()
@@ -181,13 +197,16 @@ impl Report {
         let mb = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0));
         let disconnects: u64 = self.disconnects.values().sum();
         format!(
-            "| label | scenario | target | conns | channels | rate offered | pubs/s | deliveries/s | p50 us | p90 us | p99 us | p99.9 us | max us | lost | gaps | dups | disconnects | 503s | RSS before MiB | RSS after MiB | RSS/conn B |\n\
-             |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
-             | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| label | scenario | target | transport | conns | slow conns | slow closed | channels | rate offered | pubs/s | deliveries/s | p50 us | p90 us | p99 us | p99.9 us | max us | lost | gaps | dups | disconnects | 503s | RSS before MiB | RSS after MiB | RSS/conn B |\n\
+             |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             self.label,
             self.scenario,
             self.target,
+            self.transport,
             self.connections_ready,
+            self.slow_connections,
+            self.slow_disconnected,
             self.channels,
             match (self.scenario.as_str(), self.rate_offered > 0.0) {
                 ("idle", _) => "-".into(),

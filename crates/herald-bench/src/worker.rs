@@ -10,12 +10,17 @@
 //! main -> worker   "stop"
 //! worker -> main   {"result":{...}}          then the worker exits
 //! ```
+//!
+//! Subscribers speak WebSocket (`herald.json`) or Server-Sent Events, by the plan's transport.
+//! With a slow fraction, some connections subscribe and then never read their socket again
+//! (with a small receive buffer): they are held apart, out of every delivery figure, and read
+//! only at "stop", to tell which ones the server closed meanwhile.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -24,10 +29,18 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
-use crate::conn::{self, FrameReader, Scanner, Stamp, WsUrl};
-use crate::plan::{self, Plan, Target, Zipf};
+use crate::conn::{self, FrameReader, Scanner, SseEvent, SseReader, Stamp, WsUrl};
+use crate::plan::{self, Plan, Target, Transport, Zipf};
+
+/// Receive buffer of the never-reading connections (the kernel doubles it), so that the server
+/// holds what they do not take instead of the bench's kernel.
+const SLOW_RECV_BUFFER: u32 = 4096;
+/// At "stop", a never-reading connection is read until nothing comes for this long...
+const SLOW_QUIET: Duration = Duration::from_millis(300);
+/// ...or for this long at most.
+const SLOW_DRAIN: Duration = Duration::from_secs(5);
 
 /// Lowest and highest latency recorded, in microseconds.
 pub(crate) const HIST_LOW: u64 = 1;
@@ -62,8 +75,14 @@ pub(crate) struct Progress {
 /// A worker's final counts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct WorkerResult {
+    /// Connections subscribed, never-reading ones included.
     pub(crate) ready: u64,
     pub(crate) failed: u64,
+    /// Never-reading connections subscribed.
+    pub(crate) slow: u64,
+    /// Never-reading connections the server had closed by the end, by close code (or `eof`,
+    /// `error: ...`).
+    pub(crate) slow_disconnects: BTreeMap<String, u64>,
     pub(crate) delivered: u64,
     pub(crate) measured: u64,
     pub(crate) gaps: u64,
@@ -86,6 +105,8 @@ pub(crate) enum FromWorker {
     Ready {
         ready: u64,
         failed: u64,
+        /// Of `ready`, the never-reading connections (not in `sub_counts`).
+        slow: u64,
         /// Successful subscriptions per channel index.
         sub_counts: Vec<u64>,
         first_error: Option<String>,
@@ -108,6 +129,9 @@ struct Stats {
     first_error: Option<String>,
     measure_start: u64,
     last_measured_ns: u64,
+    slow: u64,
+    slow_done: u64,
+    slow_disconnects: BTreeMap<String, u64>,
 }
 
 struct Ctx {
@@ -116,6 +140,14 @@ struct Ctx {
     zipf: Option<Zipf>,
     scanner: Scanner,
     stats: RefCell<Stats>,
+    /// Set at "stop": the never-reading connections are read.
+    drain: watch::Sender<bool>,
+}
+
+/// A connection's parser of incoming bytes.
+enum Reader {
+    Ws(FrameReader),
+    Sse(SseReader),
 }
 
 /// One connection's view: the last sequence per (channel, publisher) stream, and what the
@@ -129,6 +161,8 @@ struct ConnState {
     ws_pongs: Vec<Vec<u8>>,
     close: Option<String>,
     disconnect: Option<u64>,
+    /// SSE: the id-only event that follows the stream's initial events has been read.
+    stream_ready: bool,
 }
 
 thread_local! {
@@ -173,8 +207,18 @@ async fn serve(plan: Plan) -> anyhow::Result<()> {
         first_error: None,
         measure_start: u64::MAX,
         last_measured_ns: 0,
+        slow: 0,
+        slow_done: 0,
+        slow_disconnects: BTreeMap::new(),
     };
-    let ctx = Rc::new(Ctx { plan, url, zipf, scanner: Scanner::new(), stats: RefCell::new(stats) });
+    let ctx = Rc::new(Ctx {
+        plan,
+        url,
+        zipf,
+        scanner: Scanner::new(),
+        stats: RefCell::new(stats),
+        drain: watch::Sender::new(false),
+    });
     let gate = Rc::new(Semaphore::new(ctx.plan.connect_concurrency.max(1)));
     for i in 0..ctx.plan.count {
         tokio::task::spawn_local(connection(Rc::clone(&ctx), ctx.plan.first + i, Rc::clone(&gate)));
@@ -195,6 +239,7 @@ async fn serve(plan: Plan) -> anyhow::Result<()> {
                 send(&FromWorker::Ready {
                     ready: stats.progress.ready,
                     failed: stats.progress.failed,
+                    slow: stats.slow,
                     sub_counts: stats.sub_counts.clone(),
                     first_error: stats.first_error.clone(),
                 });
@@ -207,6 +252,19 @@ async fn serve(plan: Plan) -> anyhow::Result<()> {
         match serde_json::from_str::<ToWorker>(&line) {
             Ok(ToWorker::Measure { start_ns }) => ctx.stats.borrow_mut().measure_start = start_ns,
             Ok(ToWorker::Stop) => {
+                // The never-reading connections are read now: which did the server close?
+                ctx.drain.send_replace(true);
+                let deadline = Instant::now() + SLOW_DRAIN + Duration::from_secs(1);
+                loop {
+                    let (done, slow) = {
+                        let stats = ctx.stats.borrow();
+                        (stats.slow_done, stats.slow)
+                    };
+                    if done >= slow || Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 let result = finish(&ctx);
                 send(&FromWorker::Result(Box::new(result)));
                 std::process::exit(0);
@@ -233,6 +291,8 @@ fn finish(ctx: &Ctx) -> WorkerResult {
     WorkerResult {
         ready: stats.progress.ready,
         failed: stats.progress.failed,
+        slow: stats.slow,
+        slow_disconnects: stats.slow_disconnects.clone(),
         delivered: stats.progress.delivered,
         measured: stats.measured,
         gaps: stats.gaps,
@@ -250,14 +310,23 @@ async fn connection(ctx: Rc<Ctx>, index: usize, gate: Rc<Semaphore>) {
     let subs = plan::subscriptions(&ctx.plan, ctx.zipf.as_ref(), index);
     let ips = &ctx.plan.source_ips;
     let ip = (!ips.is_empty()).then(|| ips[index % ips.len()]);
+    let slow = plan::is_slow(&ctx.plan, index);
     let permit = gate.acquire().await;
-    let setup = tokio::time::timeout(Duration::from_secs(60), setup(&ctx, ip, &subs)).await;
+    let setup = tokio::time::timeout(Duration::from_secs(60), setup(&ctx, ip, &subs, slow)).await;
     drop(permit);
     let (mut stream, mut reader, mut state) = match setup {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => return failed(&ctx, format!("connection {index}: {e:#}")),
         Err(_) => return failed(&ctx, format!("connection {index}: setup timed out after 60 s")),
     };
+    if slow {
+        {
+            let mut stats = ctx.stats.borrow_mut();
+            stats.progress.ready += 1;
+            stats.slow += 1;
+        }
+        return hold_slow(&ctx, &mut stream, &mut reader, &mut state).await;
+    }
     {
         let mut stats = ctx.stats.borrow_mut();
         stats.progress.ready += 1;
@@ -293,43 +362,163 @@ async fn setup(
     ctx: &Ctx,
     ip: Option<std::net::IpAddr>,
     subs: &[u32],
-) -> anyhow::Result<(TcpStream, FrameReader, ConnState)> {
-    let (mut stream, early) = conn::open(&ctx.url, ip).await?;
-    let mut reader = FrameReader::default();
+    slow: bool,
+) -> anyhow::Result<(TcpStream, Reader, ConnState)> {
+    let recv_buffer = slow.then_some(SLOW_RECV_BUFFER);
+    let prefix = &ctx.plan.channel_prefix;
+    let (mut stream, early, mut reader) = match ctx.plan.transport {
+        Transport::Ws => {
+            let (stream, early) = conn::open(&ctx.url, ip, recv_buffer).await?;
+            (stream, early, Reader::Ws(FrameReader::default()))
+        }
+        Transport::Sse => {
+            let names = subs.iter().map(|c| format!("{prefix}{c}"));
+            let (stream, early) = conn::open_sse(&ctx.url, ip, recv_buffer, names).await?;
+            (stream, early, Reader::Sse(SseReader::default()))
+        }
+    };
     let mut state = ConnState::default();
-    if ctx.plan.target == Target::Herald && !subs.is_empty() {
+    if ctx.plan.transport == Transport::Ws && ctx.plan.target == Target::Herald && !subs.is_empty()
+    {
         let mut cmds = String::new();
         for (i, c) in subs.iter().enumerate() {
             if i > 0 {
                 cmds.push('\n');
             }
             cmds.push_str(&format!(
-                "{{\"op\":\"subscribe\",\"id\":{},\"channel\":\"{}{c}\"}}",
-                i + 1,
-                ctx.plan.channel_prefix
+                "{{\"op\":\"subscribe\",\"id\":{},\"channel\":\"{prefix}{c}\"}}",
+                i + 1
             ));
         }
         stream.write_all(&conn::text_frame(cmds.as_bytes())).await?;
     }
     if !early.is_empty() {
         let mut stats = ctx.stats.borrow_mut();
-        let now = plan::unix_nanos();
-        reader.feed(&early, &mut |op, p| on_message(ctx, &mut stats, &mut state, now, op, p))?;
+        feed(ctx, &mut stats, &mut reader, &mut state, plan::unix_nanos(), &early)?;
     }
-    if ctx.plan.target == Target::Herald {
-        while state.replies_ok < subs.len() {
-            if let Some(code) = state.reply_error {
-                anyhow::bail!("subscribe refused with {code}");
-            }
-            if !pump(ctx, &mut stream, &mut reader, &mut state).await? {
-                anyhow::bail!(
-                    "closed while subscribing ({})",
-                    state.close.as_deref().unwrap_or("eof")
-                );
+    match (ctx.plan.transport, ctx.plan.target) {
+        (Transport::Ws, Target::Herald) => {
+            while state.replies_ok < subs.len() {
+                if let Some(code) = state.reply_error {
+                    anyhow::bail!("subscribe refused with {code}");
+                }
+                if !pump(ctx, &mut stream, &mut reader, &mut state).await? {
+                    anyhow::bail!(
+                        "closed while subscribing ({})",
+                        state.close.as_deref().unwrap_or("eof")
+                    );
+                }
             }
         }
+        // Subscribed once the initial events are through: the id-only event ends them.
+        (Transport::Sse, _) => {
+            while !state.stream_ready {
+                if !pump(ctx, &mut stream, &mut reader, &mut state).await? {
+                    anyhow::bail!(
+                        "stream closed before its first id ({})",
+                        state.disconnect.map_or_else(|| "eof".to_owned(), |c| c.to_string())
+                    );
+                }
+            }
+        }
+        (Transport::Ws, Target::Reference) => {}
     }
     Ok((stream, reader, state))
+}
+
+/// Holds a never-reading connection until "stop", then reads what it has and records whether
+/// the server closed it.
+async fn hold_slow(ctx: &Ctx, stream: &mut TcpStream, reader: &mut Reader, state: &mut ConnState) {
+    let mut drain = ctx.drain.subscribe();
+    let _ = drain.wait_for(|&d| d).await;
+    let end = drain_slow(ctx, stream, reader, state).await;
+    // A close frame or a disconnect push says why; else how the socket ended, if it did.
+    let why = state.close.take().or_else(|| state.disconnect.map(|c| c.to_string())).or(end);
+    let mut stats = ctx.stats.borrow_mut();
+    stats.slow_done += 1;
+    if let Some(why) = why {
+        *stats.slow_disconnects.entry(why).or_default() += 1;
+    }
+}
+
+/// Reads a never-reading connection until it ends (`Some("eof")`, `Some("error: ...")`) or
+/// stays quiet for [`SLOW_QUIET`] (`None`: still open), noting a close frame or a `disconnect`
+/// push or event in `state`; publications are not counted.
+async fn drain_slow(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    reader: &mut Reader,
+    state: &mut ConnState,
+) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + SLOW_DRAIN;
+    loop {
+        let quiet = (tokio::time::Instant::now() + SLOW_QUIET).min(deadline);
+        match tokio::time::timeout_at(quiet, stream.readable()).await {
+            Err(_) => return None,
+            Ok(Err(e)) => return Some(format!("error: {e}")),
+            Ok(Ok(())) => {}
+        }
+        let end = READ_BUF.with(|buf| -> Option<String> {
+            let mut buf = buf.borrow_mut();
+            loop {
+                match stream.try_read(&mut buf) {
+                    Ok(0) => return Some("eof".to_owned()),
+                    Ok(n) => {
+                        let fed = match reader {
+                            Reader::Ws(r) => r.feed(&buf[..n], &mut |op, p| match op {
+                                1 => {
+                                    for line in p.split(|&b| b == b'\n') {
+                                        if line.starts_with(b"{\"disconnect\"") {
+                                            state.disconnect = ctx.scanner.code(line);
+                                        }
+                                    }
+                                }
+                                8 => {
+                                    let code =
+                                        (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                                    state.close = Some(
+                                        code.map_or_else(|| "close".to_owned(), |c| c.to_string()),
+                                    );
+                                }
+                                _ => {}
+                            }),
+                            Reader::Sse(r) => r.feed(&buf[..n], &mut |e| {
+                                if e.event == b"disconnect" {
+                                    state.disconnect = ctx.scanner.code(e.data);
+                                }
+                            }),
+                        };
+                        if let Err(e) = fed {
+                            return Some(format!("error: {e}"));
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                    Err(e) => return Some(format!("error: {e}")),
+                }
+            }
+        });
+        if end.is_some() {
+            return end;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// Hands bytes read from the socket to the connection's parser.
+fn feed(
+    ctx: &Ctx,
+    stats: &mut Stats,
+    reader: &mut Reader,
+    state: &mut ConnState,
+    now: u64,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    match reader {
+        Reader::Ws(r) => r.feed(bytes, &mut |op, p| on_message(ctx, stats, state, now, op, p)),
+        Reader::Sse(r) => r.feed(bytes, &mut |e| on_event(ctx, stats, state, now, e)),
+    }
 }
 
 /// Waits for the socket, reads what it has, handles every message; `Ok(false)` at the end of
@@ -337,7 +526,7 @@ async fn setup(
 async fn pump(
     ctx: &Ctx,
     stream: &mut TcpStream,
-    reader: &mut FrameReader,
+    reader: &mut Reader,
     state: &mut ConnState,
 ) -> anyhow::Result<bool> {
     stream.readable().await?;
@@ -349,9 +538,7 @@ async fn pump(
                 Ok(n) => {
                     let now = plan::unix_nanos();
                     let mut stats = ctx.stats.borrow_mut();
-                    reader.feed(&buf[..n], &mut |op, p| {
-                        on_message(ctx, &mut stats, state, now, op, p)
-                    })?;
+                    feed(ctx, &mut stats, reader, state, now, &buf[..n])?;
                     if n < buf.len() {
                         break;
                     }
@@ -399,6 +586,21 @@ fn on_message(
         }
         9 => state.ws_pongs.push(payload.iter().take(125).copied().collect()),
         _ => {}
+    }
+}
+
+/// One event of an SSE stream: `pub`, the id-only event that ends the initial events,
+/// `disconnect` (the server closes next), `reset` (not expected: no stream resumes).
+fn on_event(ctx: &Ctx, stats: &mut Stats, state: &mut ConnState, now: u64, e: SseEvent<'_>) {
+    match e.event {
+        b"pub" => match ctx.scanner.stamp(e.data) {
+            Some(stamp) => record(stats, state, now, stamp),
+            None => stats.unparsed += 1,
+        },
+        b"" if e.id && e.data.is_empty() => state.stream_ready = true,
+        b"disconnect" => state.disconnect = ctx.scanner.code(e.data),
+        b"reset" => {}
+        _ => stats.unparsed += 1,
     }
 }
 
