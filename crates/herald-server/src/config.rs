@@ -79,6 +79,7 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "command_rate", int(1, 1 << 30)),
     ("limits", "command_burst", int(1, 1 << 30)),
     ("limits", "max_batch_publications", int(1, 1 << 24)),
+    ("limits", "socket_send_buffer_bytes", int(0, 1 << 30)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
 ];
@@ -160,6 +161,8 @@ pub struct Config {
     pub limits: Limits,
     /// One HTTP request body; beyond: 413.
     pub max_body_bytes: usize,
+    /// SO_SNDBUF of client sockets (the kernel doubles it); 0 leaves the kernel's autotuning.
+    pub socket_send_buffer: usize,
     /// Authentication.
     pub auth: AuthConfig,
     /// Options of channels in the default namespace and base of every namespace.
@@ -481,6 +484,7 @@ impl Config {
             ),
         };
         let max_body_bytes = limit("max_body_bytes", 8 << 20);
+        let socket_send_buffer = limit("socket_send_buffer_bytes", 256 << 10);
         let channel_defaults = channel_options(t, &[CHANNEL_TABLE], &ChannelOptions::default());
         let mut namespaces = BTreeMap::new();
         if let Some(Value::Table(ns)) = get(t, &[NAMESPACES]) {
@@ -506,6 +510,7 @@ impl Config {
             write_coalescing: get_bool(t, &["write_coalescing"]).unwrap_or(true),
             limits,
             max_body_bytes,
+            socket_send_buffer,
             auth,
             channel_defaults,
             namespaces,

@@ -17,9 +17,14 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// Sets the socket options every client connection gets.
-fn configure(stream: &TcpStream) {
+fn configure(stream: &TcpStream, send_buffer: usize) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(stream);
+    if send_buffer > 0 {
+        // Bounds the kernel's share of a slow reader's backlog (autotuning would let it grow
+        // to tcp_wmem's maximum, several MB per socket, before the outbox bound even starts).
+        let _ = sock.set_send_buffer_size(send_buffer);
+    }
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(Duration::from_secs(10))
@@ -72,7 +77,7 @@ pub async fn run(listener: TcpListener, app: App) {
                 continue;
             }
         };
-        configure(&stream);
+        configure(&stream, app.config.socket_send_buffer);
         let with_peer = router.clone().layer(axum::Extension(PeerAddr(peer)));
         let service = TowerToHyperService::new(with_peer);
         let shutdown = app.shutdown.clone();
@@ -80,7 +85,10 @@ pub async fn run(listener: TcpListener, app: App) {
         app.tracker.spawn(async move {
             // Event streams are served on the raw socket, without HTTP buffers.
             if starts_sse(&stream).await {
-                crate::sse::serve_raw(stream, app2).await;
+                // Its own task, sized for the stream alone: this one is sized for hyper's
+                // connection future and would stay that large for the stream's whole life.
+                let tracker = app2.tracker.clone();
+                tracker.spawn(crate::sse::serve_raw(stream, app2));
                 return;
             }
             let conn = http1::Builder::new()

@@ -42,7 +42,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Most iovecs handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 /// How long a stream may take to send its last event when it is closed by the server.
-const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// How long the hyper path waits for a stalled client to take the next chunk.
 const HYPER_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnection delay advised to browsers (`retry:`), in milliseconds.
@@ -488,18 +488,20 @@ async fn read_head(stream: &mut TcpStream) -> Result<(String, Option<String>), A
 
 /// Serves one `GET /sse` on the raw socket: response head, then events until the client goes.
 pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
-    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut stream)).await;
+    // The set-up futures are boxed: inline they would sit in every idle stream's task.
+    let head =
+        tokio::time::timeout(Duration::from_secs(10), Box::pin(read_head(&mut stream))).await;
     let (path, last) = match head {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return write_error(&mut stream, e).await,
+        Ok(Err(e)) => return Box::pin(write_error(&mut stream, e)).await,
         Err(_) => return,
     };
     let query = path.split_once('?').map(|(_, q)| q);
     let request = SseRequest::parse(query, last);
     let ip = stream.peer_addr().ok().map(|a| a.ip());
-    let mut sse_stream = match SseStream::open(&app, request, ip).await {
+    let mut sse_stream = match Box::pin(SseStream::open(&app, request, ip)).await {
         Ok(s) => s,
-        Err(e) => return write_error(&mut stream, e).await,
+        Err(e) => return Box::pin(write_error(&mut stream, e)).await,
     };
     let metrics = app.node.metrics.clone();
     metrics.connections.fetch_add(1, Ordering::Relaxed);
@@ -569,7 +571,7 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
             _ = tokio::time::sleep_until(deadline), if !open => break,
         }
     }
-    sse_stream.close().await;
+    Box::pin(sse_stream.close()).await;
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(stream = sse_stream.id, "sse stream closed");
 }
