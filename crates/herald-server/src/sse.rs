@@ -40,7 +40,7 @@ const MAX_PING_INTERVAL: Duration = Duration::from_secs(25);
 /// Largest request head read on the raw path.
 const MAX_HEAD: usize = 16 * 1024;
 /// Most iovecs handed to one `writev`.
-const MAX_IOVECS: usize = 64;
+const MAX_IOVECS: usize = 512;
 /// How long a stream may take to send its last event when it is closed by the server.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// How long the hyper path waits for a stalled client to take the next chunk.
