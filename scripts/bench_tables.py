@@ -103,13 +103,14 @@ def main():
     rest = [r for r in rows if not (r["scenario"] == "idle" or (r["scenario"] == "fanout" and r.get("label") in ("herald ws", "reference ws")))]
     if rest:
         out += ["### Other runs", "",
-                "| label | scenario | connections | channels | msg/s offered | publications/s | deliveries/s | p50 ms | p99 ms | lost | disconnects | 503s |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+                "| label | scenario | connections | channels | payload B | msg/s offered | publications/s | deliveries/s | p50 ms | p99 ms | lost | disconnects | slow readers (cut) | 503s |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in rest:
             l = r["latency_us"]
-            out.append(f"| {r.get('label','')} | {r['scenario']} | {r['connections']:,} | {r.get('channels', 1)} | {r.get('rate_offered', 0):g} | "
+            slow = f"{r.get('slow_connections', 0)} ({r.get('slow_disconnected', 0)})" if r.get('slow_connections') else "-"
+            out.append(f"| {r.get('label','')} | {r['scenario']} | {r['connections']:,} | {r.get('channels', 1)} | {r.get('payload', 100)} | {r.get('rate_offered', 0):g} | "
                        f"{fmt(r['publications_per_sec'])} | {fmt(r['deliveries_per_sec'])} | {ms(l['p50'] or None)} | {ms(l['p99'] or None)} | "
-                       f"{r['lost']} | {json.dumps(r.get('disconnects', {}))} | {r.get('publish_503s', 0)} |")
+                       f"{r['lost']} | {json.dumps(r.get('disconnects', {}))} | {slow} | {r.get('publish_503s', 0)} |")
         out.append("")
     print("\n".join(out))
 
