@@ -522,11 +522,7 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
     let ping = tokio::time::sleep(interval);
     tokio::pin!(ping);
     let mut close_by: Option<Instant> = None;
-    loop {
-        let flushed = match writer.flush(&stream, &mut sse_stream) {
-            Ok(f) => f,
-            Err(_) => break,
-        };
+    while let Ok(flushed) = writer.flush(&stream, &mut sse_stream) {
         if close_by.is_some() && flushed && sse_stream.outbox.pending_bytes() == 0 {
             break;
         }

@@ -1,6 +1,7 @@
 //! Misbehaving clients never cost the others: a client that never reads is cut with 4008 while
 //! the others receive everything in order; floods of subscriptions, commands and connections
 //! hit their limits; a conflated channel gives a slow reader the newest value.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
