@@ -380,11 +380,14 @@ impl<T: Item> Outbox<T> {
         self.notify.notify_one();
     }
 
-    /// Starts closing: drops every pending frame (the client recovers them), queues `finals`
-    /// (the disconnect push, the close frame) and refuses everything pushed afterwards, so the
-    /// finals are the last frames on the wire.
-    pub fn finish(&self, finals: impl IntoIterator<Item = T>) {
-        self.discard();
+    /// Starts closing: queues `finals` (the disconnect push, the close frame) and refuses
+    /// everything pushed afterwards, so the finals are the last frames on the wire. With
+    /// `drop_pending` the frames still pending go first (a slow consumer recovers them from
+    /// history); without, they are written before the finals (a shutdown drains).
+    pub fn finish(&self, finals: impl IntoIterator<Item = T>, drop_pending: bool) {
+        if drop_pending {
+            self.discard();
+        }
         let mut inner = self.inner.lock();
         if inner.state == OutboxState::Closed {
             return;

@@ -430,20 +430,24 @@ fn tokio_stream_from(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
 
-/// Queues the `disconnect` event that ends a stream, dropping what is pending (the client
-/// resumes from its last id).
+/// Queues the `disconnect` event that ends a stream: after what is pending on shutdown, else
+/// dropping it (the client resumes from its last id).
 fn close_stream(stream: &SseStream, code: CloseCode) {
     stream.app.node.metrics.disconnect(code);
-    stream.outbox.finish([SseItem {
-        channel: None,
-        offset: None,
-        epoch: None,
-        body: Bytes::from(sse::encode_disconnect_event(
-            code.as_u16(),
-            code.reason(),
-            code.reconnect(),
-        )),
-    }]);
+    let drop_pending = code != CloseCode::Shutdown;
+    stream.outbox.finish(
+        [SseItem {
+            channel: None,
+            offset: None,
+            epoch: None,
+            body: Bytes::from(sse::encode_disconnect_event(
+                code.as_u16(),
+                code.reason(),
+                code.reconnect(),
+            )),
+        }],
+        drop_pending,
+    );
 }
 
 /// True when the first bytes of a request are `GET /sse` followed by `?` or a space.

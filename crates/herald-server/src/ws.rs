@@ -344,23 +344,30 @@ impl Connection {
         tracing::debug!(conn = session.id(), code = ?self.closing, "websocket closed");
     }
 
-    /// Queues the `disconnect` push and the close frame, dropping pending publications (the
-    /// client recovers them from history), and bounds the time left to flush.
+    /// Queues the `disconnect` push and the close frame and bounds the time left to flush. On
+    /// shutdown (4000) what is already queued goes out first; otherwise pending publications
+    /// are dropped (the client recovers them from history).
     fn start_close(&mut self, code: CloseCode) {
         if self.close_by.is_some() {
             return;
         }
         self.closing = Some(code);
         self.app.node.metrics.disconnect(code);
-        // Keep a partly written frame (cutting it would corrupt the stream), drop the rest.
-        let keep = usize::from(!self.writing.is_empty());
-        let dropped: usize = self.writing.drain(keep..).map(|b| b.len()).sum();
-        self.outbox.forget(dropped);
+        let drop_pending = code != CloseCode::Shutdown;
+        if drop_pending {
+            // Keep a partly written frame (cutting it would corrupt the stream), drop the rest.
+            let keep = usize::from(!self.writing.is_empty());
+            let dropped: usize = self.writing.drain(keep..).map(|b| b.len()).sum();
+            self.outbox.forget(dropped);
+        }
         let disconnect = push::encode_disconnect(code);
-        self.outbox.finish([
-            ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect),
-            ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()),
-        ]);
+        self.outbox.finish(
+            [
+                ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect),
+                ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()),
+            ],
+            drop_pending,
+        );
         self.close_by = Some(Instant::now() + CLOSE_FLUSH);
     }
 
@@ -422,7 +429,7 @@ impl Connection {
                 ws::Message::Close(_) => {
                     // The client closes: answer with a normal close frame and end.
                     self.close_by = Some(Instant::now() + CLOSE_FLUSH);
-                    self.outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")]);
+                    self.outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")], true);
                     break;
                 }
             }
