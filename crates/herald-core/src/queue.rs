@@ -160,35 +160,29 @@ impl<T: Item> Outbox<T> {
     /// recovery reply may be large; refusing it would make the client reconnect and ask for
     /// the same reply again).
     pub fn push_reply(&self, frame: T) -> Result<(), PushError> {
-        let mut inner = self.inner.lock();
-        match inner.state {
-            OutboxState::Open => {}
-            OutboxState::Overflowed => return Err(PushError::Overflow),
-            OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
-        }
-        if inner.pending_bytes >= self.max_bytes {
-            inner.state = OutboxState::Overflowed;
-            drop(inner);
-            self.notify.notify_one();
-            return Err(PushError::Overflow);
-        }
-        let len = frame.wire_len();
-        let was_empty = inner.frames.is_empty();
-        inner.pending_bytes += len;
-        inner.queued_bytes += len;
-        inner.frames.push_back(frame);
-        let counted = if inner.blocked { 0 } else { len };
-        drop(inner);
+        let max = self.max_bytes;
+        let counted = self.enqueue(frame, |inner, _| inner.pending_bytes < max)?;
         self.add_backlog(counted);
-        if was_empty {
-            self.notify.notify_one();
-        }
         Ok(())
     }
 
     /// [`Outbox::push`] for fan-out: returns the bytes the caller must add to the node backlog
     /// (summed over every subscriber, to touch the shared counter once per publication).
     pub fn push_shared(&self, frame: T) -> Result<usize, PushError> {
+        let (max_bytes, max_messages) = (self.max_bytes, self.max_messages);
+        self.enqueue(frame, |inner, len| {
+            (inner.pending_bytes == 0 || inner.pending_bytes + len <= max_bytes)
+                && inner.frames.len() < max_messages
+        })
+    }
+
+    /// Appends `frame` if the queue is open and `fits` says it may take it, else turns the
+    /// queue overflowed; returns the bytes that count towards the node backlog.
+    fn enqueue(
+        &self,
+        frame: T,
+        fits: impl FnOnce(&Inner<T>, usize) -> bool,
+    ) -> Result<usize, PushError> {
         let mut inner = self.inner.lock();
         match inner.state {
             OutboxState::Open => {}
@@ -196,9 +190,7 @@ impl<T: Item> Outbox<T> {
             OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
         }
         let len = frame.wire_len();
-        if (inner.pending_bytes > 0 && inner.pending_bytes + len > self.max_bytes)
-            || inner.frames.len() >= self.max_messages
-        {
+        if !fits(&inner, len) {
             inner.state = OutboxState::Overflowed;
             drop(inner);
             self.metrics.limit(LimitKind::Queue);

@@ -104,16 +104,29 @@ pub(crate) fn write_u64(out: &mut Vec<u8>, n: u64) {
 /// `{"pub":{"channel":"C","offset":N,"data":<raw>}}`; `offset` omitted when `None`.
 pub fn encode_pub(channel: &str, offset: Option<u64>, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + channel.len() + data.len());
-    out.extend_from_slice(b"{\"pub\":{\"channel\":");
-    write_str(&mut out, channel);
+    out.extend_from_slice(b"{\"pub\":");
+    write_publication(&mut out, channel, offset, data);
+    out.push(b'}');
+    out
+}
+
+/// Writes `{"channel":"C","offset":N,"data":<raw>}` (`offset` omitted when `None`): the body of
+/// a `pub` push and of an SSE `pub` event.
+pub(crate) fn write_publication(
+    out: &mut Vec<u8>,
+    channel: &str,
+    offset: Option<u64>,
+    data: &[u8],
+) {
+    out.extend_from_slice(b"{\"channel\":");
+    write_str(out, channel);
     if let Some(offset) = offset {
         out.extend_from_slice(b",\"offset\":");
-        write_u64(&mut out, offset);
+        write_u64(out, offset);
     }
     out.extend_from_slice(b",\"data\":");
-    write_raw_json(&mut out, data);
-    out.extend_from_slice(b"}}");
-    out
+    write_raw_json(out, data);
+    out.push(b'}');
 }
 
 /// `{"ping":{}}`.

@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 
 use crate::command::StreamPosition;
-use crate::push::{write_raw_json, write_str, write_u64};
+use crate::push::{write_publication, write_str, write_u64};
 
 /// A comment line keeping the stream (and proxies) alive.
 pub const PING: &[u8] = b": ping\n\n";
@@ -34,15 +34,9 @@ pub const PING: &[u8] = b": ping\n\n";
 /// `event: pub` with the publication as `data:`, ending with the blank line.
 pub fn encode_pub_event(channel: &str, offset: Option<u64>, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + channel.len() + data.len());
-    out.extend_from_slice(b"event: pub\ndata: {\"channel\":");
-    write_str(&mut out, channel);
-    if let Some(offset) = offset {
-        out.extend_from_slice(b",\"offset\":");
-        write_u64(&mut out, offset);
-    }
-    out.extend_from_slice(b",\"data\":");
-    write_raw_json(&mut out, data);
-    out.extend_from_slice(b"}\n\n");
+    out.extend_from_slice(b"event: pub\ndata: ");
+    write_publication(&mut out, channel, offset, data);
+    out.extend_from_slice(b"\n\n");
     out
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream as StdTcpStream;
 use std::time::{Duration, Instant};
 
@@ -15,22 +15,7 @@ use serde_json::json;
 
 /// A subscriber that never reads, on a socket with tiny buffers.
 fn never_reader(server: &Server, channel: &str) -> StdTcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.addr.into()).unwrap();
-    let mut stream: StdTcpStream = socket.into();
-    let key = ws::client_key();
-    write!(
-        stream,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
+    let mut stream = common::raw_ws(server, 4096);
     let cmd = format!(r#"{{"op":"subscribe","id":1,"channel":"{channel}"}}"#);
     stream.write_all(&ws::encode_frame(Role::Client, Opcode::Text, cmd.as_bytes())).unwrap();
     stream

@@ -24,25 +24,10 @@ struct RawWs {
 
 impl RawWs {
     fn connect(server: &Server, rcvbuf: usize) -> RawWs {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(rcvbuf).unwrap();
-        socket.connect(&server.addr.into()).unwrap();
-        let mut stream: StdTcpStream = socket.into();
-        let key = ws::client_key();
-        write!(
-            stream,
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
+        RawWs {
+            stream: common::raw_ws(server, rcvbuf),
+            decoder: ws::Decoder::new(Role::Client, 1 << 24),
         }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        RawWs { stream, decoder: ws::Decoder::new(Role::Client, 1 << 24) }
     }
 
     fn send(&mut self, text: &str) {

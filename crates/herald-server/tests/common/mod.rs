@@ -160,3 +160,27 @@ pub fn run_herald(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) 
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A raw WebSocket connection on a blocking socket whose receive buffer is `rcvbuf` bytes: the
+/// handshake is done, nothing else is read. For clients that misbehave on purpose.
+pub fn raw_ws(server: &Server, rcvbuf: usize) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    let key = herald_protocol::ws::client_key();
+    write!(
+        stream,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    stream
+}
