@@ -241,8 +241,10 @@ impl Hub {
         let Some(i) = entry.pending.iter().position(|p| p.id == id) else {
             return Err(PushError::Closed);
         };
+        // The reply first; if it cannot be queued the subscriber stays pending, so the
+        // caller's unsubscribe finds it (and drops the channel when it was the last).
+        prelude(&entry.pending[i].sink)?;
         let pending = entry.pending.swap_remove(i);
-        prelude(&pending.sink)?;
         let mut backlog = 0;
         let conflate = entry.conflate;
         for publication in &pending.buffered {
@@ -253,7 +255,12 @@ impl Hub {
                 _ => true,
             };
             if newer {
-                backlog += Encoded::new(channel, publication).push(&pending.sink, conflate)?;
+                // An overflow here marks the queue: the connection is cut with 4008 and its
+                // close unsubscribes it like any live subscriber.
+                match Encoded::new(channel, publication).push(&pending.sink, conflate) {
+                    Ok(counted) => backlog += counted,
+                    Err(_) => break,
+                }
                 self.metrics.deliveries_out.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -152,6 +152,8 @@ impl Session {
             match decoded {
                 Ok(cmd) => self.handle(cmd).await?,
                 Err(DecodeError::Reply { id, code, message }) => {
+                    // A command it was, if a bad one: a later `connect` is not the first.
+                    self.started = true;
                     self.reply(id, Reply::Error(code, message))?;
                 }
                 Err(DecodeError::Fatal { message }) => {
@@ -172,6 +174,11 @@ impl Session {
             // Only `pong` comes without id; liveness is tracked by the transport.
             return Ok(());
         };
+        let needs_auth = !matches!(cmd.kind, CommandKind::Connect { .. });
+        if needs_auth && self.user.is_none() && !self.node.auth.allow_anonymous {
+            let message = "anonymous connections are not allowed: connect with a token first";
+            return self.reply(id, Reply::Error(ErrorCode::Unauthenticated, message.into()));
+        }
         if !allowed {
             let limits = &self.node.limits;
             let message = format!(
@@ -302,7 +309,23 @@ impl Session {
                 return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
             }
         };
-        let recovered = query.since.is_some() && page.complete;
+        let mut page = page;
+        // A recovery reply must leave room in the queue for the live publications that follow
+        // it; what does not fit is cut (oldest kept) and the reply says `recovered: false`, so
+        // the client pages the rest with `history` instead of being cut with 4008 for ever.
+        let budget = (node.limits.max_queue_bytes / 2).saturating_sub(self.outbox.pending_bytes());
+        let mut used = 0;
+        let fit = page
+            .publications
+            .iter()
+            .take_while(|p| {
+                used += p.data.len() + 32;
+                used <= budget
+            })
+            .count();
+        let cut = fit < page.publications.len();
+        page.publications.truncate(fit);
+        let recovered = query.since.is_some() && page.complete && !cut;
         let refs = publication_refs(&page);
         let ok =
             ReplyOk::Subscribe { position: page.position.as_ref(), recovered, publications: &refs };
@@ -333,9 +356,10 @@ impl Session {
     async fn unsubscribe(&mut self, id: u32, channel: &ChannelName) -> Reply {
         if let Some(i) = self.subscriptions.iter().position(|c| c == channel) {
             self.subscriptions.swap_remove(i);
-            self.outbox.drop_conflated(channel);
             self.node.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
             self.abandon(channel).await;
+            // After leaving the hub: no publication can refill the slot behind the reply.
+            self.outbox.drop_conflated(channel);
         }
         Reply::Ok(push::encode_reply_ok(id, &ReplyOk::Unsubscribe))
     }
@@ -349,6 +373,12 @@ impl Session {
             return Reply::Error(
                 ErrorCode::PermissionDenied,
                 format!("clients may not publish to {channel}"),
+            );
+        }
+        if !channel.is_user_allowed(self.user.as_deref().unwrap_or("")) {
+            return Reply::Error(
+                ErrorCode::PermissionDenied,
+                format!("{channel} is limited to other users"),
             );
         }
         match self.node.publish(channel, data).await {

@@ -146,8 +146,9 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 
 #[derive(Deserialize)]
 struct BatchIn<'a> {
+    /// Each item is parsed on its own, so one bad item fails alone.
     #[serde(borrow)]
-    publications: Option<Vec<PublicationIn<'a>>>,
+    publications: Option<Vec<&'a RawValue>>,
 }
 
 fn json_error(e: serde_json::Error) -> ApiError {
@@ -208,8 +209,14 @@ async fn batch(
         ));
     }
     let mut results = Vec::with_capacity(publications.len());
-    for p in &publications {
-        results.push(match publish_one(&app, p).await {
+    for item in &publications {
+        let parsed = serde_json::from_str::<PublicationIn<'_>>(item.get())
+            .map_err(|e| ApiError::bad_request(format!("bad publication: {e}")));
+        let outcome = match parsed {
+            Ok(p) => publish_one(&app, &p).await,
+            Err(e) => Err(e),
+        };
+        results.push(match outcome {
             Ok(v) => v,
             Err(e) => {
                 app.node.metrics.error(

@@ -98,7 +98,11 @@ pub fn sign_hs256(secret: &[u8], claims: &serde_json::Value) -> String {
 /// True when the `Authorization` header value is `Bearer <expected>`; constant time in the key.
 pub fn is_api_key_valid(expected: &str, authorization: Option<&[u8]>) -> bool {
     let Some(value) = authorization else { return false };
-    let Some(given) = value.strip_prefix(b"Bearer ") else { return false };
+    // The scheme is case-insensitive (RFC 7235); the key is not.
+    if value.len() < 7 || !value[..7].eq_ignore_ascii_case(b"bearer ") {
+        return false;
+    }
+    let given = value[7..].trim_ascii();
     given.ct_eq(expected.as_bytes()).into()
 }
 
@@ -138,6 +142,8 @@ mod tests {
     #[test]
     fn api_key() {
         assert!(is_api_key_valid("k", Some(b"Bearer k")));
+        assert!(is_api_key_valid("k", Some(b"bearer k")));
+        assert!(!is_api_key_valid("k", Some(b"Basic k")));
         assert!(!is_api_key_valid("k", Some(b"Bearer kk")));
         assert!(!is_api_key_valid("k", Some(b"k")));
         assert!(!is_api_key_valid("k", None));

@@ -13,6 +13,9 @@ use crate::app::App;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// How long a client has to send a complete HTTP request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Idle time before TCP keepalive probes start, so half-open connections do not accumulate.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
@@ -92,6 +95,9 @@ pub async fn run(listener: TcpListener, app: App) {
                 return;
             }
             let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                // A request head must arrive within this (slowloris connections are dropped).
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();

@@ -121,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if config.auth.hmac_secret.as_ref().is_some_and(|s| s.len() < 32) {
+        tracing::warn!("auth.hmac_secret is shorter than 32 bytes: tokens are easier to forge");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

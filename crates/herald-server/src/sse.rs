@@ -37,8 +37,8 @@ use crate::app::App;
 
 /// Longest interval between `: ping` comments (the contract says at least every 30 s).
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(25);
-/// Largest request head read on the raw path.
-const MAX_HEAD: usize = 16 * 1024;
+/// Largest request head read on the raw path (a `Last-Event-ID` grows with the channels).
+const MAX_HEAD: usize = 64 * 1024;
 /// Most iovecs handed to one `writev`.
 const MAX_IOVECS: usize = 512;
 /// How long a stream may take to send its last event when it is closed by the server.
@@ -177,6 +177,7 @@ impl SseStream {
         // Subscribe everything first (pending: live publications are buffered), read history,
         // then queue: retry advice, the reset event, recovered publications, live.
         let mut plans = Vec::with_capacity(channels.len());
+        let mut recovery_budget = node.limits.max_queue_bytes / 2;
         let mut reset = Vec::new();
         for (i, channel) in channels.iter().enumerate() {
             let options = node.options(channel)?.publish_options();
@@ -197,12 +198,14 @@ impl SseStream {
                     return Err(ApiError::new(503, e.to_string()));
                 }
             };
-            // A recovery larger than half the stream's queue bound would not fit next to live
-            // traffic: the client is told to reset instead (never a stream that cannot open).
+            // What the stream recovers in all must fit in half its queue bound next to live
+            // traffic: a channel that would not fit is reset instead (a stream always opens).
             let recovered_bytes: usize = page.publications.iter().map(|p| p.data.len() + 64).sum();
-            let recovered = query.since.is_some()
-                && page.complete
-                && recovered_bytes <= node.limits.max_queue_bytes / 2;
+            let recovered =
+                query.since.is_some() && page.complete && recovery_budget >= recovered_bytes;
+            if recovered {
+                recovery_budget -= recovered_bytes;
+            }
             if mentioned.is_some() && !recovered {
                 reset.push(channel.as_str().to_string());
             }
@@ -265,6 +268,8 @@ impl SseStream {
     }
 
     async fn abandon_all(&self) {
+        // Closing the queue also takes what it held out of the node's backlog.
+        self.outbox.close();
         self.app.node.registry.unregister(self.id);
         for channel in &self.channels {
             if self.app.node.hub.unsubscribe(channel, self.id) {
@@ -430,11 +435,11 @@ fn tokio_stream_from(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
 
-/// Queues the `disconnect` event that ends a stream: after what is pending on shutdown, else
-/// dropping it (the client resumes from its last id).
+/// Queues the `disconnect` event that ends a stream, after what is pending, except for a slow
+/// consumer (4008), whose pending events are dropped (it resumes from its last id).
 fn close_stream(stream: &SseStream, code: CloseCode) {
     stream.app.node.metrics.disconnect(code);
-    let drop_pending = code != CloseCode::Shutdown;
+    let drop_pending = code == CloseCode::SlowConsumer;
     stream.outbox.finish(
         [SseItem {
             channel: None,

@@ -344,16 +344,17 @@ impl Connection {
         tracing::debug!(conn = session.id(), code = ?self.closing, "websocket closed");
     }
 
-    /// Queues the `disconnect` push and the close frame and bounds the time left to flush. On
-    /// shutdown (4000) what is already queued goes out first; otherwise pending publications
-    /// are dropped (the client recovers them from history).
+    /// Queues the `disconnect` push and the close frame and bounds the time left to flush. What
+    /// is already queued goes out first (replies to the commands before a bad one, the drain
+    /// of a shutdown), except for a slow consumer (4008), whose pending publications are
+    /// dropped: it recovers them from history.
     fn start_close(&mut self, code: CloseCode) {
         if self.close_by.is_some() {
             return;
         }
         self.closing = Some(code);
         self.app.node.metrics.disconnect(code);
-        let drop_pending = code != CloseCode::Shutdown;
+        let drop_pending = code == CloseCode::SlowConsumer;
         if drop_pending {
             // Keep a partly written frame (cutting it would corrupt the stream), drop the rest.
             let keep = usize::from(!self.writing.is_empty());

@@ -72,13 +72,21 @@ async fn publish_and_batch_answers() {
         .await
         .expect("batch");
     let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5);
     assert_eq!(results[0], json!({"offset": 2, "epoch": epoch}));
     assert_eq!(results[1]["error"]["code"], json!(400));
     assert_eq!(results[2]["error"]["code"], json!(404));
     assert_eq!(results[3]["error"]["code"], json!(413));
     assert_eq!(results[4], json!({"offset": 3, "epoch": epoch}));
 
-    for (offset, data) in [(1, json!({"a": 1})), (2, json!(2)), (3, json!(5))] {
+    // A wrongly typed item fails alone.
+    let body = br#"{"publications":[{"channel":5,"data":1},{"channel":"hist:x","data":6}]}"#;
+    let (status, _, answer) = api.request("POST", "/api/batch", Some(body)).await.expect("batch");
+    assert_eq!(status, 200);
+    let answer = body_json(&answer);
+    assert_eq!(answer["results"][0]["error"]["code"], json!(400));
+    assert_eq!(answer["results"][1], json!({"offset": 4, "epoch": epoch}));
+    for (offset, data) in [(1, json!({"a": 1})), (2, json!(2)), (3, json!(5)), (4, json!(6))] {
         let (channel, o, d) = events.next_pub(TIMEOUT).await.expect("pub");
         assert_eq!((channel.as_str(), o, d), ("hist:x", Some(offset), data));
     }

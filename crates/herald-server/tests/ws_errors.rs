@@ -206,10 +206,37 @@ async fn websocket_ping_is_answered_and_client_close_is_clean() {
 #[tokio::test]
 async fn anonymous_connections_can_be_forbidden() {
     let config = "[auth]\nallow_anonymous = false\nhmac_secret = \"0123456789abcdef0123\"\n";
-    let server = Server::start(config, &[]);
+    let server =
+        Server::start(&format!("{config}[channel_defaults]\nclient_publish = true\n"), &[]);
     let (c, _e) = raw_client(&server).await;
     expect_reply_error(&c, 1, r#"{"op":"connect","id":1}"#, 401).await;
     expect_reply_error(&c, 2, r#"{"op":"subscribe","id":2,"channel":"a"}"#, 401).await;
+    expect_reply_error(&c, 3, r#"{"op":"publish","id":3,"channel":"a","data":1}"#, 401).await;
+    expect_reply_error(&c, 4, r#"{"op":"history","id":4,"channel":"a"}"#, 401).await;
+}
+
+#[tokio::test]
+async fn clients_may_not_publish_into_channels_limited_to_other_users() {
+    let secret = "0123456789abcdef0123";
+    let config =
+        format!("[auth]\nhmac_secret = \"{secret}\"\n[channel_defaults]\nclient_publish = true\n");
+    let server = Server::start(&config, &[]);
+    let bob = herald_server::auth::sign_hs256(secret.as_bytes(), &json!({"sub": "bob"}));
+    let options = ConnectOptions { token: Some(bob), ..Default::default() };
+    let (c, _e, _) = Client::connect(&server.ws_url(), options).await.expect("connect");
+    match c.publish("inbox#alice", &json!("spoofed")).await {
+        Err(ClientError::Reply { code: 403, .. }) => {}
+        other => panic!("expected 403, got {other:?}"),
+    }
+    c.publish("inbox#alice,bob", &json!("ok")).await.expect("bob is listed");
+    let (anon, _ea) = raw_client(&server).await;
+    expect_reply_error(
+        &anon,
+        9,
+        r#"{"op":"publish","id":9,"channel":"inbox#alice","data":1}"#,
+        403,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -259,3 +259,50 @@ async fn history_op_and_api_page_through_retained_publications() {
     let metrics = String::from_utf8_lossy(&metrics).to_string();
     assert!(metrics.contains("herald_history_publications 5"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_recovery_too_large_for_the_queue_is_cut_not_a_4008_loop() {
+    // 1,000 publications of ~1 KB retained, a 256 KiB queue: the whole recovery cannot fit.
+    let config = "[limits]\nmax_queue_bytes = 262144\n[namespaces.big]\nhistory_size = 1000\n";
+    let server = Server::start(config, &[]);
+    let mut api = server.api().await;
+    let pad = "q".repeat(1000);
+    let mut epoch = String::new();
+    for chunk in (1..=1000u64).collect::<Vec<_>>().chunks(100) {
+        let batch: Vec<(String, Value)> =
+            chunk.iter().map(|i| ("big:r".to_string(), json!({"i": i, "pad": pad}))).collect();
+        let r = api.batch(&batch).await.expect("batch");
+        epoch = r["results"][0]["epoch"].as_str().expect("epoch").to_string();
+    }
+    for _attempt in 0..2 {
+        let (client, mut events) = server.client().await;
+        // Three large recoveries in one frame, then live traffic.
+        let frame = (1..=3)
+            .map(|k| {
+                json!({"op": "subscribe", "id": 100 + k, "channel": format!("big:{}", ["r", "s", "t"][k as usize - 1]),
+                       "since": {"offset": 0, "epoch": epoch}})
+                .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        client.send_text(&frame).await.expect("send");
+        // Commands are handled in order: once this reply is in, the three are subscribed.
+        let sub = client.subscribe("big:u", None).await.expect("still connected");
+        assert!(!sub.recovered);
+        let r = api.publish("big:r", &json!({"live": true})).await.expect("publish");
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.expect("live publication, no 4008");
+        assert_eq!(offset, r["offset"].as_u64());
+        assert_eq!(data, json!({"live": true}));
+        client.close().await;
+    }
+    // The cut reply says so and keeps the oldest; `history` pages the rest.
+    let (client, _events) = server.client().await;
+    let sub = client.subscribe("big:r", Some(pos(0, &epoch))).await.expect("subscribe");
+    assert!(!sub.recovered, "a cut recovery is not complete");
+    assert!(!sub.publications.is_empty() && sub.publications.len() < 1000);
+    // Two live publications trimmed offsets 1 and 2 from the 1,000 kept: the oldest is 3.
+    assert_eq!(sub.publications[0].0, Some(3));
+    let last = sub.publications.last().and_then(|p| p.0).expect("offset");
+    let next = client.history("big:r", Some(pos(last, &epoch)), Some(10)).await.expect("history");
+    assert_eq!(next["publications"][0]["offset"], json!(last + 1));
+}
