@@ -51,7 +51,7 @@ impl Default for Limits {
             max_message_bytes: 65536,
             max_publication_bytes: 1 << 20,
             max_queue_bytes: 1 << 20,
-            max_backlog_bytes: 64 << 20,
+            max_backlog_bytes: 256 << 20,
             publish_timeout: Duration::from_secs(2),
             max_queue_messages: 16384,
             max_subscriptions_per_connection: 1024,
