@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -157,13 +157,31 @@ struct ChannelEntry {
     pending: Vec<Pending>,
     /// Slow subscribers keep only the newest pending publication (namespace `conflate`).
     conflate: bool,
-    /// Live subscribers found lagging by the last broadcast.
-    lagging: usize,
+    /// Most live subscribers were found lagging (by the last broadcast or refresh).
+    congested: bool,
 }
 
 impl ChannelEntry {
     fn len(&self) -> usize {
         self.live.len() + self.pending.len()
+    }
+
+    /// Whether lagging subscribers of this channel may make its publishers wait.
+    fn can_throttle(&self) -> bool {
+        !self.conflate && self.live.len() >= MIN_SUBSCRIBERS_TO_THROTTLE
+    }
+
+    /// Records whether most live subscribers lag, keeping the hub's count of congested
+    /// channels in step.
+    fn set_congested(&mut self, congested: bool, count: &AtomicUsize) {
+        if self.congested != congested {
+            self.congested = congested;
+            if congested {
+                count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -174,6 +192,8 @@ pub struct Hub {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     metrics: Arc<Metrics>,
+    /// Channels currently congested: while zero, publishers need not look (no lock taken).
+    congested: AtomicUsize,
 }
 
 impl std::fmt::Debug for Hub {
@@ -195,6 +215,7 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
             metrics,
+            congested: AtomicUsize::new(0),
         }
     }
 
@@ -284,6 +305,7 @@ impl Hub {
             return false;
         }
         if entry.len() == 0 {
+            entry.set_congested(false, &self.congested);
             channels.remove(channel);
             self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
             return true;
@@ -306,20 +328,17 @@ impl Hub {
     /// publisher should wait instead of the subscribers being cut one by one. With `refresh`,
     /// the subscribers are looked at now; without, the last broadcast's count is used.
     pub fn is_congested(&self, channel: &ChannelName, refresh: bool) -> bool {
-        let mut channels = self.shard(channel).lock();
-        let Some(entry) = channels.get_mut(channel) else { return false };
-        if entry.conflate || entry.live.len() < MIN_SUBSCRIBERS_TO_THROTTLE {
+        if !refresh && self.congested.load(Ordering::Relaxed) == 0 {
             return false;
         }
+        let mut channels = self.shard(channel).lock();
+        let Some(entry) = channels.get_mut(channel) else { return false };
         if refresh {
-            entry.lagging = entry.live.iter().filter(|s| s.sink.is_lagging()).count();
+            let congested = entry.can_throttle()
+                && entry.live.iter().filter(|s| s.sink.is_lagging()).count() * 2 > entry.live.len();
+            entry.set_congested(congested, &self.congested);
         }
-        entry.lagging * 2 > entry.live.len()
-    }
-
-    /// Local subscribers of `channel`.
-    pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
-        self.shard(channel).lock().get(channel).map_or(0, ChannelEntry::len)
+        entry.congested
     }
 }
 
@@ -331,15 +350,20 @@ impl BrokerHandler for Hub {
         };
         let mut encoded = Encoded::new(channel, publication);
         let mut backlog = 0;
+        // Lag is only looked at where it may throttle the publishers.
+        let throttle = entry.can_throttle();
         let mut lagging = 0;
         for sub in &entry.live {
             // A refused push marks the queue overflowed; its writer disconnects with 4008.
             if let Ok(counted) = encoded.push(&sub.sink, entry.conflate) {
                 backlog += counted;
             }
-            lagging += usize::from(sub.sink.is_lagging());
+            if throttle {
+                lagging += usize::from(sub.sink.is_lagging());
+            }
         }
-        entry.lagging = lagging;
+        let congested = throttle && lagging * 2 > entry.live.len();
+        entry.set_congested(congested, &self.congested);
         self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
         self.metrics.deliveries_out.fetch_add(entry.live.len() as u64, Ordering::Relaxed);
         for pending in &mut entry.pending {

@@ -290,16 +290,6 @@ impl Registry {
         }
     }
 
-    /// Open connections.
-    pub fn len(&self) -> usize {
-        self.counts.lock().total
-    }
-
-    /// True when no connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Asks every targeted connection to close with `code`; returns how many.
     pub fn disconnect(&self, target: &Target, code: herald_protocol::CloseCode) -> usize {
         let mut n = 0;

@@ -81,6 +81,17 @@ struct Inner<T> {
     close_request: Option<CloseCode>,
 }
 
+impl OutboxState {
+    /// `Ok` while frames are accepted, else why not.
+    fn accepts(self) -> Result<(), PushError> {
+        match self {
+            OutboxState::Open => Ok(()),
+            OutboxState::Overflowed => Err(PushError::Overflow),
+            OutboxState::Closed | OutboxState::Closing => Err(PushError::Closed),
+        }
+    }
+}
+
 /// A connection's bounded outbound queue (see the module docs).
 #[derive(Debug)]
 pub struct Outbox<T = Bytes> {
@@ -184,11 +195,7 @@ impl<T: Item> Outbox<T> {
         fits: impl FnOnce(&Inner<T>, usize) -> bool,
     ) -> Result<usize, PushError> {
         let mut inner = self.inner.lock();
-        match inner.state {
-            OutboxState::Open => {}
-            OutboxState::Overflowed => return Err(PushError::Overflow),
-            OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
-        }
+        inner.state.accepts()?;
         let len = frame.wire_len();
         if !fits(&inner, len) {
             inner.state = OutboxState::Overflowed;
@@ -215,11 +222,7 @@ impl<T: Item> Outbox<T> {
     /// Returns the bytes the caller must add to the node backlog (may be negative).
     pub fn push_conflated(&self, channel: &ChannelName, frame: T) -> Result<isize, PushError> {
         let mut inner = self.inner.lock();
-        match inner.state {
-            OutboxState::Open => {}
-            OutboxState::Overflowed => return Err(PushError::Overflow),
-            OutboxState::Closed | OutboxState::Closing => return Err(PushError::Closed),
-        }
+        inner.state.accepts()?;
         let len = frame.wire_len();
         let blocked = inner.blocked;
         let was_empty = inner.frames.is_empty() && inner.conflated.is_empty();
@@ -253,13 +256,6 @@ impl<T: Item> Outbox<T> {
             let counted = if inner.blocked { 0 } else { len };
             drop(inner);
             self.sub_backlog(counted);
-        }
-    }
-
-    /// Adds fan-out bytes returned by [`Outbox::push_shared`] to the node backlog.
-    pub fn add_to_backlog(metrics: &Metrics, bytes: usize) {
-        if bytes > 0 {
-            metrics.backlog_bytes.fetch_add(bytes as i64, Ordering::Relaxed);
         }
     }
 
@@ -504,7 +500,7 @@ mod tests {
         q.take(&mut taken);
         assert_eq!(backlog(), 0);
         assert_eq!(q.push_shared(frame(7)), Ok(7));
-        Outbox::<Bytes>::add_to_backlog(&metrics, 7);
+        metrics.backlog_bytes.fetch_add(7, Ordering::Relaxed);
         q.discard();
         assert_eq!(backlog(), 0);
         q.push(frame(3)).unwrap();

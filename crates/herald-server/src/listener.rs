@@ -81,7 +81,14 @@ pub async fn run(listener: TcpListener, app: App) {
             }
         };
         configure(&stream, app.config.socket_send_buffer);
-        let with_peer = router.clone().layer(axum::Extension(PeerAddr(peer)));
+        // The client address rides along as a request extension (no per-connection router).
+        let with_peer = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                req
+            },
+        );
         let service = TowerToHyperService::new(with_peer);
         let shutdown = app.shutdown.clone();
         let app2 = app.clone();

@@ -113,6 +113,7 @@ impl SseStream {
             return Err(ApiError::bad_request("give at least one `channel=` in the query"));
         }
         let mut channels: Vec<ChannelName> = Vec::with_capacity(req.channels.len());
+        let mut channel_options = Vec::with_capacity(req.channels.len());
         for name in &req.channels {
             let channel = ChannelName::parse(name)
                 .map_err(|e| ApiError::bad_request(format!("bad channel {name:?}: {e}")))?;
@@ -128,6 +129,7 @@ impl SseStream {
             }
             if !channels.contains(&channel) {
                 channels.push(channel);
+                channel_options.push(options);
             }
         }
         let resume = req.last_event_id.as_deref().map(sse::parse_event_id).unwrap_or_default();
@@ -180,8 +182,8 @@ impl SseStream {
         let mut recovery_budget = node.limits.max_queue_bytes / 2;
         let mut reset = Vec::new();
         for (i, channel) in channels.iter().enumerate() {
-            let options = node.options(channel)?.publish_options();
-            let conflate = node.options(channel)?.conflate;
+            let conflate = channel_options[i].conflate;
+            let options = channel_options[i].publish_options();
             if node.hub.subscribe_pending(channel, id, Sink::Sse(outbox.clone()), conflate) {
                 if let Err(e) = node.broker.subscribe(channel).await {
                     stream.abandon_all().await;
