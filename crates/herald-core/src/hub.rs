@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,10 +25,6 @@ use crate::metrics::Metrics;
 use crate::queue::{Item, Outbox, PushError};
 
 const SHARDS: usize = 128;
-
-/// Below this many subscribers a lagging channel does not slow its publishers: its lagging
-/// subscribers are slow consumers, cut with 4008 when their queue overflows.
-pub const MIN_SUBSCRIBERS_TO_THROTTLE: usize = 4;
 
 /// Most publications buffered for one pending subscription before it counts as a slow consumer.
 const MAX_PENDING_PUBLICATIONS: usize = 16 * 1024;
@@ -71,14 +67,6 @@ impl Sink {
         }
     }
 
-    /// True while the subscriber is behind (see [`Outbox::is_lagging`]).
-    pub fn is_lagging(&self) -> bool {
-        match self {
-            Sink::Ws(o) => o.is_lagging(),
-            Sink::Sse(o) => o.is_lagging(),
-        }
-    }
-
     /// Asks the subscriber's writer to close the connection with `code`.
     pub fn request_close(&self, code: herald_protocol::CloseCode) {
         match self {
@@ -88,32 +76,78 @@ impl Sink {
     }
 }
 
+/// An encoded publication shared by many queues: its size is in
+/// [`Metrics::shared_frame_bytes`] from encoding until the last queue lets go of it.
+struct SharedFrame {
+    bytes: Bytes,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedFrame {
+    fn new(bytes: Bytes, metrics: &Arc<Metrics>) -> Bytes {
+        metrics.shared_frame_bytes.fetch_add(bytes.len() as i64, Ordering::Relaxed);
+        Bytes::from_owner(SharedFrame { bytes, metrics: metrics.clone() })
+    }
+}
+
+impl AsRef<[u8]> for SharedFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for SharedFrame {
+    fn drop(&mut self) {
+        self.metrics.shared_frame_bytes.fetch_sub(self.bytes.len() as i64, Ordering::Relaxed);
+    }
+}
+
 /// A publication encoded for each wire format, each at most once, on first need.
 struct Encoded<'a> {
     channel: &'a ChannelName,
     publication: &'a Publication,
+    metrics: &'a Arc<Metrics>,
     ws: Option<Bytes>,
+    /// The WebSocket frame that also names the epoch, for subscribers who have not seen it.
+    ws_epoch: Option<Bytes>,
     sse: Option<Bytes>,
 }
 
 impl<'a> Encoded<'a> {
-    fn new(channel: &'a ChannelName, publication: &'a Publication) -> Self {
-        Encoded { channel, publication, ws: None, sse: None }
+    fn new(
+        channel: &'a ChannelName,
+        publication: &'a Publication,
+        metrics: &'a Arc<Metrics>,
+    ) -> Self {
+        Encoded { channel, publication, metrics, ws: None, ws_epoch: None, sse: None }
     }
 
     fn ws(&mut self) -> Bytes {
-        self.ws.get_or_insert_with(|| encode_pub_frame(self.channel, self.publication)).clone()
+        let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
+        self.ws
+            .get_or_insert_with(|| {
+                SharedFrame::new(encode_pub_frame(channel, publication, false), metrics)
+            })
+            .clone()
+    }
+
+    fn ws_epoch(&mut self) -> Bytes {
+        let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
+        self.ws_epoch
+            .get_or_insert_with(|| {
+                SharedFrame::new(encode_pub_frame(channel, publication, true), metrics)
+            })
+            .clone()
     }
 
     fn sse(&mut self) -> SseItem {
+        let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
         let body = self
             .sse
             .get_or_insert_with(|| {
-                Bytes::from(sse::encode_pub_event(
-                    self.channel.as_str(),
-                    self.publication.offset,
-                    &self.publication.data,
-                ))
+                let event =
+                    sse::encode_pub_event(channel.as_str(), publication.offset, &publication.data);
+                SharedFrame::new(Bytes::from(event), metrics)
             })
             .clone();
         SseItem {
@@ -124,23 +158,42 @@ impl<'a> Encoded<'a> {
         }
     }
 
-    /// Queues the publication to `sink` (replacing the pending one of the channel where it
-    /// is conflated); returns the bytes to add to the node backlog.
-    fn push(&mut self, sink: &Sink, conflate: bool) -> Result<isize, PushError> {
-        match (sink, conflate) {
-            (Sink::Ws(o), false) => o.push_shared(self.ws()).map(|n| n as isize),
+    /// Queues the publication to `sub` (replacing the pending one of the channel where it is
+    /// conflated); returns the bytes to add to the node backlog. The first publication of an
+    /// epoch the subscriber has not seen names that epoch (WebSocket; SSE ids carry it).
+    fn push(&mut self, sub: &mut Subscriber, conflate: bool) -> Result<isize, PushError> {
+        let new_epoch = match &self.publication.epoch {
+            Some(e) => match &sub.epoch {
+                Some(seen) => !Arc::ptr_eq(e, seen) && **e != **seen,
+                None => true,
+            },
+            None => false,
+        };
+        if new_epoch {
+            sub.epoch = self.publication.epoch.clone();
+        }
+        match (&sub.sink, conflate) {
+            (Sink::Ws(o), false) => {
+                let frame = if new_epoch { self.ws_epoch() } else { self.ws() };
+                o.push_shared(frame).map(|n| n as isize)
+            }
             (Sink::Sse(o), false) => o.push_shared(self.sse()).map(|n| n as isize),
-            (Sink::Ws(o), true) => o.push_conflated(self.channel, self.ws()),
+            (Sink::Ws(o), true) => {
+                let frame = if new_epoch { self.ws_epoch() } else { self.ws() };
+                o.push_conflated(self.channel, frame)
+            }
             (Sink::Sse(o), true) => o.push_conflated(self.channel, self.sse()),
         }
     }
 }
 
-/// A live subscriber of one channel: the connection's id and its queue.
+/// A live subscriber of one channel: the connection's id, its queue, and the epoch its
+/// publications were last in (the one its subscribe reply announced, then the newest pushed).
 #[derive(Debug, Clone)]
 struct Subscriber {
     id: u64,
     sink: Sink,
+    epoch: Option<Arc<str>>,
 }
 
 /// A subscriber whose subscribe reply is not queued yet.
@@ -157,31 +210,11 @@ struct ChannelEntry {
     pending: Vec<Pending>,
     /// Slow subscribers keep only the newest pending publication (namespace `conflate`).
     conflate: bool,
-    /// Most live subscribers were found lagging (by the last broadcast or refresh).
-    congested: bool,
 }
 
 impl ChannelEntry {
     fn len(&self) -> usize {
         self.live.len() + self.pending.len()
-    }
-
-    /// Whether lagging subscribers of this channel may make its publishers wait.
-    fn can_throttle(&self) -> bool {
-        !self.conflate && self.live.len() >= MIN_SUBSCRIBERS_TO_THROTTLE
-    }
-
-    /// Records whether most live subscribers lag, keeping the hub's count of congested
-    /// channels in step.
-    fn set_congested(&mut self, congested: bool, count: &AtomicUsize) {
-        if self.congested != congested {
-            self.congested = congested;
-            if congested {
-                count.fetch_add(1, Ordering::Relaxed);
-            } else {
-                count.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
     }
 }
 
@@ -192,8 +225,6 @@ pub struct Hub {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     metrics: Arc<Metrics>,
-    /// Channels currently congested: while zero, publishers need not look (no lock taken).
-    congested: AtomicUsize,
 }
 
 impl std::fmt::Debug for Hub {
@@ -202,9 +233,15 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-/// The WebSocket text frame of a `pub` push.
-pub fn encode_pub_frame(channel: &ChannelName, publication: &Publication) -> Bytes {
-    let json = push::encode_pub(channel.as_str(), publication.offset, &publication.data);
+/// The WebSocket text frame of a `pub` push; with `with_epoch`, naming the publication's epoch.
+pub fn encode_pub_frame(
+    channel: &ChannelName,
+    publication: &Publication,
+    with_epoch: bool,
+) -> Bytes {
+    let epoch = if with_epoch { publication.epoch.as_deref() } else { None };
+    let json =
+        push::encode_pub_in_epoch(channel.as_str(), publication.offset, epoch, &publication.data);
     ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &json)
 }
 
@@ -215,7 +252,6 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
             metrics,
-            congested: AtomicUsize::new(0),
         }
     }
 
@@ -268,6 +304,11 @@ impl Hub {
         let pending = entry.pending.swap_remove(i);
         let mut backlog = 0;
         let conflate = entry.conflate;
+        let mut sub = Subscriber {
+            id,
+            sink: pending.sink,
+            epoch: after.map(|p| Arc::from(p.epoch.as_str())),
+        };
         for publication in &pending.buffered {
             let newer = match (after, publication.offset) {
                 (Some(pos), Some(offset)) => {
@@ -278,7 +319,7 @@ impl Hub {
             if newer {
                 // An overflow here marks the queue: the connection is cut with 4008 and its
                 // close unsubscribes it like any live subscriber.
-                match Encoded::new(channel, publication).push(&pending.sink, conflate) {
+                match Encoded::new(channel, publication, &self.metrics).push(&mut sub, conflate) {
                     Ok(counted) => backlog += counted,
                     Err(_) => break,
                 }
@@ -286,7 +327,7 @@ impl Hub {
             }
         }
         self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
-        entry.live.push(Subscriber { id, sink: pending.sink });
+        entry.live.push(sub);
         Ok(())
     }
 
@@ -305,7 +346,6 @@ impl Hub {
             return false;
         }
         if entry.len() == 0 {
-            entry.set_congested(false, &self.congested);
             channels.remove(channel);
             self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
             return true;
@@ -322,24 +362,6 @@ impl Hub {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
-
-    /// True when most subscribers of `channel` are behind (at least
-    /// [`MIN_SUBSCRIBERS_TO_THROTTLE`] of them): the readers as a whole cannot keep up, so the
-    /// publisher should wait instead of the subscribers being cut one by one. With `refresh`,
-    /// the subscribers are looked at now; without, the last broadcast's count is used.
-    pub fn is_congested(&self, channel: &ChannelName, refresh: bool) -> bool {
-        if !refresh && self.congested.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        let mut channels = self.shard(channel).lock();
-        let Some(entry) = channels.get_mut(channel) else { return false };
-        if refresh {
-            let congested = entry.can_throttle()
-                && entry.live.iter().filter(|s| s.sink.is_lagging()).count() * 2 > entry.live.len();
-            entry.set_congested(congested, &self.congested);
-        }
-        entry.congested
-    }
 }
 
 impl BrokerHandler for Hub {
@@ -348,22 +370,15 @@ impl BrokerHandler for Hub {
         let Some(entry) = channels.get_mut(channel) else {
             return;
         };
-        let mut encoded = Encoded::new(channel, publication);
+        let mut encoded = Encoded::new(channel, publication, &self.metrics);
         let mut backlog = 0;
-        // Lag is only looked at where it may throttle the publishers.
-        let throttle = entry.can_throttle();
-        let mut lagging = 0;
-        for sub in &entry.live {
+        let conflate = entry.conflate;
+        for sub in &mut entry.live {
             // A refused push marks the queue overflowed; its writer disconnects with 4008.
-            if let Ok(counted) = encoded.push(&sub.sink, entry.conflate) {
+            if let Ok(counted) = encoded.push(sub, conflate) {
                 backlog += counted;
             }
-            if throttle {
-                lagging += usize::from(sub.sink.is_lagging());
-            }
         }
-        let congested = throttle && lagging * 2 > entry.live.len();
-        entry.set_congested(congested, &self.congested);
         self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
         self.metrics.deliveries_out.fetch_add(entry.live.len() as u64, Ordering::Relaxed);
         for pending in &mut entry.pending {

@@ -19,5 +19,5 @@ pub use hub::Hub;
 pub use metrics::Metrics;
 pub use node::{Node, PublishError};
 pub use options::{ChannelOptions, Namespaces};
-pub use queue::{Outbox, PushError};
+pub use queue::{Outbox, PushError, QueueLimits};
 pub use session::{Session, TokenError, TokenVerifier};

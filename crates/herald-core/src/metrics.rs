@@ -25,13 +25,17 @@ pub enum LimitKind {
     BodySize,
     /// `limits.max_batch_publications`.
     BatchSize,
-    /// `limits.max_queue_bytes` / `max_queue_messages` (slow consumer).
+    /// `limits.max_queue_burst_bytes` (a push over a connection's hard cap: slow consumer).
     Queue,
+    /// Behind its soft bound for `limits.slow_consumer_grace_ms` without progress (slow consumer).
+    SlowConsumer,
+    /// A socket that took nothing for `limits.write_timeout_ms` (slow consumer).
+    WriteTimeout,
 }
 
 impl LimitKind {
     /// Every kind, in index order.
-    pub const ALL: [LimitKind; 10] = [
+    pub const ALL: [LimitKind; 12] = [
         LimitKind::Connections,
         LimitKind::ConnectionsPerUser,
         LimitKind::ConnectionsPerIp,
@@ -42,6 +46,8 @@ impl LimitKind {
         LimitKind::BodySize,
         LimitKind::BatchSize,
         LimitKind::Queue,
+        LimitKind::SlowConsumer,
+        LimitKind::WriteTimeout,
     ];
 
     /// The label value.
@@ -57,6 +63,8 @@ impl LimitKind {
             LimitKind::BodySize => "body_size",
             LimitKind::BatchSize => "batch_size",
             LimitKind::Queue => "queue",
+            LimitKind::SlowConsumer => "slow_consumer",
+            LimitKind::WriteTimeout => "write_timeout",
         }
     }
 }
@@ -92,7 +100,11 @@ pub struct Metrics {
     /// Server-initiated disconnects, by close code (index of [`CloseCode::ALL`]).
     pub disconnects: [AtomicU64; 9],
     /// Limit hits, by kind (index of [`LimitKind::ALL`]).
-    pub limit_hits: [AtomicU64; 10],
+    pub limit_hits: [AtomicU64; 12],
+    /// Connections that went behind their soft queue bound and caught up within the grace.
+    pub slow_recoveries: AtomicU64,
+    /// Bytes of publication frames alive in connection queues, each shared frame counted once.
+    pub shared_frame_bytes: AtomicI64,
     /// Pending publications replaced by a newer one on conflated channels.
     pub conflated_drops: AtomicU64,
     /// Writer flushes by messages taken at once (cumulative buckets are computed at render).
@@ -186,8 +198,20 @@ impl Metrics {
         metric(
             "herald_publish_overloaded_total",
             "counter",
-            "Publications refused with 503 while the node or the channel's readers were saturated.",
+            "Publications refused with 503 while the node's backlog stayed above its limit.",
             c(&self.publish_overloaded).to_string(),
+        );
+        metric(
+            "herald_slow_recoveries_total",
+            "counter",
+            "Connections that fell behind their soft queue bound and caught up within the grace.",
+            c(&self.slow_recoveries).to_string(),
+        );
+        metric(
+            "herald_shared_frame_bytes",
+            "gauge",
+            "Bytes of encoded publications held by connection queues, each counted once per node.",
+            g(&self.shared_frame_bytes).max(0).to_string(),
         );
         let _ = writeln!(out, "# HELP herald_errors_total Errors answered, by code.\n# TYPE herald_errors_total counter");
         for code in ErrorCode::ALL {

@@ -20,14 +20,22 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// `data` of one publication from any source; beyond: 413.
     pub max_publication_bytes: usize,
-    /// A connection's pending outbound bytes; beyond: 4008.
+    /// A connection's pending outbound bytes above which it is behind: it is cut with 4008 when
+    /// it stays behind for `slow_consumer_grace` without draining (see [`crate::queue`]).
     pub max_queue_bytes: usize,
+    /// A connection's pending outbound bytes that no push may exceed; beyond: 4008 at once.
+    pub max_queue_burst_bytes: usize,
+    /// How long a connection may stay behind its queue bound without net progress.
+    pub slow_consumer_grace: Duration,
+    /// How long a connection's socket may take no byte while there is something to write.
+    pub write_timeout: Duration,
     /// The node's backlog (bytes queued for writers that could write) above which publishers
     /// wait: the node is saturated and slows its publishers instead of queueing without bound.
     pub max_backlog_bytes: usize,
     /// How long a publish waits for the backlog to shrink before failing with 503.
     pub publish_timeout: Duration,
-    /// A connection's pending outbound messages; beyond: 4008.
+    /// A connection's queued outbound messages above which it is behind (8 times as many are
+    /// never exceeded).
     pub max_queue_messages: usize,
     /// Subscriptions one connection may hold (SSE: channels per stream); beyond: 429.
     pub max_subscriptions_per_connection: usize,
@@ -51,6 +59,9 @@ impl Default for Limits {
             max_message_bytes: 65536,
             max_publication_bytes: 1 << 20,
             max_queue_bytes: 1 << 20,
+            max_queue_burst_bytes: 32 << 20,
+            slow_consumer_grace: Duration::from_secs(3),
+            write_timeout: Duration::from_secs(30),
             max_backlog_bytes: 256 << 20,
             publish_timeout: Duration::from_secs(2),
             max_queue_messages: 16384,
@@ -61,6 +72,20 @@ impl Default for Limits {
             command_rate: 1000,
             command_burst: 2000,
             max_batch_publications: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The bounds of one connection's outbound queue.
+    pub fn queue_limits(&self) -> crate::queue::QueueLimits {
+        crate::queue::QueueLimits {
+            soft_bytes: self.max_queue_bytes,
+            hard_bytes: self.max_queue_burst_bytes.max(self.max_queue_bytes),
+            soft_messages: self.max_queue_messages,
+            hard_messages: self.max_queue_messages.saturating_mul(8),
+            grace: self.slow_consumer_grace,
+            write_timeout: self.write_timeout,
         }
     }
 }
@@ -357,11 +382,11 @@ impl Node {
         self.metrics.backlog_bytes.load(Ordering::Relaxed) > self.limits.max_backlog_bytes as i64
     }
 
-    /// Waits, bounded by `limits.publish_timeout`, while the node is saturated (its own
-    /// backlog is too large) or most subscribers of `channel` are behind. A minority of slow
-    /// subscribers never makes publishers wait: they are cut with 4008.
-    async fn wait_for_capacity(&self, channel: &ChannelName) -> Result<(), PublishError> {
-        if !self.is_saturated() && !self.hub.is_congested(channel, false) {
+    /// Waits, bounded by `limits.publish_timeout`, while the node is saturated: its own backlog
+    /// (bytes queued for writers that can write) is too large. Slow subscribers never make
+    /// publishers wait, however many they are: they are judged by the slow-consumer rule.
+    async fn wait_for_capacity(&self) -> Result<(), PublishError> {
+        if !self.is_saturated() {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.limits.publish_timeout;
@@ -369,7 +394,7 @@ impl Node {
         loop {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(5));
-            if !self.is_saturated() && !self.hub.is_congested(channel, true) {
+            if !self.is_saturated() {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -394,9 +419,70 @@ impl Node {
                 limit: self.limits.max_publication_bytes,
             });
         }
-        self.wait_for_capacity(channel).await?;
+        self.wait_for_capacity().await?;
         let position = self.broker.publish(channel, data, &options.publish_options()).await?;
         self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
         Ok(position)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Outbox;
+    use herald_broker::MemoryBroker;
+
+    fn node(limits: Limits) -> Node {
+        let namespaces = Namespaces::new(ChannelOptions::default(), Default::default());
+        let auth = AuthSettings { allow_anonymous: true, verifier: None };
+        Node::new(
+            "n".into(),
+            Arc::new(MemoryBroker::new()),
+            namespaces,
+            limits,
+            Duration::from_secs(25),
+            auth,
+        )
+    }
+
+    #[tokio::test]
+    async fn publishers_wait_only_while_the_node_backlog_is_over_its_limit() {
+        let limits = Limits {
+            max_backlog_bytes: 1000,
+            publish_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let node = Arc::new(node(limits));
+        node.start().await.unwrap();
+        let c = ChannelName::parse("c").unwrap();
+        assert!(node.publish(&c, Bytes::from_static(b"1")).await.is_ok());
+
+        // A queue whose writer could write holds more than the limit: the node is saturated.
+        let outbox = Outbox::new(1 << 20, 1000, node.metrics.clone());
+        outbox.push(Bytes::from(vec![b'x'; 2000])).unwrap();
+        let started = tokio::time::Instant::now();
+        let refused = node.publish(&c, Bytes::from_static(b"2")).await;
+        assert!(matches!(refused, Err(PublishError::Overloaded)), "{refused:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200), "it waited first");
+        assert_eq!(node.metrics.publish_overloaded.load(Ordering::Relaxed), 1);
+
+        // The same bytes queued to a writer whose socket is full are the client's lag, not the
+        // node's backlog: publishers go on.
+        outbox.set_blocked(true);
+        assert!(node.publish(&c, Bytes::from_static(b"3")).await.is_ok());
+
+        // A publish waiting while the backlog drains goes through.
+        outbox.set_blocked(false);
+        let waiting = {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let c = ChannelName::parse("c").unwrap();
+                node.publish(&c, Bytes::from_static(b"4")).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut taken = std::collections::VecDeque::new();
+        outbox.take(&mut taken);
+        assert!(waiting.await.unwrap().is_ok());
     }
 }

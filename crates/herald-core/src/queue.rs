@@ -2,12 +2,31 @@
 //!
 //! Publishers (the hub, under a shard lock) and the connection's own command handling push
 //! encoded frames ([`Bytes`], usually shared with every other subscriber); the connection's
-//! writer takes everything queued at once and writes it with one vectored write. The queue is
-//! bounded in bytes: a push that would exceed the bound is refused, the queue turns
-//! [`OutboxState::Overflowed`] and the writer disconnects the client with 4008, so nothing is
-//! ever skipped silently.
+//! writer takes everything queued at once and writes it with one vectored write.
 //!
 //! An idle queue holds no allocation.
+//!
+//! # The slow-consumer rule
+//!
+//! A connection is cut with 4008 (never skipped silently) when it does not keep up, judged by
+//! progress over time rather than by one instant ([`QueueLimits`]):
+//!
+//! - **Soft bound** (`limits.max_queue_bytes`, `max_queue_messages`): while more is pending, the
+//!   connection is *behind*. It is not cut for that: a reader that drains a burst far larger
+//!   than the bound survives.
+//! - **Grace** (`limits.slow_consumer_grace_ms`): a connection that stays behind for a whole
+//!   grace period without net progress (its pending bytes did not shrink over the period) is cut.
+//!   One that is behind but draining gets another period.
+//! - **Write timeout** (`limits.write_timeout_ms`): a writer whose socket has taken no byte for
+//!   this long while it has something to write is cut, however little is pending (a never-reading
+//!   client on a quiet channel).
+//! - **Hard cap** (`limits.max_queue_burst_bytes`, and 8 x the message bound): a push beyond it is
+//!   refused and the connection is cut at once, so a connection's queue is bounded in memory
+//!   whatever happens during its grace period.
+//!
+//! Every byte a connection queues counts in full here (shared publication frames too: the
+//! queue cannot know who else holds them); the memory of shared frames, counted once per node,
+//! is [`Metrics::shared_frame_bytes`].
 //!
 //! # Backlog: telling an overloaded node from a slow client
 //!
@@ -15,11 +34,12 @@
 //! writer is able to write (not [`Outbox::set_blocked`]): that sum is the work waiting for CPU,
 //! which grows only when the node itself cannot keep up. Bytes queued to a connection whose
 //! socket is full (a slow reader) are not part of it, so one slow client never slows the
-//! publishers; it only fills its own bound and is cut with 4008.
+//! publishers; it is judged by the rule above.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_protocol::CloseCode;
@@ -44,7 +64,7 @@ impl Item for Bytes {
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
-    /// The queue's byte bound would be exceeded: the connection is a slow consumer.
+    /// The queue's hard cap would be exceeded: the connection is a slow consumer.
     #[error("outbound queue full")]
     Overflow,
     /// The connection is closing; nothing more is queued.
@@ -57,12 +77,43 @@ pub enum PushError {
 pub enum OutboxState {
     /// Frames are accepted.
     Open,
-    /// A push overflowed the bound; the writer must disconnect with 4008.
+    /// The connection was found a slow consumer; the writer must disconnect with 4008.
     Overflowed,
     /// The writer is sending its final frames (disconnect, close): nothing more is queued.
     Closing,
     /// The connection is closing.
     Closed,
+}
+
+/// The bounds of one connection's queue (see the module docs for the rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Pending bytes above which the connection is behind.
+    pub soft_bytes: usize,
+    /// Pending bytes a push may never exceed (at least `soft_bytes`).
+    pub hard_bytes: usize,
+    /// Queued messages above which the connection is behind.
+    pub soft_messages: usize,
+    /// Queued messages a push may never exceed.
+    pub hard_messages: usize,
+    /// How long a connection may stay behind without net progress.
+    pub grace: Duration,
+    /// How long a writer may find its socket full without writing a byte.
+    pub write_timeout: Duration,
+}
+
+impl QueueLimits {
+    /// Strict limits: the soft bound is also the hard cap (a push over it cuts at once).
+    pub fn strict(max_bytes: usize, max_messages: usize) -> Self {
+        QueueLimits {
+            soft_bytes: max_bytes,
+            hard_bytes: max_bytes,
+            soft_messages: max_messages,
+            hard_messages: max_messages,
+            grace: Duration::ZERO,
+            write_timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -76,9 +127,20 @@ struct Inner<T> {
     queued_bytes: usize,
     /// The writer waits for the socket to drain; `queued_bytes` is then not in the backlog.
     blocked: bool,
+    /// Since when the writer has found the socket full without writing a byte.
+    blocked_since: Option<Instant>,
+    /// The current grace period: when it started and what was pending then. `None` while the
+    /// connection is not behind.
+    behind: Option<(Instant, usize)>,
     state: OutboxState,
     /// The server asked this connection to close with this code (e.g. `POST /api/disconnect`).
     close_request: Option<CloseCode>,
+}
+
+impl<T> Inner<T> {
+    fn is_behind(&self, limits: &QueueLimits) -> bool {
+        self.pending_bytes > limits.soft_bytes || self.frames.len() > limits.soft_messages
+    }
 }
 
 impl OutboxState {
@@ -96,19 +158,23 @@ impl OutboxState {
 #[derive(Debug)]
 pub struct Outbox<T = Bytes> {
     inner: Mutex<Inner<T>>,
+    /// Wakes the writer: a frame in an empty queue, a state change, a grace period started.
     notify: Notify,
-    max_bytes: usize,
-    max_messages: usize,
+    /// Wakes a command waiting for room ([`Outbox::wait_room`]).
+    drained: Notify,
+    limits: QueueLimits,
     metrics: Arc<Metrics>,
-    /// Pending more than half of the bound (cleared below a quarter): the subscriber is
-    /// behind. Read without the lock by publishers deciding whether to wait.
-    lagging: AtomicBool,
 }
 
 impl<T: Item> Outbox<T> {
-    /// An empty queue bounded to `max_bytes` pending bytes and `max_messages` queued messages,
-    /// adding to `metrics`' backlog.
+    /// An empty queue with strict bounds: `max_bytes` pending bytes and `max_messages` queued
+    /// messages, a push over either cuts at once (see [`Outbox::with_limits`]).
     pub fn new(max_bytes: usize, max_messages: usize, metrics: Arc<Metrics>) -> Self {
+        Self::with_limits(QueueLimits::strict(max_bytes, max_messages), metrics)
+    }
+
+    /// An empty queue bounded by `limits`, adding to `metrics`' backlog.
+    pub fn with_limits(limits: QueueLimits, metrics: Arc<Metrics>) -> Self {
         Outbox {
             inner: Mutex::new(Inner {
                 frames: VecDeque::new(),
@@ -116,33 +182,41 @@ impl<T: Item> Outbox<T> {
                 pending_bytes: 0,
                 queued_bytes: 0,
                 blocked: false,
+                blocked_since: None,
+                behind: None,
                 state: OutboxState::Open,
                 close_request: None,
             }),
             notify: Notify::new(),
-            max_bytes,
-            max_messages,
+            drained: Notify::new(),
+            limits,
             metrics,
-            lagging: AtomicBool::new(false),
         }
     }
 
-    /// True while the subscriber is behind (more than half of its bound pending).
-    pub fn is_lagging(&self) -> bool {
-        self.lagging.load(Ordering::Relaxed)
+    /// The queue's bounds.
+    pub fn limits(&self) -> &QueueLimits {
+        &self.limits
     }
 
-    /// Updates the lagging flag after `inner` changed (hysteresis: set above half of the
-    /// bound, cleared below a quarter).
-    fn update_lag(&self, inner: &Inner<T>) {
-        let over =
-            inner.pending_bytes * 2 > self.max_bytes || inner.frames.len() * 2 > self.max_messages;
-        let under =
-            inner.pending_bytes * 4 < self.max_bytes && inner.frames.len() * 4 < self.max_messages;
-        if over {
-            self.lagging.store(true, Ordering::Relaxed);
-        } else if under {
-            self.lagging.store(false, Ordering::Relaxed);
+    /// Starts a grace period when the queue just went behind (and wakes the writer, which then
+    /// times it); returns true when it did.
+    fn note_behind(&self, inner: &mut Inner<T>) -> bool {
+        if inner.behind.is_none() && inner.is_behind(&self.limits) {
+            inner.behind = Some((Instant::now(), inner.pending_bytes));
+            return true;
+        }
+        false
+    }
+
+    /// Ends the grace period once the queue is back under its soft bound; wakes a waiting
+    /// command.
+    fn note_drained(&self, inner: &mut Inner<T>) {
+        if !inner.is_behind(&self.limits) {
+            if inner.behind.take().is_some() {
+                self.metrics.slow_recoveries.fetch_add(1, Ordering::Relaxed);
+            }
+            self.drained.notify_one();
         }
     }
 
@@ -158,20 +232,20 @@ impl<T: Item> Outbox<T> {
         }
     }
 
-    /// Queues one frame, or refuses it when the bound would be exceeded (the queue then turns
-    /// overflowed and wakes the writer) or the connection is closing. A frame larger than the
-    /// bound is still accepted into an empty queue.
+    /// Queues one frame, or refuses it when the hard cap would be exceeded (the queue then
+    /// turns overflowed and wakes the writer) or the connection is closing. A frame larger
+    /// than the cap is still accepted into an empty queue.
     pub fn push(&self, frame: T) -> Result<(), PushError> {
         let counted = self.push_shared(frame)?;
         self.add_backlog(counted);
         Ok(())
     }
 
-    /// Queues a reply: accepted whatever its own size while the queue is under its bound (a
-    /// recovery reply may be large; refusing it would make the client reconnect and ask for
-    /// the same reply again).
+    /// Queues a reply: accepted whatever its own size while the queue is under its hard cap (a
+    /// history page may be large; the session waits for room under the soft bound before each
+    /// command, see [`Outbox::wait_room`]).
     pub fn push_reply(&self, frame: T) -> Result<(), PushError> {
-        let max = self.max_bytes;
+        let max = self.limits.hard_bytes;
         let counted = self.enqueue(frame, |inner, _| inner.pending_bytes < max)?;
         self.add_backlog(counted);
         Ok(())
@@ -180,7 +254,7 @@ impl<T: Item> Outbox<T> {
     /// [`Outbox::push`] for fan-out: returns the bytes the caller must add to the node backlog
     /// (summed over every subscriber, to touch the shared counter once per publication).
     pub fn push_shared(&self, frame: T) -> Result<usize, PushError> {
-        let (max_bytes, max_messages) = (self.max_bytes, self.max_messages);
+        let (max_bytes, max_messages) = (self.limits.hard_bytes, self.limits.hard_messages);
         self.enqueue(frame, |inner, len| {
             (inner.pending_bytes == 0 || inner.pending_bytes + len <= max_bytes)
                 && inner.frames.len() < max_messages
@@ -209,9 +283,9 @@ impl<T: Item> Outbox<T> {
         inner.queued_bytes += len;
         inner.frames.push_back(frame);
         let counted = if inner.blocked { 0 } else { len };
-        self.update_lag(&inner);
+        let behind = self.note_behind(&mut inner);
         drop(inner);
-        if was_empty {
+        if was_empty || behind {
             self.notify.notify_one();
         }
         Ok(counted)
@@ -263,6 +337,9 @@ impl<T: Item> Outbox<T> {
     /// while blocked are the client's lag, not the node's backlog.
     pub fn set_blocked(&self, blocked: bool) {
         let mut inner = self.inner.lock();
+        if blocked && inner.blocked_since.is_none() {
+            inner.blocked_since = Some(Instant::now());
+        }
         if inner.blocked == blocked {
             return;
         }
@@ -276,8 +353,8 @@ impl<T: Item> Outbox<T> {
         }
     }
 
-    /// Queues a frame the server must send whatever the bound (a `disconnect` push and the
-    /// close frame), unless the queue is closed.
+    /// Queues a frame the server must send whatever the bound (a `ping`, a `disconnect` push,
+    /// the close frame), unless the queue is closing or closed.
     pub fn push_final(&self, frame: T) {
         let mut inner = self.inner.lock();
         if matches!(inner.state, OutboxState::Closed | OutboxState::Closing) {
@@ -288,6 +365,7 @@ impl<T: Item> Outbox<T> {
         inner.queued_bytes += len;
         inner.frames.push_back(frame);
         let counted = if inner.blocked { 0 } else { len };
+        self.note_behind(&mut inner);
         drop(inner);
         self.add_backlog(counted);
         self.notify.notify_one();
@@ -309,6 +387,8 @@ impl<T: Item> Outbox<T> {
         let taken = std::mem::take(&mut inner.queued_bytes);
         let counted = if inner.blocked { 0 } else { taken };
         let state = inner.state;
+        // Fewer messages queued: a connection behind only by its message count catches up.
+        self.note_drained(&mut inner);
         drop(inner);
         self.sub_backlog(counted);
         if taken_messages > 0 {
@@ -325,7 +405,6 @@ impl<T: Item> Outbox<T> {
         inner.frames = VecDeque::new();
         inner.conflated = Vec::new();
         inner.pending_bytes -= dropped;
-        self.update_lag(&inner);
         let counted = if inner.blocked { 0 } else { dropped };
         drop(inner);
         self.sub_backlog(counted);
@@ -336,13 +415,22 @@ impl<T: Item> Outbox<T> {
     pub fn written(&self, n: usize) {
         let mut inner = self.inner.lock();
         inner.pending_bytes = inner.pending_bytes.saturating_sub(n);
-        self.update_lag(&inner);
+        if n > 0 {
+            inner.blocked_since = None;
+        }
+        if inner.behind.is_some() {
+            self.note_drained(&mut inner);
+        } else if inner.pending_bytes == 0 {
+            self.drained.notify_one();
+        }
     }
 
     /// Returns the writer's frames that were taken but not written to the accounting, e.g. when
     /// the writer drops them.
     pub fn forget(&self, n: usize) {
-        self.written(n);
+        let mut inner = self.inner.lock();
+        inner.pending_bytes = inner.pending_bytes.saturating_sub(n);
+        self.note_drained(&mut inner);
     }
 
     /// Stops accepting frames (pushes fail with [`PushError::Closed`]).
@@ -356,9 +444,10 @@ impl<T: Item> Outbox<T> {
         let counted = if inner.blocked { 0 } else { queued };
         drop(inner);
         self.sub_backlog(counted);
+        self.drained.notify_one();
     }
 
-    /// Marks the queue overflowed, as a push over the bound would, and wakes the writer.
+    /// Marks the queue overflowed, as a push over the cap would, and wakes the writer.
     pub fn overflow(&self) {
         let mut inner = self.inner.lock();
         if inner.state == OutboxState::Open {
@@ -366,12 +455,78 @@ impl<T: Item> Outbox<T> {
         }
         drop(inner);
         self.notify.notify_one();
+        self.drained.notify_one();
+    }
+
+    /// When the writer must next call [`Outbox::check_progress`]: the end of the current grace
+    /// period or of the write timeout, if either runs.
+    pub fn next_check(&self) -> Option<Instant> {
+        let inner = self.inner.lock();
+        if inner.state != OutboxState::Open {
+            return None;
+        }
+        let grace = inner.behind.map(|(since, _)| since + self.limits.grace);
+        let stalled = inner.blocked_since.map(|since| since + self.limits.write_timeout);
+        match (grace, stalled) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Applies the slow-consumer rule at `now`: a connection behind for a whole grace period
+    /// without net progress, or whose socket took nothing for the write timeout, turns
+    /// overflowed (the writer then cuts it with 4008). A connection behind but draining starts
+    /// a new grace period. Returns true when the connection was found slow.
+    pub fn check_progress(&self, now: Instant) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.state != OutboxState::Open {
+            return false;
+        }
+        let stalled = inner
+            .blocked_since
+            .is_some_and(|since| now.duration_since(since) >= self.limits.write_timeout);
+        let mut slow = stalled;
+        if let Some((since, pending_then)) = inner.behind {
+            if now.duration_since(since) >= self.limits.grace {
+                if inner.pending_bytes >= pending_then {
+                    slow = true;
+                } else {
+                    // Draining, if slowly: judge it again over the next period.
+                    inner.behind = Some((now, inner.pending_bytes));
+                }
+            }
+        }
+        if slow {
+            inner.state = OutboxState::Overflowed;
+            drop(inner);
+            self.metrics.limit(if stalled { LimitKind::WriteTimeout } else { LimitKind::Queue });
+            self.notify.notify_one();
+            self.drained.notify_one();
+        }
+        slow
+    }
+
+    /// Waits until the queue is under its soft bound (or stops being open): a command waits
+    /// here before running, so a client asking for more than it reads slows itself down
+    /// instead of growing its queue. The connection's writer keeps draining meanwhile.
+    pub async fn wait_room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            {
+                let inner = self.inner.lock();
+                if inner.state != OutboxState::Open || !inner.is_behind(&self.limits) {
+                    return;
+                }
+            }
+            drained.await;
+        }
     }
 
     /// Starts closing: queues `finals` (the disconnect push, the close frame) and refuses
     /// everything pushed afterwards, so the finals are the last frames on the wire. With
     /// `drop_pending` the frames still pending go first (a slow consumer recovers them from
-    /// history); without, they are written before the finals (a shutdown drains).
+    /// history); without, they are written before the finals (a shutdown drains), pending
+    /// conflated values included.
     pub fn finish(&self, finals: impl IntoIterator<Item = T>, drop_pending: bool) {
         if drop_pending {
             self.discard();
@@ -381,6 +536,10 @@ impl<T: Item> Outbox<T> {
             return;
         }
         inner.state = OutboxState::Closing;
+        // Conflated values are written after the FIFO frames: move them in front of the
+        // finals, so nothing follows the close.
+        let conflated = std::mem::take(&mut inner.conflated);
+        inner.frames.extend(conflated.into_iter().map(|(_, frame)| frame));
         let mut added = 0;
         for frame in finals {
             let len = frame.wire_len();
@@ -393,6 +552,7 @@ impl<T: Item> Outbox<T> {
         drop(inner);
         self.add_backlog(counted);
         self.notify.notify_one();
+        self.drained.notify_one();
     }
 
     /// Asks the connection's writer to close with `code` (after the frames already queued).
@@ -401,8 +561,8 @@ impl<T: Item> Outbox<T> {
         self.notify.notify_one();
     }
 
-    /// Why the writer must close the connection now, if it must: 4008 after an overflow, or the
-    /// code of [`Outbox::request_close`].
+    /// Why the writer must close the connection now, if it must: 4008 for a slow consumer, or
+    /// the code of [`Outbox::request_close`].
     pub fn pending_close(&self) -> Option<CloseCode> {
         let inner = self.inner.lock();
         match inner.state {

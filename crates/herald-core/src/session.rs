@@ -167,6 +167,11 @@ impl Session {
 
     /// Applies one command.
     pub async fn handle(&mut self, cmd: Command) -> Result<(), CloseCode> {
+        if cmd.id.is_some() {
+            // A client that asks for more than it reads waits here (its writer drains
+            // meanwhile) instead of growing its queue until it is cut.
+            self.outbox.wait_room().await;
+        }
         let first = !self.started;
         self.started = true;
         let allowed = self.take_token()?;

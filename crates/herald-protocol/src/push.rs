@@ -110,6 +110,30 @@ pub fn encode_pub(channel: &str, offset: Option<u64>, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `{"pub":{"channel":"C","offset":N,"epoch":"E","data":<raw>}}`: the first `pub` of an epoch
+/// a subscriber has not seen names it (`epoch: None` writes the plain push).
+pub fn encode_pub_in_epoch(
+    channel: &str,
+    offset: Option<u64>,
+    epoch: Option<&str>,
+    data: &[u8],
+) -> Vec<u8> {
+    let Some(epoch) = epoch else { return encode_pub(channel, offset, data) };
+    let mut out = Vec::with_capacity(64 + channel.len() + epoch.len() + data.len());
+    out.extend_from_slice(b"{\"pub\":{\"channel\":");
+    write_str(&mut out, channel);
+    if let Some(offset) = offset {
+        out.extend_from_slice(b",\"offset\":");
+        write_u64(&mut out, offset);
+    }
+    out.extend_from_slice(b",\"epoch\":");
+    write_str(&mut out, epoch);
+    out.extend_from_slice(b",\"data\":");
+    write_raw_json(&mut out, data);
+    out.extend_from_slice(b"}}");
+    out
+}
+
 /// Writes `{"channel":"C","offset":N,"data":<raw>}` (`offset` omitted when `None`): the body of
 /// a `pub` push and of an SSE `pub` event.
 pub(crate) fn write_publication(

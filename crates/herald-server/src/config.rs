@@ -72,6 +72,9 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "max_backlog_bytes", int(1 << 16, BYTES_MAX)),
     ("limits", "publish_timeout_ms", int(0, 600_000)),
     ("limits", "max_queue_messages", int(16, 1 << 30)),
+    ("limits", "max_queue_burst_bytes", int(1024, BYTES_MAX)),
+    ("limits", "slow_consumer_grace_ms", int(0, 3_600_000)),
+    ("limits", "write_timeout_ms", int(100, 3_600_000)),
     ("limits", "max_subscriptions_per_connection", int(1, 1 << 20)),
     ("limits", "max_connections", int(1, 1 << 32)),
     ("limits", "max_connections_per_user", int(0, 1 << 32)),
@@ -466,6 +469,11 @@ impl Config {
             publish_timeout: get_int(t, &["limits", "publish_timeout_ms"])
                 .map_or(defaults.publish_timeout, |v| Duration::from_millis(v as u64)),
             max_queue_messages: limit("max_queue_messages", defaults.max_queue_messages),
+            max_queue_burst_bytes: limit("max_queue_burst_bytes", defaults.max_queue_burst_bytes),
+            slow_consumer_grace: get_int(t, &["limits", "slow_consumer_grace_ms"])
+                .map_or(defaults.slow_consumer_grace, |v| Duration::from_millis(v as u64)),
+            write_timeout: get_int(t, &["limits", "write_timeout_ms"])
+                .map_or(defaults.write_timeout, |v| Duration::from_millis(v as u64)),
             max_subscriptions_per_connection: limit(
                 "max_subscriptions_per_connection",
                 defaults.max_subscriptions_per_connection,

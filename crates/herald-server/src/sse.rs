@@ -145,11 +145,7 @@ impl SseStream {
             ));
         }
         let limits = &node.limits;
-        let outbox = Arc::new(Outbox::new(
-            limits.max_queue_bytes,
-            limits.max_queue_messages,
-            node.metrics.clone(),
-        ));
+        let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), node.metrics.clone()));
         let id = node.next_connection_id();
         node.registry
             .register(id, user.as_deref(), ip, Sink::Sse(outbox.clone()), &node.limits)

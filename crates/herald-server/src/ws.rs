@@ -186,9 +186,28 @@ enum ReadResult {
     Empty,
     /// The peer closed its side.
     Eof,
-    /// The decoder refused the input.
+    /// The decoder refused the input; the messages decoded before the bad one are kept.
     Invalid(CloseCode),
 }
+
+/// How a batch of inbound messages ended.
+enum Handled {
+    /// Every message was applied.
+    Done,
+    /// The connection must close with this code.
+    Close(CloseCode),
+    /// The client sent a close frame.
+    ClientClosed,
+}
+
+/// Commands being applied: the session is lent to the future and comes back with it.
+type CommandRun = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Session, Vec<ws::Message>, Handled)> + Send>,
+>;
+
+/// How long the server keeps reading (and discarding) after its close frame and FIN went out,
+/// so a client still sending is not answered with a reset that destroys what it has not read.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// One WebSocket connection.
 struct Connection {
@@ -204,16 +223,50 @@ struct Connection {
     closing: Option<CloseCode>,
     /// Set once closing starts: the final frames must be flushed by then.
     close_by: Option<Instant>,
+    /// The client's side is closed (EOF read).
+    peer_done: bool,
+}
+
+/// Applies decoded messages in order; stops at the first that ends the connection.
+async fn apply(
+    mut session: Session,
+    outbox: Arc<Outbox>,
+    messages: Vec<ws::Message>,
+) -> (Session, Vec<ws::Message>, Handled) {
+    let mut handled = Handled::Done;
+    for message in messages.iter() {
+        match message {
+            ws::Message::Text(text) => {
+                if let Err(code) = session.handle_text(text).await {
+                    handled = Handled::Close(code);
+                    break;
+                }
+            }
+            ws::Message::Binary(_) => {
+                handled = Handled::Close(CloseCode::ProtocolError);
+                break;
+            }
+            ws::Message::Ping(payload) => {
+                let pong = ws::encode_frame(ws::Role::Server, ws::Opcode::Pong, payload);
+                if outbox.push(pong).is_err() {
+                    handled = Handled::Close(CloseCode::SlowConsumer);
+                    break;
+                }
+            }
+            ws::Message::Pong(_) => {}
+            ws::Message::Close(_) => {
+                handled = Handled::ClientClosed;
+                break;
+            }
+        }
+    }
+    (session, messages, handled)
 }
 
 impl Connection {
     fn new(app: App, stream: TcpStream) -> Self {
         let limits = &app.node.limits;
-        let outbox = Arc::new(Outbox::new(
-            limits.max_queue_bytes,
-            limits.max_queue_messages,
-            app.node.metrics.clone(),
-        ));
+        let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), app.node.metrics.clone()));
         let decoder = ws::Decoder::new(ws::Role::Server, limits.max_message_bytes);
         Connection {
             app,
@@ -225,6 +278,7 @@ impl Connection {
             last_heard: Instant::now(),
             closing: None,
             close_by: None,
+            peer_done: false,
         }
     }
 
@@ -233,10 +287,15 @@ impl Connection {
         node.metrics.connections.fetch_add(1, Ordering::Relaxed);
         node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         let user = auth.as_ref().ok().cloned().flatten();
-        let mut session = Session::new(node.clone(), self.outbox.clone(), user);
-        tracing::debug!(conn = session.id(), "websocket connected");
+        let session = Session::new(node.clone(), self.outbox.clone(), user);
+        let conn_id = session.id();
+        tracing::debug!(conn = conn_id, "websocket connected");
         let ip = self.stream.peer_addr().ok().map(|a| a.ip());
         let registered = session.register(ip);
+        let mut session = Some(session);
+        let mut command: Option<CommandRun> = None;
+        // A decoder error found after some valid messages: applied once they are.
+        let mut invalid: Option<CloseCode> = None;
 
         let interval = node.ping_interval;
         let mut next_ping = Instant::now() + interval;
@@ -247,30 +306,44 @@ impl Connection {
         if let Err(code) = auth {
             self.start_close(code);
         } else if let Err(limit) = registered {
-            tracing::debug!(conn = session.id(), %limit, "connection refused by a limit");
+            tracing::debug!(conn = conn_id, %limit, "connection refused by a limit");
             self.start_close(CloseCode::LimitReached);
         } else if !prefix.is_empty() {
-            if let Err(code) = self.decoder.feed(&prefix, &mut self.messages).map_err(ws_close_code)
-            {
-                self.start_close(code);
-            } else if let Err(code) = self.handle_messages(&mut session).await {
-                self.start_close(code);
+            if let Err(e) = self.decoder.feed(&prefix, &mut self.messages) {
+                invalid = Some(ws_close_code(e));
             }
         }
         drop(prefix);
 
         loop {
+            // Apply what was read: commands run beside this loop, which keeps writing.
+            if command.is_none() && !self.messages.is_empty() && self.close_by.is_none() {
+                if let Some(s) = session.take() {
+                    let messages = std::mem::take(&mut self.messages);
+                    command = Some(Box::pin(apply(s, self.outbox.clone(), messages)));
+                }
+            }
+            if command.is_none() && self.messages.is_empty() {
+                if let Some(code) = invalid.take() {
+                    if code == CloseCode::MessageTooBig {
+                        node.metrics.limit(herald_core::metrics::LimitKind::MessageSize);
+                    }
+                    self.start_close(code);
+                }
+            }
             let flushed = match self.flush() {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::debug!(conn = session.id(), error = %e, "write failed");
+                    tracing::debug!(conn = conn_id, error = %e, "write failed");
                     break;
                 }
             };
             if self.close_by.is_some()
                 && flushed == Flushed::All
                 && self.outbox.pending_bytes() == 0
+                && command.is_none()
             {
+                self.linger().await;
                 break;
             }
             if self.close_by.is_none() {
@@ -281,31 +354,49 @@ impl Connection {
             }
             let blocked = flushed == Flushed::Blocked;
             let open = self.close_by.is_none();
+            let reading = !self.peer_done && (command.is_none() || !open) && invalid.is_none();
             let close_by =
                 self.close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let check_at = if open { self.outbox.next_check() } else { None };
+            let check_at = check_at.map(Instant::from_std).unwrap_or(close_by);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if open => {
                     self.start_close(CloseCode::Shutdown);
                     self.close_by = Some(Instant::now() + self.app.shutdown_timeout);
                 }
-                r = self.stream.readable(), if open => {
+                done = async { command.as_mut().expect("guarded").await }, if command.is_some() => {
+                    command = None;
+                    let (s, messages, handled) = done;
+                    session = Some(s);
+                    // Give the vector's allocation back for the next read, but not a large one.
+                    let mut messages = messages;
+                    messages.clear();
+                    if messages.capacity() <= 2 && self.messages.is_empty() {
+                        self.messages = messages;
+                    }
+                    match handled {
+                        Handled::Done => {}
+                        Handled::Close(code) => self.start_close(code),
+                        Handled::ClientClosed => self.client_closed(),
+                    }
+                }
+                r = self.stream.readable(), if reading => {
                     if r.is_err() { break; }
+                    if !open {
+                        // Closing: what the client still sends is read and dropped, so the
+                        // kernel does not answer it with a reset that loses our last frames.
+                        self.discard_input();
+                        continue;
+                    }
                     match self.read() {
                         ReadResult::Eof => break,
                         ReadResult::Invalid(code) => {
-                            if code == CloseCode::MessageTooBig {
-                                node.metrics.limit(herald_core::metrics::LimitKind::MessageSize);
-                            }
-                            self.start_close(code);
+                            self.last_heard = Instant::now();
+                            invalid = Some(code);
                         }
                         ReadResult::Empty => {}
-                        ReadResult::Data => {
-                            self.last_heard = Instant::now();
-                            if let Err(code) = self.handle_messages(&mut session).await {
-                                self.start_close(code);
-                            }
-                        }
+                        ReadResult::Data => self.last_heard = Instant::now(),
                     }
                 }
                 r = self.stream.writable(), if blocked => {
@@ -316,32 +407,50 @@ impl Connection {
                 _ = self.outbox.notified() => {}
                 _ = &mut ping, if open => {
                     // Wakes at the next ping or when the client's silence reaches two
-                    // intervals, whichever comes first.
+                    // intervals, whichever comes first. Silence does not count while the
+                    // client's own command runs (its input is not read meanwhile).
                     let now = Instant::now();
                     let silent_until = self.last_heard + interval * 2;
-                    if now >= silent_until {
+                    if now >= silent_until && command.is_none() {
                         self.start_close(CloseCode::NoPong);
                     } else {
                         if now >= next_ping {
                             let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
-                            if self.outbox.push(frame).is_err() {
-                                self.outbox.overflow();
-                            }
+                            self.outbox.push_final(frame);
                             next_ping = now + interval;
+                        }
+                        if command.is_some() {
+                            self.last_heard = self.last_heard.max(now - interval);
                         }
                         ping.as_mut().reset(next_ping.min(self.last_heard + interval * 2 + Duration::from_millis(1)));
                     }
                 }
-                _ = tokio::time::sleep_until(close_by), if !open => break,
+                _ = tokio::time::sleep_until(check_at), if open && check_at < close_by => {
+                    self.outbox.check_progress(std::time::Instant::now());
+                }
+                _ = tokio::time::sleep_until(close_by), if !open => {
+                    // The client did not take the final frames in time: a reset tells it the
+                    // stream is broken, where a FIN after a partial frame would look clean.
+                    tracing::debug!(conn = conn_id, "close flush timed out; resetting");
+                    let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+                    break;
+                }
             }
         }
 
         self.outbox.close();
-        Box::pin(session.close()).await;
-        let _ = self.stream.try_write(&[]);
+        if let Some(run) = command.take() {
+            // Let the command finish: it holds the session (and may hold a pending
+            // subscription the close must find). The queue is closed, so it ends promptly.
+            let (s, _, _) = run.await;
+            session = Some(s);
+        }
+        if let Some(mut session) = session {
+            Box::pin(session.close()).await;
+        }
         drop(self.stream);
         node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(conn = session.id(), code = ?self.closing, "websocket closed");
+        tracing::debug!(conn = conn_id, code = ?self.closing, "websocket closed");
     }
 
     /// Queues the `disconnect` push and the close frame and bounds the time left to flush. What
@@ -372,6 +481,57 @@ impl Connection {
         self.close_by = Some(Instant::now() + CLOSE_FLUSH);
     }
 
+    /// The client sent a close frame: answer with a normal close frame and end.
+    fn client_closed(&mut self) {
+        if self.close_by.is_some() {
+            return;
+        }
+        self.close_by = Some(Instant::now() + CLOSE_FLUSH);
+        self.outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")], true);
+    }
+
+    /// After the close frame: half-close (FIN), then read and drop what the client still
+    /// sends until it closes too or [`LINGER`] passes. Dropping the socket with unread input
+    /// would make the kernel send a reset, and a reset makes the client's kernel throw away
+    /// what it had received but the client had not read yet: the disconnect push and the
+    /// close frame.
+    async fn linger(&mut self) {
+        if self.peer_done {
+            return;
+        }
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + LINGER;
+        while !self.peer_done {
+            tokio::select! {
+                r = self.stream.readable() => {
+                    if r.is_err() { return; }
+                    self.discard_input();
+                }
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Reads and drops whatever input is there (bounded per call); notes EOF.
+    fn discard_input(&mut self) {
+        let mut buf = [0u8; READ_CHUNK];
+        for _ in 0..MAX_READS_PER_WAKE {
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => {
+                    self.peer_done = true;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.peer_done = true;
+                    return;
+                }
+            }
+        }
+    }
+
     /// Reads what the socket has (bounded) and feeds the decoder. Never awaits, so the read
     /// buffer lives on the stack only while reading.
     fn read(&mut self) -> ReadResult {
@@ -399,49 +559,6 @@ impl Connection {
         } else {
             ReadResult::Empty
         }
-    }
-
-    /// Applies decoded messages.
-    async fn handle_messages(&mut self, session: &mut Session) -> Result<(), CloseCode> {
-        let messages = std::mem::take(&mut self.messages);
-        let mut result = Ok(());
-        for message in messages.iter() {
-            match message {
-                ws::Message::Text(text) => {
-                    // Boxed: the command futures are large and short-lived; inline they would
-                    // sit in every idle connection's task.
-                    if let Err(code) = Box::pin(session.handle_text(text)).await {
-                        result = Err(code);
-                        break;
-                    }
-                }
-                ws::Message::Binary(_) => {
-                    result = Err(CloseCode::ProtocolError);
-                    break;
-                }
-                ws::Message::Ping(payload) => {
-                    let pong = ws::encode_frame(ws::Role::Server, ws::Opcode::Pong, payload);
-                    if self.outbox.push(pong).is_err() {
-                        result = Err(CloseCode::SlowConsumer);
-                        break;
-                    }
-                }
-                ws::Message::Pong(_) => {}
-                ws::Message::Close(_) => {
-                    // The client closes: answer with a normal close frame and end.
-                    self.close_by = Some(Instant::now() + CLOSE_FLUSH);
-                    self.outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")], true);
-                    break;
-                }
-            }
-        }
-        // Give the vector's allocation back for the next read, but not a large one.
-        let mut messages = messages;
-        messages.clear();
-        if messages.capacity() <= 2 {
-            self.messages = messages;
-        }
-        result
     }
 
     /// Writes as much of the queue as the socket takes, in vectored writes.

@@ -11,78 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Server, TIMEOUT};
+use common::{RawWs, Server, TIMEOUT};
 use herald_client::{Client, ClientError, ConnectOptions, Event};
 use herald_protocol::ws::{self, Opcode, Role};
 use serde_json::{json, Value};
-
-/// A raw WebSocket client on a blocking socket with a tiny receive buffer.
-struct RawWs {
-    stream: StdTcpStream,
-    decoder: ws::Decoder,
-}
-
-impl RawWs {
-    fn connect(server: &Server, rcvbuf: usize) -> RawWs {
-        RawWs {
-            stream: common::raw_ws(server, rcvbuf),
-            decoder: ws::Decoder::new(Role::Client, 1 << 24),
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.stream
-            .write_all(&ws::encode_frame(Role::Client, Opcode::Text, text.as_bytes()))
-            .unwrap();
-    }
-
-    /// Reads messages until `stop` says so or the socket ends; returns the JSON messages and
-    /// the close code, if a close frame came.
-    fn read_until(
-        &mut self,
-        timeout: Duration,
-        mut stop: impl FnMut(&Value) -> bool,
-    ) -> (Vec<Value>, Option<u16>) {
-        self.stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        let mut messages = Vec::new();
-        while Instant::now() < deadline {
-            let n = match self.stream.read(&mut buf) {
-                Ok(0) => return (out, None),
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(_) => return (out, None),
-            };
-            self.decoder.feed(&buf[..n], &mut messages).unwrap();
-            for m in messages.drain(..) {
-                match m {
-                    ws::Message::Text(t) => {
-                        for line in t.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                            let v: Value = serde_json::from_slice(line).unwrap();
-                            let done = stop(&v);
-                            out.push(v);
-                            if done {
-                                return (out, None);
-                            }
-                        }
-                    }
-                    ws::Message::Close(c) => return (out, c.map(|c| c.code)),
-                    _ => {}
-                }
-            }
-        }
-        (out, None)
-    }
-}
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -184,3 +184,74 @@ pub fn raw_ws(server: &Server, rcvbuf: usize) -> std::net::TcpStream {
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     stream
 }
+
+/// A raw WebSocket client on a blocking socket with a tiny receive buffer.
+pub struct RawWs {
+    pub stream: std::net::TcpStream,
+    pub decoder: herald_protocol::ws::Decoder,
+}
+
+impl RawWs {
+    pub fn connect(server: &Server, rcvbuf: usize) -> RawWs {
+        RawWs {
+            stream: raw_ws(server, rcvbuf),
+            decoder: herald_protocol::ws::Decoder::new(herald_protocol::ws::Role::Client, 1 << 24),
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        let frame = herald_protocol::ws::encode_frame(
+            herald_protocol::ws::Role::Client,
+            herald_protocol::ws::Opcode::Text,
+            text.as_bytes(),
+        );
+        std::io::Write::write_all(&mut self.stream, &frame).unwrap();
+    }
+
+    /// Reads messages until `stop` says so or the socket ends; returns the JSON messages and
+    /// the close code, if a close frame came.
+    pub fn read_until(
+        &mut self,
+        timeout: Duration,
+        mut stop: impl FnMut(&serde_json::Value) -> bool,
+    ) -> (Vec<serde_json::Value>, Option<u16>) {
+        self.stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let mut messages = Vec::new();
+        while Instant::now() < deadline {
+            let n = match std::io::Read::read(&mut self.stream, &mut buf) {
+                Ok(0) => return (out, None),
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => return (out, None),
+            };
+            self.decoder.feed(&buf[..n], &mut messages).unwrap();
+            for m in messages.drain(..) {
+                match m {
+                    herald_protocol::ws::Message::Text(t) => {
+                        for line in t.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+                            let done = stop(&v);
+                            out.push(v);
+                            if done {
+                                return (out, None);
+                            }
+                        }
+                    }
+                    herald_protocol::ws::Message::Close(c) => return (out, c.map(|c| c.code)),
+                    _ => {}
+                }
+            }
+        }
+        (out, None)
+    }
+}
