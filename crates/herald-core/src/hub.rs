@@ -84,7 +84,7 @@ struct SharedFrame {
 }
 
 impl SharedFrame {
-    fn new(bytes: Bytes, metrics: &Arc<Metrics>) -> Bytes {
+    fn share(bytes: Bytes, metrics: &Arc<Metrics>) -> Bytes {
         metrics.shared_frame_bytes.fetch_add(bytes.len() as i64, Ordering::Relaxed);
         Bytes::from_owner(SharedFrame { bytes, metrics: metrics.clone() })
     }
@@ -126,7 +126,7 @@ impl<'a> Encoded<'a> {
         let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
         self.ws
             .get_or_insert_with(|| {
-                SharedFrame::new(encode_pub_frame(channel, publication, false), metrics)
+                SharedFrame::share(encode_pub_frame(channel, publication, false), metrics)
             })
             .clone()
     }
@@ -135,7 +135,7 @@ impl<'a> Encoded<'a> {
         let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
         self.ws_epoch
             .get_or_insert_with(|| {
-                SharedFrame::new(encode_pub_frame(channel, publication, true), metrics)
+                SharedFrame::share(encode_pub_frame(channel, publication, true), metrics)
             })
             .clone()
     }
@@ -147,7 +147,7 @@ impl<'a> Encoded<'a> {
             .get_or_insert_with(|| {
                 let event =
                     sse::encode_pub_event(channel.as_str(), publication.offset, &publication.data);
-                SharedFrame::new(Bytes::from(event), metrics)
+                SharedFrame::share(Bytes::from(event), metrics)
             })
             .clone();
         SseItem {

@@ -10,7 +10,6 @@ use std::net::TcpStream as StdTcpStream;
 use std::time::{Duration, Instant};
 
 use common::Server;
-use herald_protocol::ws::{self, Opcode, Role};
 use serde_json::json;
 
 #[tokio::test]
