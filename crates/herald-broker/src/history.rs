@@ -283,15 +283,16 @@ impl Stream {
         Since { publications: self.range_from(start, limit), complete: reaches }
     }
 
-    /// Entries after a [`VoidEpoch`] position (offset 0 read when the channel had no stream),
-    /// oldest first, at most `limit`. `first`: this stream is the first created since that read
-    /// (see [`VoidEpoch::covers`]), so every publication since the read is one of its own; it
-    /// is then complete exactly when nothing was trimmed (offset 1 still retained, or nothing
-    /// published). Otherwise: all retained, `complete = false`.
-    pub fn since_void(&self, first: bool, limit: Option<usize>) -> Since {
+    /// Entries after a position `(offset, void epoch)`: a client that read the channel when it
+    /// had no stream (offset 0 in a [`VoidEpoch`]) and then received `offset` publications
+    /// without learning their epoch. `first`: this stream is the first created since that read
+    /// (see [`VoidEpoch::covers`]), so every publication since the read is one of its own and
+    /// the position means `(offset, this epoch)`: judged by [`Stream::since`]. Otherwise: all
+    /// retained, `complete = false`.
+    pub fn since_void(&self, first: bool, offset: u64, limit: Option<usize>) -> Since {
         if first {
             let epoch = self.epoch.clone();
-            self.since(0, &epoch, limit)
+            self.since(offset, &epoch, limit)
         } else {
             Since { publications: self.range_from(0, limit), complete: false }
         }

@@ -308,14 +308,17 @@ impl MemoryBroker {
         let ttl = options.history_ttl;
         let mut streams = self.shard(channel).lock();
         let now_ms = self.ms(now);
-        // A void position of this instance, offset 0: `Some(its read time)`.
+        // A void position of this instance.
         let void_since = query.since.as_ref().and_then(|since| {
             let void = VoidEpoch::parse(&since.epoch)?;
-            (since.offset == 0 && void.instance == &*self.instance).then_some(void)
+            (void.instance == &*self.instance).then_some(void)
         });
         let Some(stream) = self.stream_for_read(&mut streams, channel, ttl, now) else {
-            // Nothing published within the TTL: position 0 of a void epoch of this read.
-            let complete = void_since.is_some_and(|void| void.covers(now_ms, ttl));
+            // Nothing published within the TTL: position 0 of a void epoch of this read. A void
+            // `since` is complete if no stream can have come and gone since it was read (and
+            // its holder saw no publication: offset 0).
+            let complete = void_since.is_some_and(|void| void.covers(now_ms, ttl))
+                && query.since.as_ref().is_some_and(|since| since.offset == 0);
             let epoch = VoidEpoch { instance: &self.instance, at_ms: now_ms }.encode();
             return HistoryPage {
                 position: Some(StreamPosition { offset: 0, epoch }),
@@ -326,9 +329,10 @@ impl MemoryBroker {
         };
         let epoch = stream.epoch().clone();
         let (entries, complete) = match (&query.since, void_since) {
-            (Some(_), Some(void)) => {
+            (Some(since), Some(void)) => {
                 let first = void.covers(self.ms(stream.created()), ttl);
-                let Since { publications, complete } = stream.since_void(first, query.limit);
+                let Since { publications, complete } =
+                    stream.since_void(first, since.offset, query.limit);
                 (publications, complete)
             }
             (Some(since), None) => {
@@ -661,6 +665,26 @@ mod void_tests {
     }
 
     #[test]
+    fn void_position_followed_by_publications_means_the_first_stream() {
+        // A client that subscribed before the first publication and received offsets 1 and 2
+        // without learning their epoch holds (2, void): the first stream's offset 2.
+        let (broker, base) = started();
+        let c = ChannelName::parse("c").expect("valid");
+        let void = read(&broker, &c, 10, None, ms(base, 10)).position.expect("position");
+        for t in 0..3 {
+            broker
+                .publish_at(&c, Bytes::from_static(b"x"), &opts(10), ms(base, 20 + t))
+                .expect("ok");
+        }
+        let held = StreamPosition { offset: 2, epoch: void.epoch.clone() };
+        let page = read(&broker, &c, 10, Some(&held), ms(base, 30));
+        assert!(page.complete);
+        assert_eq!(offsets(&page), [3]);
+        let ahead = StreamPosition { offset: 4, epoch: void.epoch };
+        assert!(!read(&broker, &c, 10, Some(&ahead), ms(base, 30)).complete, "offset beyond top");
+    }
+
+    #[test]
     fn expired_stream_read_is_dropped_not_kept() {
         let (broker, base) = started();
         let c = ChannelName::parse("c").expect("valid");
@@ -710,7 +734,13 @@ mod void_tests {
         #[derive(Debug, Clone)]
         enum Op {
             Publish,
-            Read { pick: Option<usize>, limit: Option<usize> },
+            /// A read with no `since`, or with the position a client holds after seeing a reply
+            /// (`pick`) and then `follow` more live publications, learning their epoch from the
+            /// first `pub` of a new epoch (`learns`) or not (an older client).
+            Read {
+                pick: Option<(usize, usize, bool)>,
+                limit: Option<usize>,
+            },
             Advance(u64),
             Sweep,
         }
@@ -718,7 +748,10 @@ mod void_tests {
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
                 4 => Just(Op::Publish),
-                4 => (proptest::option::weighted(0.8, any::<usize>()), proptest::option::of(0usize..6))
+                4 => (
+                    proptest::option::weighted(0.8, (any::<usize>(), prop_oneof![Just(0usize), any::<usize>()], any::<bool>())),
+                    proptest::option::of(0usize..6),
+                )
                     .prop_map(|(pick, limit)| Op::Read { pick, limit }),
                 3 => prop_oneof![0u64..50, 0u64..400, Just(TTL_MS - 1), Just(TTL_MS), Just(TTL_MS + 1), 900u64..2500]
                     .prop_map(Op::Advance),
@@ -747,7 +780,9 @@ mod void_tests {
             let c = ChannelName::parse("ch").expect("valid");
             let options = opts(size);
             let mut now = 0u64;
+            // Every publication: data and its position.
             let mut log: Vec<Bytes> = Vec::new();
+            let mut positions: Vec<StreamPosition> = Vec::new();
             let mut stream: Option<ModelStream> = None;
             let mut epochs: Vec<String> = Vec::new();
             let mut seen: Vec<Seen> = Vec::new();
@@ -763,6 +798,7 @@ mod void_tests {
                             .expect("started")
                             .expect("history");
                         log.push(data);
+                        positions.push(position.clone());
                         if live(&stream, now) {
                             let s = stream.as_mut().expect("live");
                             s.top += 1;
@@ -784,8 +820,27 @@ mod void_tests {
                         seen.push(Seen { position, log_len: log.len() });
                     }
                     Op::Read { pick, limit } => {
-                        let since =
-                            pick.filter(|_| !seen.is_empty()).map(|i| &seen[i % seen.len()]);
+                        let since = pick.filter(|_| !seen.is_empty()).map(|(i, follow, learns)| {
+                            let from = &seen[i % seen.len()];
+                            let k = follow % (log.len() - from.log_len + 1);
+                            if k == 0 {
+                                return Seen {
+                                    position: from.position.clone(),
+                                    log_len: from.log_len,
+                                };
+                            }
+                            let last = &positions[from.log_len + k - 1];
+                            let epoch = if learns {
+                                last.epoch.clone()
+                            } else {
+                                from.position.epoch.clone()
+                            };
+                            Seen {
+                                position: StreamPosition { offset: last.offset, epoch },
+                                log_len: from.log_len + k,
+                            }
+                        });
+                        let since = since.as_ref();
                         let query =
                             HistoryQuery { since: since.map(|s| s.position.clone()), limit };
                         let page = broker.history_at(&c, &options, &query, ms(base, now));
@@ -831,9 +886,16 @@ mod void_tests {
                                 let expected =
                                     match (VoidEpoch::parse(&since.position.epoch), &stream) {
                                         (Some(void), Some(s)) => {
-                                            since.position.offset == 0
+                                            // The first stream since the void read: the
+                                            // offset is one of its own.
+                                            let n = since.position.offset;
+                                            void.at_ms <= s.created_ms
                                                 && s.created_ms + 1 <= void.at_ms + TTL_MS
-                                                && retained.first() == Some(&s.first)
+                                                && n <= s.top
+                                                && (n == s.top
+                                                    || retained.first().is_some_and(|&f| {
+                                                        (f - s.first) as u64 <= n
+                                                    }))
                                         }
                                         (Some(void), None) => {
                                             since.position.offset == 0
