@@ -461,7 +461,14 @@ mod tests {
                         "publications": [publication.clone()],
                     })),
                 },
-                ServerMessage::Reply { id, result: Ok(json!({"publications": [publication]})) },
+                ServerMessage::Reply {
+                    id,
+                    result: Ok(if id % 2 == 0 {
+                        json!({"publications": [publication], "more": true})
+                    } else {
+                        json!({"publications": [publication]})
+                    }),
+                },
                 ServerMessage::Reply {
                     id,
                     result: Ok(match offset { Some(o) => json!({"offset": o}), None => json!({}) }),
