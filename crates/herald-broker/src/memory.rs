@@ -890,7 +890,7 @@ mod void_tests {
                                             // offset is one of its own.
                                             let n = since.position.offset;
                                             void.at_ms <= s.created_ms
-                                                && s.created_ms + 1 <= void.at_ms + TTL_MS
+                                                && s.created_ms < void.at_ms + TTL_MS
                                                 && n <= s.top
                                                 && (n == s.top
                                                     || retained.first().is_some_and(|&f| {
@@ -899,7 +899,7 @@ mod void_tests {
                                         }
                                         (Some(void), None) => {
                                             since.position.offset == 0
-                                                && now + 1 <= void.at_ms + TTL_MS
+                                                && now < void.at_ms + TTL_MS
                                         }
                                         (None, Some(s)) => {
                                             let n = since.position.offset;
