@@ -898,8 +898,7 @@ mod void_tests {
                                                     }))
                                         }
                                         (Some(void), None) => {
-                                            since.position.offset == 0
-                                                && now < void.at_ms + TTL_MS
+                                            since.position.offset == 0 && now < void.at_ms + TTL_MS
                                         }
                                         (None, Some(s)) => {
                                             let n = since.position.offset;
