@@ -222,3 +222,42 @@ impl std::fmt::Debug for dyn Broker {
         write!(f, "Broker({})", self.name())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_bounded_by_count_and_bytes_keeping_at_least_one() {
+        // (sizes of data, from_oldest, max publications, max bytes, kept offsets, more)
+        type Case = (&'static [usize], bool, usize, usize, &'static [u64], bool);
+        let cases: [Case; 9] = [
+            (&[], true, 10, 100, &[], false),
+            (&[10, 10, 10], true, 10, 100, &[1, 2, 3], false),
+            (&[10, 10, 10], true, 2, 100, &[1, 2], true),
+            (&[10, 10, 10], false, 2, 100, &[2, 3], true),
+            (&[40, 40, 40], true, 10, 100, &[1, 2], true),
+            (&[40, 40, 40], false, 10, 100, &[2, 3], true),
+            (&[500, 10], true, 10, 100, &[1], true),
+            (&[10, 500], false, 10, 100, &[2], true),
+            (&[10, 10], true, 0, 100, &[1], true),
+        ];
+        for (sizes, from_oldest, max_publications, max_bytes, kept, more) in cases {
+            let mut page = HistoryPage {
+                publications: sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| Publication {
+                        offset: Some(i as u64 + 1),
+                        epoch: None,
+                        data: Bytes::from(vec![b'1'; n]),
+                    })
+                    .collect(),
+                ..HistoryPage::default()
+            };
+            page.bound(from_oldest, PageBounds { max_publications, max_bytes });
+            let got: Vec<u64> = page.publications.iter().filter_map(|p| p.offset).collect();
+            assert_eq!((got.as_slice(), page.more), (kept, more), "{sizes:?} {from_oldest}");
+        }
+    }
+}
