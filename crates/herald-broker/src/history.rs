@@ -79,6 +79,8 @@ pub struct Stream {
     bytes: usize,
     /// Last publish, or creation before the first one.
     last_publish: Instant,
+    /// When the stream was created (its first publish, in the memory broker).
+    created: Instant,
 }
 
 /// What history holds after a position.
@@ -92,13 +94,94 @@ pub struct Since {
     pub complete: bool,
 }
 
+/// Digits of base 36, as epochs use them.
+const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
 /// A fresh epoch: 8 random characters of `[0-9a-z]`.
 fn new_epoch() -> Arc<str> {
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::thread_rng();
     let epoch: String =
         (0..8).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect();
     Arc::from(epoch)
+}
+
+/// The epoch reported by a read of a channel that has no stream (nothing published within its
+/// TTL): `V`, the broker instance's id, then the read's time in milliseconds since the broker
+/// started, base 36. Example: `Vk3j9x0aa1b2c`.
+///
+/// Only `[0-9A-Za-z]`, so it is safe in JSON, SSE ids and any separator Herald uses; generated
+/// epochs are 8 characters of `[0-9a-z]` and never start with the upper-case `V`, so the two
+/// cannot be confused.
+///
+/// A read never creates a stream: it reports position `(0, void epoch)`. A later `since` of that
+/// position is judged by [`VoidEpoch::covers`]: a stream created after the read that later
+/// expired must have been idle for the TTL, so a stream created (or a read made) no later than
+/// `at + ttl` is the first since the read, and nothing of an earlier one can be missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VoidEpoch<'a> {
+    /// Id of the broker instance that made the read (8 characters of `[0-9a-z]`).
+    pub instance: &'a str,
+    /// Milliseconds since that broker started, at the read.
+    pub at_ms: u64,
+}
+
+/// Marks a void epoch; never the first character of a generated one.
+const VOID_MARK: char = 'V';
+/// Length of a broker instance id.
+pub const INSTANCE_LEN: usize = 8;
+
+impl<'a> VoidEpoch<'a> {
+    /// The epoch string.
+    pub fn encode(&self) -> String {
+        let mut digits = Vec::new();
+        let mut n = self.at_ms;
+        loop {
+            digits.push(ALPHABET[(n % 36) as usize]);
+            n /= 36;
+            if n == 0 {
+                break;
+            }
+        }
+        digits.reverse();
+        let mut out = String::with_capacity(1 + self.instance.len() + digits.len());
+        out.push(VOID_MARK);
+        out.push_str(self.instance);
+        out.extend(digits.into_iter().map(char::from));
+        out
+    }
+
+    /// Reads a void epoch; `None` when `epoch` is not one (a generated epoch, or garbage).
+    pub fn parse(epoch: &'a str) -> Option<VoidEpoch<'a>> {
+        let rest = epoch.strip_prefix(VOID_MARK)?;
+        let instance = rest.get(..INSTANCE_LEN)?;
+        let time = rest.get(INSTANCE_LEN..)?;
+        if time.is_empty() || time.len() > 13 || !is_base36(instance) || !is_base36(time) {
+            return None;
+        }
+        let at_ms = u64::from_str_radix(time, 36).ok()?;
+        Some(VoidEpoch { instance, at_ms })
+    }
+
+    /// True when a stream created at `moment_ms` (or, for a channel still without a stream, a
+    /// read at `moment_ms`) proves that no stream was created and lost since this void read,
+    /// given the channel's `ttl`: a stream created after the read and then dropped was idle for
+    /// more than `ttl` after its creation, so anything created or read no later than
+    /// `at + ttl` comes before any such loss. With millisecond clocks: `moment_ms + 1 <=
+    /// at_ms + ttl_ms` (conservative). Also false for a read from the future (`at_ms >
+    /// moment_ms`), which this broker never issued.
+    pub fn covers(&self, moment_ms: u64, ttl: Duration) -> bool {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.at_ms <= moment_ms && moment_ms.saturating_add(1) <= self.at_ms.saturating_add(ttl_ms)
+    }
+}
+
+fn is_base36(s: &str) -> bool {
+    s.bytes().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+}
+
+/// A fresh broker instance id: 8 random characters of `[0-9a-z]`.
+pub fn new_instance_id() -> Arc<str> {
+    new_epoch()
 }
 
 impl Stream {
@@ -110,7 +193,19 @@ impl Stream {
 
     /// A new stream with the given epoch, offset 0, created at `now`.
     pub fn with_epoch(epoch: Arc<str>, now: Instant) -> Stream {
-        Stream { epoch, top: 0, entries: VecDeque::new(), bytes: 0, last_publish: now }
+        Stream {
+            epoch,
+            top: 0,
+            entries: VecDeque::new(),
+            bytes: 0,
+            last_publish: now,
+            created: now,
+        }
+    }
+
+    /// When the stream was created.
+    pub fn created(&self) -> Instant {
+        self.created
     }
 
     /// The stream's epoch.
@@ -186,6 +281,21 @@ impl Stream {
             _ => 0,
         };
         Since { publications: self.range_from(start, limit), complete: reaches }
+    }
+
+    /// Entries after a position `(offset, void epoch)`: a client that read the channel when it
+    /// had no stream (offset 0 in a [`VoidEpoch`]) and then received `offset` publications
+    /// without learning their epoch. `first`: this stream is the first created since that read
+    /// (see [`VoidEpoch::covers`]), so every publication since the read is one of its own and
+    /// the position means `(offset, this epoch)`: judged by [`Stream::since`]. Otherwise: all
+    /// retained, `complete = false`.
+    pub fn since_void(&self, first: bool, offset: u64, limit: Option<usize>) -> Since {
+        if first {
+            let epoch = self.epoch.clone();
+            self.since(offset, &epoch, limit)
+        } else {
+            Since { publications: self.range_from(0, limit), complete: false }
+        }
     }
 
     /// The newest `limit` entries (all when `None`), oldest first.

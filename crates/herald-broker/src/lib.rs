@@ -11,6 +11,18 @@
 //!   this node sees it no earlier than it was assigned;
 //! - [`Broker::history`] returns a position no older than every publication the handler has
 //!   already been given for that channel, and the retained publications up to that position.
+//!
+//! Reads never create state: [`Broker::history`] and [`Broker::subscribe`] of a channel nobody
+//! published to within its TTL keep nothing, so reading a million fresh names costs nothing
+//! after the reads. Such a read reports offset 0 in an epoch of the backend's choosing (the
+//! memory broker: a [`history::VoidEpoch`] recording the read's time), and the `complete` rule
+//! stays exact for that position: a later read with it as `since` is complete exactly when the
+//! backend can prove nothing was published after it and lost (see `docs/architecture.md`,
+//! "History").
+//!
+//! History replies are bounded: [`Broker::history_page`] cuts a read to [`PageBounds`] (a count
+//! and a byte budget), keeping at least one publication, and says whether it cut
+//! ([`HistoryPage::more`]).
 
 pub mod history;
 pub mod memory;
@@ -62,6 +74,48 @@ pub struct HistoryPage {
     /// With `since`: true exactly when nothing after it is missing (same epoch, history reaches
     /// back far enough), whatever `limit` cut. Without `since`: false.
     pub complete: bool,
+    /// [`Broker::history_page`] cut the page to its [`PageBounds`]: more publications are due
+    /// than it holds (with `since`: after its last one; without: before its first one).
+    pub more: bool,
+}
+
+/// The most one history page may hold: a reply to op `history` or `GET /api/history`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageBounds {
+    /// Publications per page (at least 1 is used).
+    pub max_publications: usize,
+    /// Sum of the publications' `data` bytes per page; a single publication larger than this
+    /// still makes a page of its own.
+    pub max_bytes: usize,
+}
+
+impl HistoryPage {
+    /// Cuts the page to `bounds` (a page holds at least one publication if it had any): with
+    /// `from_oldest`, the first publications that fit (paging forward after `since`),
+    /// otherwise the newest that fit. Sets [`HistoryPage::more`] when anything was cut.
+    pub fn bound(&mut self, from_oldest: bool, bounds: PageBounds) {
+        let len = self.publications.len();
+        let mut used = 0usize;
+        let mut fit = 0usize;
+        let max = bounds.max_publications.max(1);
+        for i in 0..len {
+            let p =
+                if from_oldest { &self.publications[i] } else { &self.publications[len - 1 - i] };
+            used = used.saturating_add(p.data.len());
+            if fit >= max || (fit > 0 && used > bounds.max_bytes) {
+                break;
+            }
+            fit += 1;
+        }
+        if fit < len {
+            self.more = true;
+            if from_oldest {
+                self.publications.truncate(fit);
+            } else {
+                self.publications.drain(..len - fit);
+            }
+        }
+    }
 }
 
 /// How much history a broker retains (for metrics and sizing).
@@ -111,7 +165,8 @@ pub trait Broker: Send + Sync + 'static {
         options: &PublishOptions,
     ) -> Result<Option<StreamPosition>, BrokerError>;
 
-    /// This node now has subscribers of `channel`: deliver its publications here.
+    /// This node now has subscribers of `channel`: deliver its publications here. Creates no
+    /// stream state.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
     /// This node no longer has subscribers of `channel`.
@@ -119,13 +174,39 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Reads the channel's history: its current position (offset of its newest publication, 0
     /// before the first) and the retained publications `query` asks for, oldest first. Where
-    /// the channel keeps no history the page has no position and no publications.
+    /// the channel keeps no history the page has no position and no publications. Creates no
+    /// state: a channel without a stream (nothing published within its TTL) reports offset 0
+    /// in an epoch that no stream has, and a later read with that position as `since` is
+    /// `complete` only if nothing published since can have been lost.
     async fn history(
         &self,
         channel: &ChannelName,
         options: &PublishOptions,
         query: &HistoryQuery,
     ) -> Result<HistoryPage, BrokerError>;
+
+    /// [`Broker::history`] cut to `bounds`: at most `bounds.max_publications` (and at most
+    /// `query.limit`), at most `bounds.max_bytes` of `data` but at least one publication if any
+    /// is due; with `since` the first that fit, without the newest. [`HistoryPage::more`] says
+    /// whether the bounds (not `query.limit`) cut anything. The default reads one publication
+    /// more than the bound to know.
+    async fn history_page(
+        &self,
+        channel: &ChannelName,
+        options: &PublishOptions,
+        query: &HistoryQuery,
+        bounds: PageBounds,
+    ) -> Result<HistoryPage, BrokerError> {
+        let asked = query.limit.unwrap_or(usize::MAX);
+        let max = bounds.max_publications.max(1);
+        let read = HistoryQuery {
+            since: query.since.clone(),
+            limit: Some(asked.min(max.saturating_add(1))),
+        };
+        let mut page = self.history(channel, options, &read).await?;
+        page.bound(query.since.is_some(), bounds);
+        Ok(page)
+    }
 
     /// What the broker retains, for metrics.
     fn history_stats(&self) -> HistoryStats {
@@ -139,5 +220,44 @@ pub trait Broker: Send + Sync + 'static {
 impl std::fmt::Debug for dyn Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Broker({})", self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_bounded_by_count_and_bytes_keeping_at_least_one() {
+        // (sizes of data, from_oldest, max publications, max bytes, kept offsets, more)
+        type Case = (&'static [usize], bool, usize, usize, &'static [u64], bool);
+        let cases: [Case; 9] = [
+            (&[], true, 10, 100, &[], false),
+            (&[10, 10, 10], true, 10, 100, &[1, 2, 3], false),
+            (&[10, 10, 10], true, 2, 100, &[1, 2], true),
+            (&[10, 10, 10], false, 2, 100, &[2, 3], true),
+            (&[40, 40, 40], true, 10, 100, &[1, 2], true),
+            (&[40, 40, 40], false, 10, 100, &[2, 3], true),
+            (&[500, 10], true, 10, 100, &[1], true),
+            (&[10, 500], false, 10, 100, &[2], true),
+            (&[10, 10], true, 0, 100, &[1], true),
+        ];
+        for (sizes, from_oldest, max_publications, max_bytes, kept, more) in cases {
+            let mut page = HistoryPage {
+                publications: sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| Publication {
+                        offset: Some(i as u64 + 1),
+                        epoch: None,
+                        data: Bytes::from(vec![b'1'; n]),
+                    })
+                    .collect(),
+                ..HistoryPage::default()
+            };
+            page.bound(from_oldest, PageBounds { max_publications, max_bytes });
+            let got: Vec<u64> = page.publications.iter().filter_map(|p| p.offset).collect();
+            assert_eq!((got.as_slice(), page.more), (kept, more), "{sizes:?} {from_oldest}");
+        }
     }
 }

@@ -51,6 +51,12 @@ pub struct Limits {
     pub command_burst: u32,
     /// Publications in one `POST /api/batch`; beyond: 413.
     pub max_batch_publications: usize,
+    /// Publications in one history page (op `history`, `GET /api/history`); a larger `limit`
+    /// gets this many and `more: true`.
+    pub max_history_page: usize,
+    /// `data` bytes in one history page (at least one publication is always returned); over
+    /// WebSocket also at most half of `max_queue_bytes`, so a page leaves room in the queue.
+    pub max_history_page_bytes: usize,
 }
 
 impl Default for Limits {
@@ -72,6 +78,8 @@ impl Default for Limits {
             command_rate: 1000,
             command_burst: 2000,
             max_batch_publications: 10_000,
+            max_history_page: 1000,
+            max_history_page_bytes: 512 << 10,
         }
     }
 }

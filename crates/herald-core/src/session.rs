@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use herald_broker::{HistoryPage, HistoryQuery};
+use herald_broker::{HistoryPage, HistoryQuery, PageBounds};
 use herald_protocol::json::{self, DecodeError};
 use herald_protocol::push::{self, PublicationRef, ReplyOk};
 use herald_protocol::{
@@ -409,10 +409,21 @@ impl Session {
         };
         let limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
         let query = HistoryQuery { since, limit };
-        match node.broker.history(channel, &options.publish_options(), &query).await {
+        // One page at most: bounded in count and bytes, and leaving half the queue for the
+        // publications that follow it.
+        let limits = &node.limits;
+        let bounds = PageBounds {
+            max_publications: limits.max_history_page,
+            max_bytes: limits.max_history_page_bytes.min(limits.max_queue_bytes / 2),
+        };
+        match node.broker.history_page(channel, &options.publish_options(), &query, bounds).await {
             Ok(page) => {
                 let refs = publication_refs(&page);
-                let ok = ReplyOk::History { position: page.position.as_ref(), publications: &refs };
+                let ok = ReplyOk::History {
+                    position: page.position.as_ref(),
+                    publications: &refs,
+                    more: page.more,
+                };
                 Reply::Ok(push::encode_reply_ok(id, &ok))
             }
             Err(e) => Reply::Error(ErrorCode::Unavailable, e.to_string()),

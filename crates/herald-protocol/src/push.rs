@@ -57,6 +57,8 @@ pub enum ReplyOk<'a> {
         position: Option<&'a StreamPosition>,
         /// The publications, in ascending offset order.
         publications: &'a [PublicationRef<'a>],
+        /// The server's page bound cut the reply: written as `"more":true`, left out when false.
+        more: bool,
     },
 }
 
@@ -187,18 +189,27 @@ pub fn encode_unsub(channel: &str, code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// The body of a history answer (`GET /api/history`): `{"offset":N,"epoch":"E",
-/// "publications":[...]}` with each `data` relayed verbatim.
+/// "publications":[...]}` with each `data` relayed verbatim, and `"more":true` when the page
+/// bound cut it.
 pub fn encode_history_body(
     position: Option<&StreamPosition>,
     publications: &[PublicationRef<'_>],
+    more: bool,
 ) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(64 + publications.iter().map(|p| p.data.len() + 32).sum::<usize>());
     out.push(b'{');
     write_position(&mut out, position);
     write_publications(&mut out, publications);
+    write_more(&mut out, more);
     out.push(b'}');
     out
+}
+
+fn write_more(out: &mut Vec<u8>, more: bool) {
+    if more {
+        out.extend_from_slice(b",\"more\":true");
+    }
 }
 
 fn write_position(out: &mut Vec<u8>, position: Option<&StreamPosition>) {
@@ -263,9 +274,10 @@ pub fn encode_reply_ok(id: u32, ok: &ReplyOk<'_>) -> Vec<u8> {
             out.extend_from_slice(b"\"offset\":");
             write_u64(&mut out, *offset);
         }
-        ReplyOk::History { position, publications } => {
+        ReplyOk::History { position, publications, more } => {
             write_position(&mut out, *position);
             write_publications(&mut out, publications);
+            write_more(&mut out, *more);
         }
     }
     out.extend_from_slice(b"}}");
@@ -357,12 +369,30 @@ mod tests {
             (
                 encode_reply_ok(
                     5,
-                    &ReplyOk::History { position: Some(&pos), publications: &pubs[..1] },
+                    &ReplyOk::History {
+                        position: Some(&pos),
+                        publications: &pubs[..1],
+                        more: false,
+                    },
                 ),
                 r#"{"id":5,"ok":{"offset":9,"epoch":"ab","publications":[{"offset":8,"data":1}]}}"#,
             ),
             (
-                encode_reply_ok(5, &ReplyOk::History { position: None, publications: &[] }),
+                encode_reply_ok(
+                    5,
+                    &ReplyOk::History {
+                        position: Some(&pos),
+                        publications: &pubs[..1],
+                        more: true,
+                    },
+                ),
+                r#"{"id":5,"ok":{"offset":9,"epoch":"ab","publications":[{"offset":8,"data":1}],"more":true}}"#,
+            ),
+            (
+                encode_reply_ok(
+                    5,
+                    &ReplyOk::History { position: None, publications: &[], more: false },
+                ),
                 r#"{"id":5,"ok":{"publications":[]}}"#,
             ),
             (
@@ -424,7 +454,7 @@ mod tests {
                 encode_disconnect(close),
                 encode_unsub(&channel, code, &reason),
                 encode_reply_ok(id, &ReplyOk::Subscribe { position: Some(&pos), recovered, publications: &pubs }),
-                encode_reply_ok(id, &ReplyOk::History { position: None, publications: &pubs }),
+                encode_reply_ok(id, &ReplyOk::History { position: None, publications: &pubs, more: id % 2 == 0 }),
                 encode_reply_ok(id, &ReplyOk::Publish { offset }),
                 encode_reply_ok(id, &ReplyOk::Connect { client: &reason, ping_interval_ms: code.into() }),
                 encode_reply_error(id, ErrorCode::TooLarge, &reason),
@@ -455,7 +485,14 @@ mod tests {
                         "publications": [publication.clone()],
                     })),
                 },
-                ServerMessage::Reply { id, result: Ok(json!({"publications": [publication]})) },
+                ServerMessage::Reply {
+                    id,
+                    result: Ok(if id % 2 == 0 {
+                        json!({"publications": [publication], "more": true})
+                    } else {
+                        json!({"publications": [publication]})
+                    }),
+                },
                 ServerMessage::Reply {
                     id,
                     result: Ok(match offset { Some(o) => json!({"offset": o}), None => json!({}) }),

@@ -271,10 +271,15 @@ async fn history(
         ),
     };
     let query = herald_broker::HistoryQuery { since, limit };
+    let limits = &app.node.limits;
+    let bounds = herald_broker::PageBounds {
+        max_publications: limits.max_history_page,
+        max_bytes: limits.max_history_page_bytes,
+    };
     let page = app
         .node
         .broker
-        .history(&channel, &options.publish_options(), &query)
+        .history_page(&channel, &options.publish_options(), &query, bounds)
         .await
         .map_err(|e| ApiError::new(503, e.to_string()))?;
     let refs: Vec<herald_protocol::push::PublicationRef<'_>> = page
@@ -282,7 +287,7 @@ async fn history(
         .iter()
         .map(|p| herald_protocol::push::PublicationRef { offset: p.offset, data: &p.data })
         .collect();
-    let body = herald_protocol::push::encode_history_body(page.position.as_ref(), &refs);
+    let body = herald_protocol::push::encode_history_body(page.position.as_ref(), &refs, page.more);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 

@@ -82,6 +82,8 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "command_rate", int(1, 1 << 30)),
     ("limits", "command_burst", int(1, 1 << 30)),
     ("limits", "max_batch_publications", int(1, 1 << 24)),
+    ("limits", "max_history_page", int(1, 1 << 20)),
+    ("limits", "max_history_page_bytes", int(1024, BYTES_MAX)),
     ("limits", "socket_send_buffer_bytes", int(0, 1 << 30)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
@@ -493,6 +495,11 @@ impl Config {
                 "max_batch_publications",
                 defaults.max_batch_publications,
             ),
+            max_history_page: limit("max_history_page", defaults.max_history_page),
+            max_history_page_bytes: limit(
+                "max_history_page_bytes",
+                defaults.max_history_page_bytes,
+            ),
         };
         let max_body_bytes = limit("max_body_bytes", 8 << 20);
         let socket_send_buffer = limit("socket_send_buffer_bytes", 256 << 10);
@@ -553,6 +560,7 @@ mod tests {
         assert_eq!(c.limits.max_message_bytes, 65536);
         assert_eq!(c.max_body_bytes, 8388608);
         assert_eq!(c.limits.max_queue_bytes, 1048576);
+        assert_eq!((c.limits.max_history_page, c.limits.max_history_page_bytes), (1000, 524288));
         assert!(c.auth.allow_anonymous);
         assert_eq!(c.channel_defaults, ChannelOptions::default());
     }
@@ -605,6 +613,8 @@ conflate = true
             ("ping_interval_secs = \"x\"", "`ping_interval_secs`"),
             ("ping_interval_secs = 0", "`ping_interval_secs`"),
             ("[limits]\nmax_queue_bytes = -5", "`limits.max_queue_bytes`"),
+            ("[limits]\nmax_history_page = 0", "`limits.max_history_page`"),
+            ("[limits]\nmax_history_page_bytes = 10", "`limits.max_history_page_bytes`"),
             ("[namespaces.m]\nhistory_size = true", "`namespaces.m.history_size`"),
             ("[namespaces.m]\nbogus = 1", "`namespaces.m.bogus`"),
             ("[namespaces]\nm = 3", "`namespaces.m`"),

@@ -58,18 +58,34 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
     Ok(node)
 }
 
-/// Drops, every few seconds, the stream state of channels idle for longer than their TTL.
+/// Drops, every few seconds, the stream state of channels idle for longer than their TTL. The
+/// sweep is incremental: each step holds one shard's lock for at most
+/// [`herald_broker::memory::EXPIRY_STEP`] streams, and the task yields between steps, so
+/// publishers never wait for a whole shard's scan.
 fn spawn_stream_expiry(broker: Arc<MemoryBroker>, namespaces: herald_core::Namespaces) {
     let weak = Arc::downgrade(&broker);
     drop(broker);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Some(broker) = weak.upgrade() else { return };
-            broker.expire_idle(|channel| {
-                namespaces.resolve(channel).map_or(std::time::Duration::ZERO, |o| o.history_ttl)
-            });
+            let mut cursor = herald_broker::memory::SweepCursor::default();
+            while !cursor.is_done() {
+                let Some(broker) = weak.upgrade() else { return };
+                broker.expire_step(
+                    &mut cursor,
+                    herald_broker::memory::EXPIRY_STEP,
+                    |channel| {
+                        namespaces
+                            .resolve(channel)
+                            .map_or(std::time::Duration::ZERO, |o| o.history_ttl)
+                    },
+                    std::time::Instant::now(),
+                );
+                drop(broker);
+                tokio::task::yield_now().await;
+            }
         }
     });
 }
