@@ -1,7 +1,7 @@
 //! What every connection of a node shares, and the publish path used by every source.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -9,10 +9,10 @@ use bytes::Bytes;
 use herald_broker::{Broker, BrokerError};
 use herald_protocol::{ChannelName, ErrorCode, StreamPosition};
 
+use crate::auth::TokenVerifier;
 use crate::hub::{Hub, Sink};
 use crate::metrics::Metrics;
 use crate::options::{ChannelOptions, Namespaces};
-use crate::auth::TokenVerifier;
 
 /// Limits every connection and publication of the node obeys.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -256,8 +256,7 @@ impl Session {
             }
             Ok(_) => Reply::Error(
                 ErrorCode::Unauthenticated,
-                "the new token is for another user: refresh needs a token for the same user"
-                    .into(),
+                "the new token is for another user: refresh needs a token for the same user".into(),
             ),
             Err(e) => {
                 tracing::debug!(conn = self.id, error = %e, "refresh token refused");

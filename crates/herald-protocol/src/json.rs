@@ -765,8 +765,7 @@ mod tests {
                     CommandKind::History { channel, since, limit }
                 )
             ),
-            (id.clone(), ".{0,20}")
-                .prop_map(|(id, token)| cmd(id, CommandKind::Refresh { token })),
+            (id.clone(), ".{0,20}").prop_map(|(id, token)| cmd(id, CommandKind::Refresh { token })),
             Just(Command { id: None, kind: CommandKind::Pong }),
         ]
     }

@@ -243,7 +243,9 @@ mod tests {
         assert!(v0.verify_at(&nbf, NOW + 3.0).is_ok());
         // iat: refused when issued beyond the leeway in the future.
         let iat = token(json!({"sub": "a", "iat": NOW + 3.0}));
-        assert!(matches!(v0.verify_at(&iat, NOW), Err(TokenError::Invalid(m)) if m.contains("iat")));
+        assert!(
+            matches!(v0.verify_at(&iat, NOW), Err(TokenError::Invalid(m)) if m.contains("iat"))
+        );
         assert!(v5.verify_at(&iat, NOW).is_ok());
         assert!(v0.verify_at(&token(json!({"sub": "a", "iat": NOW - 100.0})), NOW).is_ok());
         // Fractional and extreme times never panic.
@@ -251,7 +253,10 @@ mod tests {
         assert_eq!(v0.verify_at(&frac, NOW).unwrap().expires_at, at(NOW + 0.5));
         let far = token(json!({"sub": "a", "exp": 1e300, "nbf": -1e300, "iat": -1e300}));
         assert_eq!(v0.verify_at(&far, NOW).unwrap().expires_at, None);
-        assert_eq!(v0.verify_at(&token(json!({"sub": "a", "exp": -1e300})), NOW), Err(TokenError::Expired));
+        assert_eq!(
+            v0.verify_at(&token(json!({"sub": "a", "exp": -1e300})), NOW),
+            Err(TokenError::Expired)
+        );
         let bad = token(json!({"sub": "a", "exp": "soon"}));
         assert!(matches!(v0.verify_at(&bad, NOW), Err(TokenError::Invalid(_))));
     }

@@ -139,12 +139,13 @@ pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
         return Err(format!("{} bytes; at most {MAX_LOG_FILTER_BYTES}", text.len()));
     }
     if let Some(c) = text.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
-        return Err(format!("{text:?} is not a log filter: {c:?} is not a printable ASCII character"));
+        return Err(format!(
+            "{text:?} is not a log filter: {c:?} is not a printable ASCII character"
+        ));
     }
     // The parser splits on ',' too; trimming each directive here avoids its trim bug (it
     // indexes the untrimmed text with the trimmed text's positions).
-    let directives: Vec<&str> =
-        text.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    let directives: Vec<&str> = text.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
         .parse(directives.join(","))
@@ -714,8 +715,7 @@ conflate = true
 
     #[test]
     fn log_filters_are_checked_safely() {
-        for good in ["info", " herald=debug , info ", "", "[span{a=x....................}]=debug"]
-        {
+        for good in ["info", " herald=debug , info ", "", "[span{a=x....................}]=debug"] {
             assert!(log_filter(good).is_ok(), "{good:?}");
         }
         for bad in [" \u{e9}=info", "\u{e9}", "a=\u{1F600}", "a\n=info", "a=nope", "[{}]"] {

@@ -40,14 +40,10 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         }
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
-    let verifier = config
-        .auth
-        .hmac_secret
-        .as_ref()
-        .map(|s| {
-            Arc::new(auth::HmacVerifier::new(s.as_bytes(), config.auth.leeway))
-                as Arc<dyn TokenVerifier>
-        });
+    let verifier = config.auth.hmac_secret.as_ref().map(|s| {
+        Arc::new(auth::HmacVerifier::new(s.as_bytes(), config.auth.leeway))
+            as Arc<dyn TokenVerifier>
+    });
     let node_id = config.node_id.clone().unwrap_or_else(random_node_id);
     let node = Arc::new(Node::new(
         node_id,

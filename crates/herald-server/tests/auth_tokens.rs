@@ -162,7 +162,8 @@ async fn nbf_iat_and_exp_honour_the_leeway_at_connect() {
     }
     // Far beyond the leeway: refused on both.
     let future = token(json!({"sub": "a", "nbf": t + 3600.0}));
-    let options = ConnectOptions { query_token: Some(future), send_connect: false, ..Default::default() };
+    let options =
+        ConnectOptions { query_token: Some(future), send_connect: false, ..Default::default() };
     let (_c, mut e, _) = Client::connect(&lenient.ws_url(), options).await.unwrap();
     expect_close(&mut e, 4001, false).await;
 }
@@ -223,9 +224,7 @@ fn dechunk(raw: &[u8]) -> String {
 
 async fn open_sse(server: &Server, query: &str) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let req = format!(
-        "GET /sse?{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-    );
+    let req = format!("GET /sse?{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     s
 }
