@@ -1,5 +1,6 @@
 //! Herald's engine, without sockets.
 //!
+//! - [`auth`]: connection tokens as the engine sees them ([`TokenVerifier`], [`VerifiedToken`]);
 //! - [`options`]: per-channel options resolved from namespaces;
 //! - [`queue`]: the bounded outbound queue of one connection ([`Outbox`]);
 //! - [`hub`]: channel -> subscribers, sharded; encodes a publication once and queues the same
@@ -8,6 +9,7 @@
 //! - [`session`]: one WebSocket connection's command state machine;
 //! - [`metrics`]: counters rendered by the server as Prometheus text.
 
+pub mod auth;
 pub mod hub;
 pub mod metrics;
 pub mod node;
@@ -15,9 +17,10 @@ pub mod options;
 pub mod queue;
 pub mod session;
 
+pub use auth::{TokenError, TokenVerifier, VerifiedToken};
 pub use hub::Hub;
 pub use metrics::Metrics;
 pub use node::{Node, PublishError};
 pub use options::{ChannelOptions, Namespaces};
 pub use queue::{Outbox, PushError, QueueLimits};
-pub use session::{Session, TokenError, TokenVerifier};
+pub use session::Session;

@@ -96,9 +96,9 @@ pub struct Metrics {
     /// Publications refused with 503 because the backlog stayed too large.
     pub publish_overloaded: AtomicU64,
     /// Error replies and HTTP errors, by code (index of [`ErrorCode::ALL`]).
-    pub errors: [AtomicU64; 9],
+    pub errors: [AtomicU64; ErrorCode::ALL.len()],
     /// Server-initiated disconnects, by close code (index of [`CloseCode::ALL`]).
-    pub disconnects: [AtomicU64; 9],
+    pub disconnects: [AtomicU64; CloseCode::ALL.len()],
     /// Limit hits, by kind (index of [`LimitKind::ALL`]).
     pub limit_hits: [AtomicU64; 12],
     /// Connections that went behind their soft queue bound and caught up within the grace.

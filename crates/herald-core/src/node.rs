@@ -1,17 +1,18 @@
 //! What every connection of a node shares, and the publish path used by every source.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use herald_broker::{Broker, BrokerError};
 use herald_protocol::{ChannelName, ErrorCode, StreamPosition};
 
+use crate::auth::TokenVerifier;
 use crate::hub::{Hub, Sink};
 use crate::metrics::Metrics;
 use crate::options::{ChannelOptions, Namespaces};
-use crate::session::TokenVerifier;
 
 /// Limits every connection and publication of the node obeys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +203,9 @@ struct Registered {
     user: Option<Arc<str>>,
     ip: Option<std::net::IpAddr>,
     sink: Sink,
+    /// When the connection's token stops being valid (see
+    /// [`VerifiedToken::expires_at`](crate::auth::VerifiedToken::expires_at)).
+    expires_at: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for Registered {
@@ -211,11 +215,18 @@ impl std::fmt::Debug for Registered {
 }
 
 /// The open connections of a node (any transport), sharded by id, with the per-user and per-IP
-/// counts the connection limits need.
+/// counts the connection limits need and the expiry of each connection's token.
+///
+/// Token expiry is enforced here, for every transport alike: the expiries are kept ordered by
+/// `(instant, id)`, and [`Registry::expire`] (called every few hundred milliseconds by a task of
+/// the server) asks each connection whose token has expired to close with 4012. A `refresh`
+/// moves the connection's entry ([`Registry::set_expiry`]). Lock order: a shard, then the
+/// expiries; [`Registry::expire`] never holds both.
 #[derive(Debug)]
 pub struct Registry {
     shards: Box<[parking_lot::Mutex<std::collections::HashMap<u64, Registered>>]>,
     counts: parking_lot::Mutex<Counts>,
+    expiries: parking_lot::Mutex<BTreeSet<(SystemTime, u64)>>,
 }
 
 #[derive(Debug, Default)]
@@ -239,6 +250,7 @@ impl Default for Registry {
         Registry {
             shards: (0..16).map(|_| Default::default()).collect(),
             counts: Default::default(),
+            expiries: Default::default(),
         }
     }
 }
@@ -249,11 +261,14 @@ impl Registry {
     }
 
     /// Records connection `id` of `user` from `ip`, reachable through `sink`, unless a
-    /// connection limit of `limits` refuses it.
+    /// connection limit of `limits` refuses it. `expires_at` is when its token expires (the
+    /// connection is then closed with 4012); `None` for anonymous connections and tokens
+    /// without `exp`.
     pub fn register(
         &self,
         id: u64,
         user: Option<&str>,
+        expires_at: Option<SystemTime>,
         ip: Option<std::net::IpAddr>,
         sink: Sink,
         limits: &Limits,
@@ -282,8 +297,59 @@ impl Registry {
                 *counts.ips.entry(ip).or_default() += 1;
             }
         }
-        self.shard(id).lock().insert(id, Registered { user, ip, sink });
+        let mut shard = self.shard(id).lock();
+        if let Some(at) = expires_at {
+            self.expiries.lock().insert((at, id));
+        }
+        shard.insert(id, Registered { user, ip, sink, expires_at });
         Ok(())
+    }
+
+    /// Sets when the token of connection `id` expires (`None`: never), after a `connect` or a
+    /// `refresh`; the connection is closed with 4012 at that instant.
+    pub fn set_expiry(&self, id: u64, expires_at: Option<SystemTime>) {
+        let mut shard = self.shard(id).lock();
+        let Some(entry) = shard.get_mut(&id) else { return };
+        if entry.expires_at == expires_at {
+            return;
+        }
+        let mut expiries = self.expiries.lock();
+        if let Some(old) = entry.expires_at {
+            expiries.remove(&(old, id));
+        }
+        if let Some(at) = expires_at {
+            expiries.insert((at, id));
+        }
+        entry.expires_at = expires_at;
+    }
+
+    /// Asks every connection whose token expired at or before `now` to close with 4012
+    /// ([`CloseCode::TokenExpired`](herald_protocol::CloseCode::TokenExpired)); returns how
+    /// many. Costs one lock and one look at the earliest expiry when none is due.
+    pub fn expire(&self, now: SystemTime) -> usize {
+        let due = {
+            let mut expiries = self.expiries.lock();
+            match expiries.first() {
+                Some((at, _)) if *at <= now => {}
+                _ => return 0,
+            }
+            let later = expiries.split_off(&(now, u64::MAX));
+            std::mem::replace(&mut *expiries, later)
+        };
+        let mut n = 0;
+        for (at, id) in due {
+            let mut shard = self.shard(id).lock();
+            // A `refresh` may have moved the entry since it was taken out: only the expiry
+            // still recorded for the connection counts.
+            if let Some(entry) = shard.get_mut(&id) {
+                if entry.expires_at == Some(at) {
+                    entry.expires_at = None;
+                    entry.sink.request_close(herald_protocol::CloseCode::TokenExpired);
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Records that connection `id` authenticated as `user`, unless the user's connection
@@ -312,6 +378,9 @@ impl Registry {
     pub fn unregister(&self, id: u64) {
         let removed = self.shard(id).lock().remove(&id);
         if let Some(r) = removed {
+            if let Some(at) = r.expires_at {
+                self.expiries.lock().remove(&(at, id));
+            }
             let mut counts = self.counts.lock();
             counts.total -= 1;
             if let Some(u) = &r.user {
@@ -435,7 +504,8 @@ impl Node {
 }
 
 #[cfg(test)]
-mod tests {
+#[allow(clippy::unwrap_used)]
+mod saturation_tests {
     use super::*;
     use crate::queue::Outbox;
     use herald_broker::MemoryBroker;
@@ -492,5 +562,69 @@ mod tests {
         let mut taken = std::collections::VecDeque::new();
         outbox.take(&mut taken);
         assert!(waiting.await.unwrap().is_ok());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::queue::Outbox;
+    use herald_protocol::CloseCode;
+
+    fn sink() -> (Sink, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(1 << 20, 1024, Arc::new(Metrics::default())));
+        (Sink::Ws(outbox.clone()), outbox)
+    }
+
+    #[test]
+    fn expired_connections_are_asked_to_close_with_4012_once() {
+        let registry = Registry::default();
+        let limits = Limits::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Duration::from_secs(1);
+        let (early, early_box) = sink();
+        let (late, late_box) = sink();
+        let (anonymous, anonymous_box) = sink();
+        registry.register(1, Some("a"), Some(t0 + s), None, early, &limits).unwrap();
+        registry.register(2, Some("b"), Some(t0 + 3 * s), None, late, &limits).unwrap();
+        registry.register(3, None, None, None, anonymous, &limits).unwrap();
+
+        assert_eq!(registry.expire(t0), 0);
+        assert_eq!(early_box.pending_close(), None);
+        assert_eq!(registry.expire(t0 + s), 1, "due at its expiry instant");
+        assert_eq!(early_box.pending_close(), Some(CloseCode::TokenExpired));
+        assert_eq!(late_box.pending_close(), None);
+        assert_eq!(registry.expire(t0 + 2 * s), 0, "asked once");
+        assert_eq!(registry.expire(t0 + 100 * s), 1);
+        assert_eq!(late_box.pending_close(), Some(CloseCode::TokenExpired));
+        assert_eq!(anonymous_box.pending_close(), None, "anonymous connections never expire");
+    }
+
+    #[test]
+    fn set_expiry_moves_or_removes_the_entry() {
+        let registry = Registry::default();
+        let limits = Limits::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Duration::from_secs(1);
+        let (a, a_box) = sink();
+        let (b, b_box) = sink();
+        registry.register(1, Some("a"), Some(t0 + s), None, a, &limits).unwrap();
+        registry.register(2, Some("b"), Some(t0 + s), None, b, &limits).unwrap();
+        registry.set_expiry(1, Some(t0 + 10 * s));
+        registry.set_expiry(2, None);
+        assert_eq!(registry.expire(t0 + 5 * s), 0);
+        assert_eq!(a_box.pending_close(), None);
+        assert_eq!(registry.expire(t0 + 10 * s), 1);
+        assert_eq!(a_box.pending_close(), Some(CloseCode::TokenExpired));
+        assert_eq!(b_box.pending_close(), None);
+        // Unregistered connections leave nothing behind; unknown ids are ignored.
+        let (c, c_box) = sink();
+        registry.register(3, Some("c"), Some(t0 + s), None, c, &limits).unwrap();
+        registry.unregister(3);
+        registry.set_expiry(3, Some(t0));
+        assert!(registry.expiries.lock().is_empty());
+        assert_eq!(registry.expire(t0 + 100 * s), 0);
+        assert_eq!(c_box.pending_close(), None);
     }
 }

@@ -16,32 +16,13 @@ use herald_protocol::{
     ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition,
 };
 
+use crate::auth::VerifiedToken;
 use crate::hub::Sink;
 use crate::metrics::LimitKind;
 use crate::node::ConnectionLimit;
 use crate::node::Node;
 use crate::options::ChannelOptions;
 use crate::queue::{Outbox, PushError};
-
-/// Why a connection token was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    /// The token is malformed or its signature does not verify.
-    #[error("invalid token: {0}")]
-    Invalid(String),
-    /// The token's `exp` has passed.
-    #[error("token expired")]
-    Expired,
-    /// No secret is configured, so no token can be verified.
-    #[error("token authentication is not configured")]
-    NotConfigured,
-}
-
-/// Checks connection tokens and returns the user id (`sub`).
-pub trait TokenVerifier: Send + Sync + 'static {
-    /// The user id the token authenticates.
-    fn verify(&self, token: &str) -> Result<String, TokenError>;
-}
 
 /// A reply ready to frame: ok body or error.
 enum Reply {
@@ -58,6 +39,8 @@ pub struct Session {
     client: String,
     outbox: Arc<Outbox>,
     user: Option<String>,
+    /// When the connection's token expires (closed with 4012 then, unless refreshed).
+    expires_at: Option<std::time::SystemTime>,
     /// Some command was handled (a later `connect` is refused).
     started: bool,
     subscriptions: Vec<ChannelName>,
@@ -77,8 +60,8 @@ fn limit_kind(e: ConnectionLimit) -> LimitKind {
 }
 
 impl Session {
-    /// A session for a new connection, authenticated as `user` when the upgrade carried a token.
-    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, user: Option<String>) -> Self {
+    /// A session for a new connection, authenticated by `token` when the upgrade carried one.
+    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, token: Option<VerifiedToken>) -> Self {
         let id = node.next_connection_id();
         let client = format!("{}-{}", node.id, id);
         let tokens = node.limits.command_burst as f32;
@@ -87,7 +70,8 @@ impl Session {
             id,
             client,
             outbox,
-            user,
+            expires_at: token.as_ref().and_then(|t| t.expires_at),
+            user: token.map(|t| t.user),
             started: false,
             subscriptions: Vec::new(),
             tokens,
@@ -101,11 +85,11 @@ impl Session {
     pub fn register(&self, ip: Option<std::net::IpAddr>) -> Result<(), ConnectionLimit> {
         let node = &self.node;
         let sink = Sink::Ws(self.outbox.clone());
-        node.registry.register(self.id, self.user.as_deref(), ip, sink, &node.limits).inspect_err(
-            |e| {
+        node.registry
+            .register(self.id, self.user.as_deref(), self.expires_at, ip, sink, &node.limits)
+            .inspect_err(|e| {
                 node.metrics.limit(limit_kind(*e));
-            },
-        )
+            })
     }
 
     /// Takes one command from the rate bucket: `Ok(true)` to go on, `Ok(false)` to refuse it
@@ -212,6 +196,7 @@ impl Session {
             CommandKind::History { channel, since, limit } => {
                 self.history(id, &channel, since, limit).await
             }
+            CommandKind::Refresh { token } => self.refresh(id, &token),
         };
         self.reply(id, reply)
     }
@@ -221,13 +206,15 @@ impl Session {
             Some(token) => {
                 let verifier = self.node.auth.verifier.as_ref().ok_or(CloseCode::InvalidToken)?;
                 match verifier.verify(&token) {
-                    Ok(user) => {
+                    Ok(VerifiedToken { user, expires_at }) => {
                         let node = &self.node;
                         if let Err(e) = node.registry.set_user(self.id, &user, &node.limits) {
                             node.metrics.limit(limit_kind(e));
                             return Err(CloseCode::LimitReached);
                         }
+                        node.registry.set_expiry(self.id, expires_at);
                         self.user = Some(user);
+                        self.expires_at = expires_at;
                     }
                     Err(e) => {
                         tracing::debug!(conn = self.id, error = %e, "token refused");
@@ -248,6 +235,39 @@ impl Session {
             ping_interval_ms: self.node.ping_interval.as_millis() as u64,
         };
         Ok(Reply::Ok(push::encode_reply_ok(id, &ok)))
+    }
+
+    /// `refresh`: replaces the connection's token with `token`, a valid token for the same
+    /// user, moving its expiry. A bad token, or one for another user, is answered with 401 and
+    /// changes nothing; so is a refresh on a connection that has no token.
+    fn refresh(&mut self, id: u32, token: &str) -> Reply {
+        let Some(user) = self.user.as_deref() else {
+            return Reply::Error(
+                ErrorCode::Unauthenticated,
+                "this connection has no token to refresh: connect with a token".into(),
+            );
+        };
+        let Some(verifier) = self.node.auth.verifier.as_ref() else {
+            return Reply::Error(
+                ErrorCode::Unauthenticated,
+                "token authentication is not configured".into(),
+            );
+        };
+        match verifier.verify(token) {
+            Ok(verified) if verified.user == user => {
+                self.node.registry.set_expiry(self.id, verified.expires_at);
+                self.expires_at = verified.expires_at;
+                Reply::Ok(push::encode_reply_ok(id, &ReplyOk::Refresh))
+            }
+            Ok(_) => Reply::Error(
+                ErrorCode::Unauthenticated,
+                "the new token is for another user: refresh needs a token for the same user".into(),
+            ),
+            Err(e) => {
+                tracing::debug!(conn = self.id, error = %e, "refresh token refused");
+                Reply::Error(ErrorCode::Unauthenticated, e.to_string())
+            }
+        }
     }
 
     /// Checks that this connection may read `channel` (subscribe or history).

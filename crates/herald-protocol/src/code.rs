@@ -75,6 +75,8 @@ pub enum CloseCode {
     MessageTooBig = 4009,
     /// 4011: no pong within two ping intervals; reconnect.
     NoPong = 4011,
+    /// 4012: the connection's token expired and was not refreshed; reconnect with a new token.
+    TokenExpired = 4012,
     /// 4029: connection or rate limit; reconnect later.
     LimitReached = 4029,
     /// 4500: internal error; reconnect.
@@ -83,7 +85,7 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every code, for metrics.
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 10] = [
         CloseCode::Shutdown,
         CloseCode::InvalidToken,
         CloseCode::ProtocolError,
@@ -91,6 +93,7 @@ impl CloseCode {
         CloseCode::SlowConsumer,
         CloseCode::MessageTooBig,
         CloseCode::NoPong,
+        CloseCode::TokenExpired,
         CloseCode::LimitReached,
         CloseCode::Internal,
     ];
@@ -107,6 +110,7 @@ impl CloseCode {
             CloseCode::Shutdown
                 | CloseCode::SlowConsumer
                 | CloseCode::NoPong
+                | CloseCode::TokenExpired
                 | CloseCode::LimitReached
                 | CloseCode::Internal
         )
@@ -122,6 +126,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::MessageTooBig => "message too big",
             CloseCode::NoPong => "no pong",
+            CloseCode::TokenExpired => "token expired",
             CloseCode::LimitReached => "limit reached",
             CloseCode::Internal => "internal error",
         }
@@ -152,7 +157,7 @@ mod tests {
     fn reconnect_flags_follow_the_contract() {
         let reconnect: Vec<u16> =
             CloseCode::ALL.iter().filter(|c| c.reconnect()).map(|c| c.as_u16()).collect();
-        assert_eq!(reconnect, [4000, 4008, 4011, 4029, 4500]);
+        assert_eq!(reconnect, [4000, 4008, 4011, 4012, 4029, 4500]);
         for c in CloseCode::ALL {
             assert_eq!(CloseCode::from_u16(c.as_u16()), Some(c));
         }

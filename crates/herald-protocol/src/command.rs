@@ -61,6 +61,13 @@ pub enum CommandKind {
         /// At most this many publications.
         limit: Option<u64>,
     },
+    /// `refresh`: replace the connection's token, before it expires, with a new token for the
+    /// same user (PROTOCOL.md 1.1); a connection whose token expires without one is closed
+    /// with 4012.
+    Refresh {
+        /// The new JWT.
+        token: String,
+    },
     /// `pong`: the answer to a `ping` push.
     Pong,
 }
@@ -74,6 +81,7 @@ impl CommandKind {
             CommandKind::Unsubscribe { .. } => "unsubscribe",
             CommandKind::Publish { .. } => "publish",
             CommandKind::History { .. } => "history",
+            CommandKind::Refresh { .. } => "refresh",
             CommandKind::Pong => "pong",
         }
     }

@@ -167,6 +167,12 @@ pub fn decode_command(line: &[u8]) -> Result<Command, DecodeError> {
             since: since(raw.since).map_err(bad)?,
             limit: limit(raw.limit).map_err(bad)?,
         },
+        "refresh" => CommandKind::Refresh {
+            token: optional_str(raw.token, "token")
+                .map_err(bad)?
+                .ok_or_else(|| bad("missing field `token`".to_owned()))?
+                .into_owned(),
+        },
         other => return Err(bad(format!("unknown op {other:?}"))),
     };
     Ok(Command { id: Some(id), kind })
@@ -268,6 +274,10 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
                 out.extend_from_slice(b",\"limit\":");
                 out.extend_from_slice(itoa::Buffer::new().format(*limit).as_bytes());
             }
+        }
+        CommandKind::Refresh { token } => {
+            out.extend_from_slice(b",\"token\":");
+            write_str(&mut out, token);
         }
         CommandKind::Pong => {}
     }
@@ -445,6 +455,10 @@ mod tests {
                 cmd(1, CommandKind::Connect { token: None }),
             ),
             (
+                r#"{"op":"refresh","id":7,"token":"a.b.c"}"#,
+                cmd(7, CommandKind::Refresh { token: "a.b.c".into() }),
+            ),
+            (
                 r#"{"op":"subscribe","id":2,"channel":"news"}"#,
                 cmd(2, CommandKind::Subscribe { channel: ch("news"), since: None }),
             ),
@@ -590,6 +604,9 @@ mod tests {
             (r#"{"op":"history","id":9,"channel":"c","limit":"5"}"#, "`limit`"),
             (r#"{"op":"history","id":9,"channel":"c","limit":1.5}"#, "`limit`"),
             (r#"{"op":"connect","id":9,"token":5}"#, "`token` must be a string"),
+            (r#"{"op":"refresh","id":9}"#, "missing field `token`"),
+            (r#"{"op":"refresh","id":9,"token":null}"#, "missing field `token`"),
+            (r#"{"op":"refresh","id":9,"token":[]}"#, "`token` must be a string"),
         ];
         for (line, needle) in table {
             match decode_command(line.as_bytes()) {
@@ -742,12 +759,13 @@ mod tests {
                 id,
                 CommandKind::Publish { channel, data: Bytes::from(data.to_string()) }
             )),
-            (id, arb_channel(), arb_since(), proptest::option::of(any::<u64>())).prop_map(
+            (id.clone(), arb_channel(), arb_since(), proptest::option::of(any::<u64>())).prop_map(
                 |(id, channel, since, limit)| cmd(
                     id,
                     CommandKind::History { channel, since, limit }
                 )
             ),
+            (id.clone(), ".{0,20}").prop_map(|(id, token)| cmd(id, CommandKind::Refresh { token })),
             Just(Command { id: None, kind: CommandKind::Pong }),
         ]
     }
@@ -776,7 +794,7 @@ mod tests {
         #[test]
         fn decode_command_never_panics_on_near_json(
             op in prop_oneof![
-                proptest::sample::select(vec!["subscribe", "publish", "history", "pong", "connect"])
+                proptest::sample::select(vec!["subscribe", "publish", "history", "pong", "connect", "refresh"])
                     .prop_map(str::to_owned),
                 ".{0,8}",
             ],

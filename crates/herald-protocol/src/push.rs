@@ -46,6 +46,8 @@ pub enum ReplyOk<'a> {
     },
     /// `{}`.
     Unsubscribe,
+    /// `{}`: the connection's token was replaced.
+    Refresh,
     /// `{"offset": N}`, or `{}` where the channel keeps no history.
     Publish {
         /// The publication's offset.
@@ -269,7 +271,7 @@ pub fn encode_reply_ok(id: u32, ok: &ReplyOk<'_>) -> Vec<u8> {
             });
             write_publications(&mut out, publications);
         }
-        ReplyOk::Unsubscribe | ReplyOk::Publish { offset: None } => {}
+        ReplyOk::Unsubscribe | ReplyOk::Refresh | ReplyOk::Publish { offset: None } => {}
         ReplyOk::Publish { offset: Some(offset) } => {
             out.extend_from_slice(b"\"offset\":");
             write_u64(&mut out, *offset);

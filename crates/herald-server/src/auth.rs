@@ -1,32 +1,42 @@
-//! Authentication: HS256 connection tokens (JWT) and the HTTP API key.
+//! Authentication: HMAC connection tokens (JWT) and the HTTP API key.
 //!
-//! Tokens are compact JWTs signed with HMAC-SHA256 (`alg: HS256`); `sub` is the user id and
-//! `exp`, when present, is honoured. The API key is compared in constant time.
+//! Tokens are compact JWTs signed with HMAC (`alg` HS256, HS384 or HS512) with the configured
+//! secret; `sub` is the user id. The time claims are honoured with a leeway for clock skew
+//! (`auth.leeway_secs`, default 5 s): a token is refused once `now >= exp + leeway`, while
+//! `now < nbf - leeway`, and when `iat > now + leeway`. The verifier returns the user and the
+//! instant the token stops verifying (`exp + leeway`), at which a live connection is closed with
+//! 4012 unless it `refresh`es its token. The API key is compared in constant time.
+//!
+//! ```
+//! use std::time::Duration;
+//! use herald_core::TokenVerifier;
+//! use herald_server::auth::{sign_hs256, HmacVerifier};
+//!
+//! let secret = b"0123456789abcdef0123456789abcdef";
+//! let token = sign_hs256(secret, &serde_json::json!({"sub": "alice"}));
+//! let verifier = HmacVerifier::new(secret, Duration::from_secs(5));
+//! let verified = verifier.verify(&token).unwrap();
+//! assert_eq!((verified.user.as_str(), verified.expires_at), ("alice", None));
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use herald_core::{TokenError, TokenVerifier};
+use herald_core::{TokenError, TokenVerifier, VerifiedToken};
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Sha256, Sha384, Sha512};
 use subtle::ConstantTimeEq;
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// Verifies HS256 tokens with one shared secret.
+/// Verifies HMAC-signed tokens (HS256, HS384, HS512) with one shared secret.
 pub struct HmacVerifier {
     secret: Vec<u8>,
+    leeway: Duration,
 }
 
 impl std::fmt::Debug for HmacVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HmacVerifier")
-    }
-}
-
-impl HmacVerifier {
-    /// A verifier for tokens signed with `secret`.
-    pub fn new(secret: &[u8]) -> Self {
-        HmacVerifier { secret: secret.to_vec() }
+        f.debug_struct("HmacVerifier").field("leeway", &self.leeway).finish_non_exhaustive()
     }
 }
 
@@ -35,18 +45,49 @@ struct Header<'a> {
     alg: &'a str,
 }
 
+/// The claims Herald reads; times are seconds since the Unix epoch (JSON numbers).
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: Option<String>,
     exp: Option<f64>,
+    nbf: Option<f64>,
+    iat: Option<f64>,
 }
 
-fn invalid(why: &str) -> TokenError {
-    TokenError::Invalid(why.to_string())
+fn invalid(why: impl Into<String>) -> TokenError {
+    TokenError::Invalid(why.into())
 }
 
-impl TokenVerifier for HmacVerifier {
-    fn verify(&self, token: &str) -> Result<String, TokenError> {
+/// Checks `signature` over `input` with the MAC `M` (`Hmac<Sha256>`, ...).
+fn verify_mac<M: Mac + hmac::digest::KeyInit>(
+    secret: &[u8],
+    input: &[u8],
+    signature: &[u8],
+) -> Result<(), TokenError> {
+    let mut mac = <M as Mac>::new_from_slice(secret).map_err(|_| invalid("bad secret"))?;
+    mac.update(input);
+    mac.verify_slice(signature).map_err(|_| invalid("signature does not verify"))
+}
+
+/// Seconds since the Unix epoch as an instant; `None` beyond what `SystemTime` holds.
+fn instant(secs: f64) -> Option<SystemTime> {
+    if secs >= 0.0 {
+        UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(secs).ok()?)
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::try_from_secs_f64(-secs).ok()?)
+    }
+}
+
+impl HmacVerifier {
+    /// A verifier for tokens signed with `secret`, allowing `leeway` of clock skew on `exp`,
+    /// `nbf` and `iat`.
+    pub fn new(secret: &[u8], leeway: Duration) -> Self {
+        HmacVerifier { secret: secret.to_vec(), leeway }
+    }
+
+    /// Verifies `token` as of `now` (seconds since the Unix epoch); [`TokenVerifier::verify`]
+    /// is this with the current time.
+    pub fn verify_at(&self, token: &str, now: f64) -> Result<VerifiedToken, TokenError> {
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -56,43 +97,83 @@ impl TokenVerifier for HmacVerifier {
         let header = URL_SAFE_NO_PAD.decode(h).map_err(|_| invalid("header is not base64url"))?;
         let header: Header<'_> =
             serde_json::from_slice(&header).map_err(|_| invalid("header is not JSON"))?;
-        if header.alg != "HS256" {
-            return Err(invalid("alg must be HS256"));
-        }
         let signature =
             URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid("signature is not base64url"))?;
-        let mut mac =
-            HmacSha256::new_from_slice(&self.secret).map_err(|_| invalid("bad secret"))?;
-        mac.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
-        mac.verify_slice(&signature).map_err(|_| invalid("signature does not verify"))?;
+        let input = &token.as_bytes()[..h.len() + 1 + p.len()];
+        match header.alg {
+            "HS256" => verify_mac::<Hmac<Sha256>>(&self.secret, input, &signature)?,
+            "HS384" => verify_mac::<Hmac<Sha384>>(&self.secret, input, &signature)?,
+            "HS512" => verify_mac::<Hmac<Sha512>>(&self.secret, input, &signature)?,
+            _ => return Err(invalid("alg must be HS256, HS384 or HS512")),
+        }
         let claims = URL_SAFE_NO_PAD.decode(p).map_err(|_| invalid("claims are not base64url"))?;
-        let claims: Claims =
-            serde_json::from_slice(&claims).map_err(|_| invalid("claims are not JSON"))?;
-        if let Some(exp) = claims.exp {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
-            if now >= exp {
-                return Err(TokenError::Expired);
-            }
+        let claims: Claims = serde_json::from_slice(&claims)
+            .map_err(|e| invalid(format!("claims are not usable: {e}")))?;
+        let leeway = self.leeway.as_secs_f64();
+        if claims.exp.is_some_and(|exp| now >= exp + leeway) {
+            return Err(TokenError::Expired);
         }
-        match claims.sub {
-            Some(sub) if !sub.is_empty() => Ok(sub),
-            _ => Err(invalid("sub is missing")),
+        if claims.nbf.is_some_and(|nbf| now < nbf - leeway) {
+            return Err(TokenError::NotYetValid);
         }
+        if claims.iat.is_some_and(|iat| iat > now + leeway) {
+            return Err(invalid("iat is in the future"));
+        }
+        let user = match claims.sub {
+            Some(sub) if !sub.is_empty() => sub,
+            _ => return Err(invalid("sub is missing")),
+        };
+        // An `exp` beyond what the clock can hold never comes: no expiry.
+        let expires_at = claims.exp.and_then(|exp| instant(exp + leeway));
+        Ok(VerifiedToken { user, expires_at })
+    }
+}
+
+impl TokenVerifier for HmacVerifier {
+    fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.verify_at(token, now)
     }
 }
 
 /// Signs `claims` (a JSON object) as an HS256 token; for tests, tools and backends in Rust.
 pub fn sign_hs256(secret: &[u8], claims: &serde_json::Value) -> String {
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    sign(Algorithm::Hs256, secret, claims)
+}
+
+/// An HMAC signing algorithm of connection tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// HMAC-SHA256.
+    Hs256,
+    /// HMAC-SHA384.
+    Hs384,
+    /// HMAC-SHA512.
+    Hs512,
+}
+
+fn mac_bytes<M: Mac + hmac::digest::KeyInit>(secret: &[u8], input: &[u8]) -> Vec<u8> {
+    let mut mac = <M as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(input);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Signs `claims` (a JSON object) as a token with `alg`; for tests, tools and backends in Rust.
+pub fn sign(alg: Algorithm, secret: &[u8], claims: &serde_json::Value) -> String {
+    let name = match alg {
+        Algorithm::Hs256 => "HS256",
+        Algorithm::Hs384 => "HS384",
+        Algorithm::Hs512 => "HS512",
+    };
+    let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{name}","typ":"JWT"}}"#));
     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signing_input = format!("{header}.{payload}");
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(signing_input.as_bytes());
-    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-    format!("{signing_input}.{signature}")
+    let signature = match alg {
+        Algorithm::Hs256 => mac_bytes::<Hmac<Sha256>>(secret, signing_input.as_bytes()),
+        Algorithm::Hs384 => mac_bytes::<Hmac<Sha384>>(secret, signing_input.as_bytes()),
+        Algorithm::Hs512 => mac_bytes::<Hmac<Sha512>>(secret, signing_input.as_bytes()),
+    };
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
 /// True when the `Authorization` header value is `Bearer <expected>`; constant time in the key.
@@ -107,21 +188,82 @@ pub fn is_api_key_valid(expected: &str, authorization: Option<&[u8]>) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     const SECRET: &[u8] = b"0123456789abcdef";
+    const NOW: f64 = 1_800_000_000.0;
+
+    fn verifier(leeway: u64) -> HmacVerifier {
+        HmacVerifier::new(SECRET, Duration::from_secs(leeway))
+    }
+
+    fn at(secs: f64) -> Option<SystemTime> {
+        instant(secs)
+    }
 
     #[test]
-    fn valid_token_gives_sub() {
+    fn valid_token_gives_sub_and_expiry_with_leeway() {
         let t = sign_hs256(SECRET, &json!({"sub": "alice", "exp": 4_000_000_000u64}));
-        assert_eq!(HmacVerifier::new(SECRET).verify(&t), Ok("alice".into()));
+        let v = verifier(5).verify(&t).unwrap();
+        assert_eq!(v.user, "alice");
+        assert_eq!(v.expires_at, at(4_000_000_005.0));
+        let v = verifier(0).verify_at(&t, NOW).unwrap();
+        assert_eq!(v.expires_at, at(4_000_000_000.0));
+        let no_exp = sign_hs256(SECRET, &json!({"sub": "alice"}));
+        assert_eq!(verifier(5).verify(&no_exp).unwrap().expires_at, None);
+    }
+
+    #[test]
+    fn every_hmac_algorithm_verifies() {
+        for alg in [Algorithm::Hs256, Algorithm::Hs384, Algorithm::Hs512] {
+            let t = sign(alg, SECRET, &json!({"sub": "a"}));
+            assert_eq!(verifier(0).verify_at(&t, NOW).unwrap().user, "a", "{alg:?}");
+            let other = sign(alg, b"another secret!!", &json!({"sub": "a"}));
+            assert!(matches!(verifier(0).verify_at(&other, NOW), Err(TokenError::Invalid(_))));
+        }
+    }
+
+    #[test]
+    fn time_claims_honour_the_leeway() {
+        let v5 = verifier(5);
+        let v0 = verifier(0);
+        let token = |claims: serde_json::Value| sign_hs256(SECRET, &claims);
+        // exp: refused from exp + leeway on.
+        let exp = token(json!({"sub": "a", "exp": NOW - 3.0}));
+        assert_eq!(v0.verify_at(&exp, NOW), Err(TokenError::Expired));
+        assert!(v5.verify_at(&exp, NOW).is_ok());
+        assert_eq!(v5.verify_at(&exp, NOW + 2.0), Err(TokenError::Expired));
+        // nbf: refused while now < nbf - leeway.
+        let nbf = token(json!({"sub": "a", "nbf": NOW + 3.0}));
+        assert_eq!(v0.verify_at(&nbf, NOW), Err(TokenError::NotYetValid));
+        assert!(v5.verify_at(&nbf, NOW).is_ok());
+        assert!(v0.verify_at(&nbf, NOW + 3.0).is_ok());
+        // iat: refused when issued beyond the leeway in the future.
+        let iat = token(json!({"sub": "a", "iat": NOW + 3.0}));
+        assert!(
+            matches!(v0.verify_at(&iat, NOW), Err(TokenError::Invalid(m)) if m.contains("iat"))
+        );
+        assert!(v5.verify_at(&iat, NOW).is_ok());
+        assert!(v0.verify_at(&token(json!({"sub": "a", "iat": NOW - 100.0})), NOW).is_ok());
+        // Fractional and extreme times never panic.
+        let frac = token(json!({"sub": "a", "exp": NOW + 0.5}));
+        assert_eq!(v0.verify_at(&frac, NOW).unwrap().expires_at, at(NOW + 0.5));
+        let far = token(json!({"sub": "a", "exp": 1e300, "nbf": -1e300, "iat": -1e300}));
+        assert_eq!(v0.verify_at(&far, NOW).unwrap().expires_at, None);
+        assert_eq!(
+            v0.verify_at(&token(json!({"sub": "a", "exp": -1e300})), NOW),
+            Err(TokenError::Expired)
+        );
+        let bad = token(json!({"sub": "a", "exp": "soon"}));
+        assert!(matches!(v0.verify_at(&bad, NOW), Err(TokenError::Invalid(_))));
     }
 
     #[test]
     fn refuses_bad_tokens() {
-        let v = HmacVerifier::new(SECRET);
+        let v = verifier(0);
         let other = sign_hs256(b"another secret!!", &json!({"sub": "a"}));
         assert!(matches!(v.verify(&other), Err(TokenError::Invalid(_))));
         let expired = sign_hs256(SECRET, &json!({"sub": "a", "exp": 1}));

@@ -87,6 +87,7 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "socket_send_buffer_bytes", int(0, 1 << 30)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
+    ("auth", "leeway_secs", int(0, 3600)),
 ];
 
 /// Tables that hold channel options.
@@ -118,6 +119,42 @@ pub enum ConfigError {
         /// What is wrong with its value.
         problem: String,
     },
+    /// An environment variable Herald reads besides its keys (`RUST_LOG`) is unusable.
+    #[error("environment variable `{name}`: {problem}")]
+    Environment {
+        /// The variable.
+        name: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+}
+
+/// Longest log filter accepted (`log_level`, `RUST_LOG`), in bytes.
+pub const MAX_LOG_FILTER_BYTES: usize = 4096;
+
+/// Builds the log filter `text` describes (tracing-subscriber's `EnvFilter` syntax:
+/// `target[span{field=value}]=level`, comma-separated), or says why it is not one.
+///
+/// Safe on any input: the text must be ASCII and at most [`MAX_LOG_FILTER_BYTES`] long (the
+/// filter parser panics on some non-ASCII input), whitespace around each directive is dropped,
+/// and field values are matched literally, never compiled as regular expressions (a field
+/// regex could take tens of seconds and gigabytes to build).
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    if text.len() > MAX_LOG_FILTER_BYTES {
+        return Err(format!("{} bytes; at most {MAX_LOG_FILTER_BYTES}", text.len()));
+    }
+    if let Some(c) = text.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+        return Err(format!(
+            "{text:?} is not a log filter: {c:?} is not a printable ASCII character"
+        ));
+    }
+    // The parser splits on ',' too; trimming each directive here avoids its trim bug (it
+    // indexes the untrimmed text with the trimmed text's positions).
+    let directives: Vec<&str> = text.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives.join(","))
+        .map_err(|e| format!("{text:?} is not a log filter: {e}"))
 }
 
 /// Where configuration comes from, in increasing precedence.
@@ -140,6 +177,8 @@ pub struct AuthConfig {
     pub hmac_secret: Option<String>,
     /// Connections without a token are allowed.
     pub allow_anonymous: bool,
+    /// Clock skew allowed on the tokens' `exp`, `nbf` and `iat` (`leeway_secs`, default 5).
+    pub leeway: Duration,
 }
 
 /// The validated configuration of one node.
@@ -155,6 +194,9 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Log filter used when `RUST_LOG` is not set.
     pub log_level: String,
+    /// The log filter in force: `RUST_LOG` when set and not empty, else `log_level`; checked
+    /// with [`log_filter`], which builds it.
+    pub log_filter: String,
     /// This node's id (random when not set).
     pub node_id: Option<String>,
     /// How long shutdown waits for clients to be told and flushed.
@@ -416,7 +458,14 @@ impl Config {
             }
             set_path(&mut table, &path, parse_text(key, kind, value)?);
         }
-        Config::from_table(&table)
+        let mut config = Config::from_table(&table)?;
+        let rust_log = sources.env.iter().rev().find(|(k, _)| k == "RUST_LOG");
+        if let Some((name, value)) = rust_log.filter(|(_, v)| !v.trim().is_empty()) {
+            log_filter(value)
+                .map_err(|problem| ConfigError::Environment { name: name.clone(), problem })?;
+            config.log_filter = value.clone();
+        }
+        Ok(config)
     }
 
     fn from_table(t: &Table) -> Result<Config, ConfigError> {
@@ -439,9 +488,7 @@ impl Config {
             ));
         }
         let log_level = get_str(t, &["log_level"]).unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(invalid("log_level", format!("{log_level:?} is not a log filter")));
-        }
+        log_filter(&log_level).map_err(|problem| invalid("log_level", problem))?;
         let hmac_secret = get_str(t, &["auth", "hmac_secret"]);
         if hmac_secret.as_deref() == Some("") {
             return Err(invalid(
@@ -452,6 +499,7 @@ impl Config {
         let auth = AuthConfig {
             hmac_secret,
             allow_anonymous: get_bool(t, &["auth", "allow_anonymous"]).unwrap_or(true),
+            leeway: Duration::from_secs(get_int(t, &["auth", "leeway_secs"]).unwrap_or(5) as u64),
         };
         if !listen.ip().is_loopback() && (api_key.is_none() || auth.hmac_secret.is_none()) {
             return Err(invalid(
@@ -520,6 +568,7 @@ impl Config {
             ping_interval: Duration::from_secs(
                 get_int(t, &["ping_interval_secs"]).unwrap_or(25) as u64
             ),
+            log_filter: log_level.clone(),
             log_level,
             node_id: get_str(t, &["node_id"]),
             shutdown_timeout: Duration::from_secs(
@@ -623,6 +672,10 @@ conflate = true
             ("broker = \"kafka://x\"", "`broker`"),
             ("listen = \"0.0.0.0:8080\"", "`listen`"),
             ("[auth]\nhmac_secret = \"\"", "`auth.hmac_secret`"),
+            ("[auth]\nleeway_secs = -1", "`auth.leeway_secs`"),
+            ("[auth]\nleeway_secs = 3601", "`auth.leeway_secs`"),
+            ("log_level = \" \u{e9}=info\"", "`log_level`"),
+            ("log_level = \"a=nope\"", "`log_level`"),
             ("[\"namespaces\".\"a b\"]\nconflate = true", "`namespaces.a b`"),
         ];
         for (text, key) in cases {
@@ -676,6 +729,28 @@ conflate = true
         })
         .unwrap_err();
         assert_eq!(err, ConfigError::UnknownKey { key: "limits.nope".into() });
+    }
+
+    #[test]
+    fn log_filters_are_checked_safely() {
+        for good in ["info", " herald=debug , info ", "", "[span{a=x....................}]=debug"] {
+            assert!(log_filter(good).is_ok(), "{good:?}");
+        }
+        for bad in [" \u{e9}=info", "\u{e9}", "a=\u{1F600}", "a\n=info", "a=nope", "[{}]"] {
+            assert!(log_filter(bad).is_err(), "{bad:?}");
+        }
+        assert!(log_filter(&"a".repeat(MAX_LOG_FILTER_BYTES + 1)).is_err());
+        let rust_log = |v: &str| {
+            Config::load(&Sources {
+                env: vec![("RUST_LOG".into(), v.into())],
+                ..Default::default()
+            })
+        };
+        let err = rust_log(" \u{e9}=info").unwrap_err().to_string();
+        assert!(err.contains("RUST_LOG"), "{err}");
+        assert_eq!(rust_log("debug").unwrap().log_filter, "debug");
+        assert_eq!(rust_log("").unwrap().log_filter, "info", "an empty RUST_LOG is unset");
+        assert_eq!(Config::default().auth.leeway, Duration::from_secs(5));
     }
 
     #[test]

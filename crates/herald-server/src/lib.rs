@@ -40,11 +40,10 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         }
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
-    let verifier = config
-        .auth
-        .hmac_secret
-        .as_ref()
-        .map(|s| Arc::new(auth::HmacVerifier::new(s.as_bytes())) as Arc<dyn TokenVerifier>);
+    let verifier = config.auth.hmac_secret.as_ref().map(|s| {
+        Arc::new(auth::HmacVerifier::new(s.as_bytes(), config.auth.leeway))
+            as Arc<dyn TokenVerifier>
+    });
     let node_id = config.node_id.clone().unwrap_or_else(random_node_id);
     let node = Arc::new(Node::new(
         node_id,
@@ -55,7 +54,30 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         AuthSettings { allow_anonymous: config.auth.allow_anonymous, verifier },
     ));
     node.start().await?;
+    spawn_token_expiry(&node);
     Ok(node)
+}
+
+/// How often expired tokens are looked for: a live connection is closed at most this long
+/// after its token's `exp` plus the leeway.
+pub const TOKEN_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Closes, every [`TOKEN_EXPIRY_TICK`], the connections (any transport) whose token expired
+/// without a `refresh`, with 4012; ends with the node.
+fn spawn_token_expiry(node: &Arc<Node>) {
+    let weak = Arc::downgrade(node);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TOKEN_EXPIRY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            let n = node.registry.expire(std::time::SystemTime::now());
+            if n > 0 {
+                tracing::debug!(connections = n, "closing connections whose token expired");
+            }
+        }
+    });
 }
 
 /// Drops, every few seconds, the stream state of channels idle for longer than their TTL. The

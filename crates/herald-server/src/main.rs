@@ -29,7 +29,8 @@ struct Cli {
     /// Broker: "memory" (key `broker`).
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
-    /// Log filter used when RUST_LOG is not set (key `log_level`, default "info").
+    /// Log filter used when RUST_LOG is not set (key `log_level`, default "info"); an invalid
+    /// filter in either stops start-up.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
     /// Seconds between ping pushes (key `ping_interval_secs`, default 25).
@@ -111,10 +112,14 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log_level));
+    // `RUST_LOG` (when set) or `log_level`, both checked by `Config::load`.
+    let filter = match herald_server::config::log_filter(&config.log_filter) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("herald: log filter: {e}");
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -109,6 +109,8 @@ impl SseStream {
             }
             None => None,
         };
+        let expires_at = user.as_ref().and_then(|t| t.expires_at);
+        let user = user.map(|t| t.user);
         if req.channels.is_empty() {
             return Err(ApiError::bad_request("give at least one `channel=` in the query"));
         }
@@ -148,7 +150,7 @@ impl SseStream {
         let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), node.metrics.clone()));
         let id = node.next_connection_id();
         node.registry
-            .register(id, user.as_deref(), ip, Sink::Sse(outbox.clone()), &node.limits)
+            .register(id, user.as_deref(), expires_at, ip, Sink::Sse(outbox.clone()), &node.limits)
             .map_err(|e| {
                 node.metrics.limit(match e {
                     herald_core::node::ConnectionLimit::Node => {

@@ -282,7 +282,11 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, prefix: Vec<u8>, auth: Result<Option<String>, CloseCode>) {
+    async fn run(
+        mut self,
+        prefix: Vec<u8>,
+        auth: Result<Option<herald_core::VerifiedToken>, CloseCode>,
+    ) {
         let node = self.app.node.clone();
         node.metrics.connections.fetch_add(1, Ordering::Relaxed);
         node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
