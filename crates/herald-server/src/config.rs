@@ -80,6 +80,8 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "command_burst", int(1, 1 << 30)),
     ("limits", "max_batch_publications", int(1, 1 << 24)),
     ("limits", "socket_send_buffer_bytes", int(0, 1 << 30)),
+    ("limits", "max_channels_per_stream", int(1, 4096)),
+    ("limits", "socket_reserve", int(0, 1 << 20)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
 ];
@@ -163,6 +165,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// SO_SNDBUF of client sockets (the kernel doubles it); 0 leaves the kernel's autotuning.
     pub socket_send_buffer: usize,
+    /// Channels one SSE stream may hold (bounds its `id:` line); beyond: 429.
+    pub max_channels_per_stream: usize,
+    /// Sockets accepted beyond `limits.max_connections` (HTTP API calls, health checks,
+    /// handshakes in progress); a socket beyond both is answered 503 and closed at accept.
+    pub socket_reserve: usize,
     /// Authentication.
     pub auth: AuthConfig,
     /// Options of channels in the default namespace and base of every namespace.
@@ -488,6 +495,8 @@ impl Config {
         };
         let max_body_bytes = limit("max_body_bytes", 8 << 20);
         let socket_send_buffer = limit("socket_send_buffer_bytes", 256 << 10);
+        let max_channels_per_stream = limit("max_channels_per_stream", 64);
+        let socket_reserve = limit("socket_reserve", 64);
         let channel_defaults = channel_options(t, &[CHANNEL_TABLE], &ChannelOptions::default());
         let mut namespaces = BTreeMap::new();
         if let Some(Value::Table(ns)) = get(t, &[NAMESPACES]) {
@@ -514,6 +523,8 @@ impl Config {
             limits,
             max_body_bytes,
             socket_send_buffer,
+            max_channels_per_stream,
+            socket_reserve,
             auth,
             channel_defaults,
             namespaces,
