@@ -356,37 +356,48 @@ impl SseClient {
 // ---------------------------------------------------------------------------------------------
 // Reading streams.
 
-/// A position on one channel: `None` for a channel without history.
+/// A position on one channel: `(tag, offset)`, `None` for a channel without history. The tag
+/// stands for the channel's epoch (see `herald_protocol::sse::position_tag`).
 type Pos = Option<(String, u64)>;
 
-/// Parses an event id (`channel~epoch~offset` or `channel`, joined by `;`), in order.
-fn parse_id(id: &str) -> Vec<(String, Pos)> {
-    if id.is_empty() {
-        return Vec::new();
-    }
-    id.split(';')
-        .map(|entry| {
-            let parts: Vec<&str> = entry.split('~').collect();
-            match parts[..] {
-                [c] => (c.to_string(), None),
-                [c, e, o] => {
-                    (c.to_string(), Some((e.to_string(), o.parse().expect("numeric offset"))))
-                }
-                _ => panic!("malformed id entry {entry:?} in {id:?}"),
-            }
+/// Parses an event id of the compact form (`~`, then per channel of the stream, in the order of
+/// its `channel=` parameters, an 8-character tag and the offset, or nothing without history,
+/// joined by `;`), naming the entries after `channels`.
+fn parse_id(id: &str, channels: &[&str]) -> Vec<(String, Pos)> {
+    let entries = id.strip_prefix('~').unwrap_or_else(|| panic!("not a compact id: {id:?}"));
+    let entries: Vec<&str> = entries.split(';').collect();
+    assert_eq!(entries.len(), channels.len(), "one entry per channel in {id:?}");
+    channels
+        .iter()
+        .zip(entries)
+        .map(|(c, entry)| {
+            let pos = (!entry.is_empty()).then(|| {
+                assert!(entry.len() > 8, "malformed entry {entry:?} in {id:?}");
+                let (tag, offset) = entry.split_at(8);
+                (tag.to_string(), offset.parse().expect("numeric offset"))
+            });
+            (c.to_string(), pos)
         })
         .collect()
 }
 
+/// Builds a compact id from `(channel, Some((tag, offset)))` entries (channels without history:
+/// `None`), in the stream's order.
 fn id_of(entries: &[(&str, Option<(&str, u64)>)]) -> String {
-    entries
+    let body = entries
         .iter()
-        .map(|(c, p)| match p {
-            Some((e, o)) => format!("{c}~{e}~{o}"),
-            None => c.to_string(),
+        .map(|(_, p)| match p {
+            Some((t, o)) => format!("{t}{o}"),
+            None => String::new(),
         })
         .collect::<Vec<_>>()
-        .join(";")
+        .join(";");
+    format!("~{body}")
+}
+
+/// The tag of `epoch` on `channel` (what a compact id carries instead of the epoch).
+fn tag(channel: &str, epoch: &str) -> String {
+    String::from_utf8(herald_protocol::sse::position_tag(channel, epoch).to_vec()).unwrap()
 }
 
 /// A publication received as `event: pub`.
@@ -496,13 +507,20 @@ async fn publish(api: &mut herald_client::HttpApi, channel: &str, data: Value) -
     r.get("offset").and_then(Value::as_u64)
 }
 
-fn epoch_of(id: &str, channel: &str) -> String {
-    parse_id(id)
+/// The tag of `channel`'s position in `id`, a stream of `channels`.
+fn tag_of(id: &str, channels: &[&str], channel: &str) -> String {
+    parse_id(id, channels)
         .into_iter()
         .find(|(c, _)| c == channel)
         .and_then(|(_, p)| p)
         .unwrap_or_else(|| panic!("{channel} has no position in {id:?}"))
         .0
+}
+
+/// Publishes and returns `(offset, epoch)`.
+async fn publish_at(api: &mut herald_client::HttpApi, channel: &str, data: Value) -> (u64, String) {
+    let r = api.publish(channel, &data).await.expect("publish");
+    (r["offset"].as_u64().expect("offset"), r["epoch"].as_str().expect("epoch").to_string())
 }
 
 fn pubs_on<'a>(pubs: &'a [Pub], channel: &str) -> Vec<&'a Pub> {
@@ -582,7 +600,7 @@ async fn several_channels_in_order_with_positions_in_every_id() {
     let server = Server::start(CONFIG, &[]);
     let mut api = server.api().await;
     // Publications before the stream opens are not sent (no Last-Event-ID).
-    publish(&mut api, "hist:a", json!("before")).await;
+    let (_, epoch_a) = publish_at(&mut api, "hist:a", json!("before")).await;
     let mut c =
         SseClient::open(server.addr, "/sse?channel=hist:a&channel=plain&channel=hist:z", None)
             .await;
@@ -590,8 +608,10 @@ async fn several_channels_in_order_with_positions_in_every_id() {
     let start = read_start(&mut c).await;
     assert_eq!(start.reset, None);
     assert!(start.recovered.is_empty());
-    let ea = epoch_of(&start.id, "hist:a");
-    let ez = epoch_of(&start.id, "hist:z");
+    let chans = ["hist:a", "plain", "hist:z"];
+    let ea = tag_of(&start.id, &chans, "hist:a");
+    let ez = tag_of(&start.id, &chans, "hist:z");
+    assert_eq!(ea, tag("hist:a", &epoch_a), "the tag stands for the channel's epoch");
     assert_eq!(
         start.id,
         id_of(&[("hist:a", Some((&ea, 1))), ("plain", None), ("hist:z", Some((&ez, 0)))])
@@ -652,7 +672,8 @@ async fn resume_case(via_header: bool, kept_alive: bool) {
         assert_eq!(c.header("transfer-encoding"), Some("chunked"), "served through hyper");
     }
     let start = read_start(&mut c).await;
-    let (ea, eb) = (epoch_of(&start.id, "hist:a"), epoch_of(&start.id, "hist:b"));
+    let chans = ["hist:a", "hist:b", "plain"];
+    let (ea, eb) = (tag_of(&start.id, &chans, "hist:a"), tag_of(&start.id, &chans, "hist:b"));
     for i in 1..=3 {
         for ch in ["hist:a", "hist:b", "plain"] {
             publish(&mut api, ch, json!({"ch": ch, "i": i})).await;
@@ -689,7 +710,7 @@ async fn resume_case(via_header: bool, kept_alive: bool) {
     for p in &start.recovered {
         assert_eq!(p.data, json!({"ch": p.channel, "i": p.offset.unwrap()}));
         // Each id holds the channel's new position and the other's current one.
-        let ids = parse_id(&p.id);
+        let ids = parse_id(&p.id, &chans);
         assert_eq!(ids.len(), 3);
         for (ch, pos) in ids {
             let (e, o) = match ch.as_str() {
@@ -762,7 +783,7 @@ async fn header_wins_over_query() {
         publish(&mut api, "hist:h", json!(i)).await;
     }
     let mut c = SseClient::open(server.addr, "/sse?channel=hist:h", None).await;
-    let e = epoch_of(&read_start(&mut c).await.id, "hist:h");
+    let e = tag_of(&read_start(&mut c).await.id, &["hist:h"], "hist:h");
     drop(c);
     let query = encode_query(&id_of(&[("hist:h", Some((&e, 1)))]));
     let header = id_of(&[("hist:h", Some((&e, 3)))]);
@@ -804,8 +825,8 @@ async fn reset_when_history_was_trimmed() {
     // Nothing of small:x is replayed (not even what is retained); hist:k is recovered.
     let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
     assert_eq!(got, [("hist:k", Some(2))]);
-    let e = epoch_of(&last, "small:x");
-    let ek = epoch_of(&last, "hist:k");
+    let e = tag_of(&last, &["small:x", "hist:k"], "small:x");
+    let ek = tag_of(&last, &["small:x", "hist:k"], "hist:k");
     assert_eq!(start.id, id_of(&[("small:x", Some((&e, 7))), ("hist:k", Some((&ek, 2)))]));
     publish(&mut api, "small:x", json!(8)).await;
     let p = next_pub(&mut c).await;
@@ -816,14 +837,13 @@ async fn reset_when_history_was_trimmed() {
 async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     let server = Server::start(CONFIG, &[]);
     let mut api = server.api().await;
+    let mut epochs = BTreeMap::new();
     for ch in ["hist:e", "hist:f", "hist:g", "hist:n"] {
         for i in 1..=3 {
-            publish(&mut api, ch, json!(i)).await;
+            epochs.insert(ch, publish_at(&mut api, ch, json!(i)).await.1);
         }
     }
-    let mut c = SseClient::open(server.addr, "/sse?channel=hist:g", None).await;
-    let eg = epoch_of(&read_start(&mut c).await.id, "hist:g");
-    drop(c);
+    let eg = epochs["hist:g"].clone();
     let channels = ["hist:e", "hist:f", "hist:g", "plain", "hist:n"];
     let path = format!("/sse?{}", channels.map(|c| format!("channel={c}")).join("&"));
     // hist:e: an epoch that never existed; hist:f: an offset from the future; hist:g: a good
@@ -840,7 +860,7 @@ async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     assert_eq!(reset, ["hist:e", "hist:f", "plain"]);
     let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
     assert_eq!(got, [("hist:g", Some(2)), ("hist:g", Some(3))]);
-    let ids = parse_id(&start.id);
+    let ids = parse_id(&start.id, &channels);
     let chans: Vec<&str> = ids.iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(chans, channels, "the id positions every channel of the stream, in order");
     for (ch, pos) in &ids {
@@ -858,7 +878,8 @@ async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     }
 
     // An offset from the future in the right epoch is a reset too.
-    let ef = epoch_of(&start.id, "hist:f");
+    let ef = tag_of(&start.id, &channels, "hist:f");
+    assert_eq!(ef, tag("hist:f", &epochs["hist:f"]));
     let id = id_of(&[("hist:f", Some((&ef, 50)))]);
     let mut c = SseClient::open(server.addr, "/sse?channel=hist:f", Some(&id)).await;
     let start = read_start(&mut c).await;
@@ -871,7 +892,7 @@ async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     assert_eq!((start.reset, start.recovered.len()), (None, 0));
     assert_eq!(start.id, id);
     // A channel that the id does not mention is simply live: no reset.
-    let id = id_of(&[("hist:e", Some((&epoch_of(&first_id, "hist:e"), 4)))]);
+    let id = id_of(&[("hist:e", Some((&tag_of(&first_id, &channels, "hist:e"), 4)))]);
     let mut c = SseClient::open(server.addr, "/sse?channel=hist:e&channel=hist:n", Some(&id)).await;
     let start = read_start(&mut c).await;
     assert_eq!((start.reset, start.recovered.len()), (None, 0));
@@ -898,17 +919,18 @@ async fn reset_after_history_ttl_expired() {
     let start = read_start(&mut c).await;
     assert_eq!(start.reset, Some(vec!["ttl:x".to_string()]));
     assert!(start.recovered.is_empty());
-    let old = epoch_of(&last, "ttl:x");
-    let new = epoch_of(&start.id, "ttl:x");
+    let chans = ["ttl:x", "hist:t"];
+    let old = tag_of(&last, &chans, "ttl:x");
+    let new = tag_of(&start.id, &chans, "ttl:x");
     assert_ne!(old, new, "a new epoch");
     assert_eq!(
         start.id,
-        id_of(&[("ttl:x", Some((&new, 0))), ("hist:t", Some((&epoch_of(&last, "hist:t"), 2)))])
+        id_of(&[("ttl:x", Some((&new, 0))), ("hist:t", Some((&tag_of(&last, &chans, "hist:t"), 2)))])
     );
     publish(&mut api, "ttl:x", json!(1)).await;
     let p = next_pub(&mut c).await;
     assert_eq!(p.offset, Some(1));
-    assert_eq!(epoch_of(&p.id, "ttl:x"), new);
+    assert_eq!(tag_of(&p.id, &chans, "ttl:x"), new);
 }
 
 #[tokio::test]
@@ -1123,7 +1145,7 @@ impl Tracker {
     /// Checks an id against the cursor; `moved` is the channel and offset of the publication
     /// the id comes with.
     fn check_id(&mut self, who: &str, id: &str, moved: Option<(&str, u64)>) {
-        let ids = parse_id(id);
+        let ids = parse_id(id, &RACE_CHANNELS);
         let chans: Vec<&str> = ids.iter().map(|(c, _)| c.as_str()).collect();
         assert_eq!(chans, RACE_CHANNELS, "{who}: id {id:?}");
         for (ch, pos) in ids {
