@@ -1382,3 +1382,133 @@ async fn nothing_follows_the_disconnect_event_under_load() {
     }
     assert!(bad.is_empty(), "events after `event: disconnect`:\n{}", bad.join("\n"));
 }
+
+/// Compact ids resume like named ones: a tag of another epoch, an offset from the future and
+/// an empty entry (no history) are reset, a good entry is recovered exactly, a channel beyond
+/// the id's entries is live; and an id replayed with the channels in another order never
+/// recovers one channel's offsets on another (their tags do not match: reset instead).
+#[tokio::test]
+async fn compact_ids_resume_by_place_and_never_mix_channels() {
+    let server = Server::start(CONFIG, &[]);
+    let mut api = server.api().await;
+    let mut epochs = BTreeMap::new();
+    for ch in ["hist:ce", "hist:cf", "hist:cg", "hist:cn"] {
+        for i in 1..=3 {
+            epochs.insert(ch, publish_at(&mut api, ch, json!(i)).await.1);
+        }
+    }
+    let channels = ["hist:ce", "hist:cf", "hist:cg", "plain", "hist:cn"];
+    let path = format!("/sse?{}", channels.map(|c| format!("channel={c}")).join("&"));
+    let (tf, tg) = (tag("hist:cf", &epochs["hist:cf"]), tag("hist:cg", &epochs["hist:cg"]));
+    // hist:ce: hist:cg's tag (another channel's epoch); hist:cf: a future offset; hist:cg: a
+    // good position; plain: no history; hist:cn: no entry.
+    let id = id_of(&[
+        ("hist:ce", Some((&tg, 1))),
+        ("hist:cf", Some((&tf, 99))),
+        ("hist:cg", Some((&tg, 1))),
+        ("plain", None),
+    ]);
+    let mut c = SseClient::open(server.addr, &path, Some(&id)).await;
+    let start = read_start(&mut c).await;
+    assert_eq!(start.reset.expect("a reset event"), ["hist:ce", "hist:cf", "plain"]);
+    let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
+    assert_eq!(got, [("hist:cg", Some(2)), ("hist:cg", Some(3))]);
+    for (ch, pos) in parse_id(&start.id, &channels) {
+        match ch.as_str() {
+            "plain" => assert_eq!(pos, None),
+            _ => assert_eq!(pos, Some((tag(&ch, &epochs[ch.as_str()]), 3)), "{ch}"),
+        }
+    }
+    for ch in channels {
+        publish(&mut api, ch, json!("live")).await;
+        assert_eq!(next_pub(&mut c).await.channel, ch);
+    }
+    let last = c.last_event_id.clone();
+    drop(c);
+
+    // Missed: two on each channel. The same URL recovers them all, exactly.
+    for ch in channels {
+        publish(&mut api, ch, json!("missed 1")).await;
+        publish(&mut api, ch, json!("missed 2")).await;
+    }
+    let mut c = SseClient::open(server.addr, &path, Some(&last)).await;
+    let start = read_start(&mut c).await;
+    assert_eq!(start.reset, Some(vec!["plain".to_string()]));
+    let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
+    let want: Vec<_> = channels
+        .iter()
+        .filter(|c| **c != "plain")
+        .flat_map(|c| [(*c, Some(5)), (*c, Some(6))])
+        .collect();
+    assert_eq!(got, want);
+    drop(c);
+
+    // The same id with the channels in another order: the tags name other channels, so
+    // nothing is recovered on a wrong channel; every mentioned channel is reset.
+    let swapped = ["hist:cg", "hist:ce", "hist:cf", "hist:cn", "plain"];
+    let path = format!("/sse?{}", swapped.map(|c| format!("channel={c}")).join("&"));
+    let mut c = SseClient::open(server.addr, &path, Some(&last)).await;
+    let start = read_start(&mut c).await;
+    assert!(start.recovered.is_empty(), "{:?}", start.recovered);
+    assert_eq!(start.reset.expect("a reset event"), swapped);
+}
+
+/// On conflated channels too, `event: disconnect` is the last thing on a stream: a slot
+/// holding the newest publication of a conflated channel is never written after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_follows_the_disconnect_event_on_conflated_channels() {
+    let server = Server::start(
+        &format!("{CONFIG}\n[namespaces.conf]\nhistory_size = 10\nconflate = true\n"),
+        &[],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishers: Vec<_> = (0..4)
+        .map(|i| {
+            let (base, stop) = (server.http_base(), stop.clone());
+            tokio::spawn(async move {
+                let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+                let channel = format!("conf:{}", i % 2);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    api.publish(&channel, &json!("x")).await.expect("publish");
+                }
+            })
+        })
+        .collect();
+    let mut bad = Vec::new();
+    for round in 0..100 {
+        let kept_alive = round % 2 == 1;
+        let path = "/sse?channel=conf:0&channel=conf:1";
+        let mut c = if kept_alive {
+            SseClient::open_kept_alive(server.addr, path, None).await
+        } else {
+            SseClient::open(server.addr, path, None).await
+        };
+        for _ in 0..3 {
+            c.next().await.expect("live");
+        }
+        drop_all_streams(&server).await;
+        loop {
+            match c.next().await {
+                Some(Item::Event { event, .. }) if event == "disconnect" => break,
+                Some(_) => {}
+                None => panic!("round {round}: the stream ended without a disconnect event"),
+            }
+        }
+        let mut after = Vec::new();
+        while let Some(item) = c.next().await {
+            after.push(item);
+        }
+        if !after.is_empty() {
+            bad.push(format!(
+                "round {round} (kept alive: {kept_alive}): {} items after disconnect, first {:?}",
+                after.len(),
+                after[0]
+            ));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert!(bad.is_empty(), "events after `event: disconnect`:\n{}", bad.join("\n"));
+}
