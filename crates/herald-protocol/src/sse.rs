@@ -136,8 +136,7 @@ pub fn position_tag(channel: &str, epoch: &str) -> [u8; TAG_LEN] {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^= h >> 31;
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut tag = [0u8; TAG_LEN];
     for (i, t) in tag.iter_mut().enumerate() {
         *t = ALPHABET[((h >> (58 - 6 * i)) & 63) as usize];
@@ -176,9 +175,7 @@ pub fn push_entry(out: &mut String, tag: &[u8; TAG_LEN], offset: u64) {
 pub fn parse_event_id(id: &str, channels: usize) -> EventId {
     let id = id.trim();
     if let Some(entries) = id.strip_prefix('~') {
-        return EventId::Indexed(
-            entries.split(';').take(channels).map(parse_entry).collect(),
-        );
+        return EventId::Indexed(entries.split(';').take(channels).map(parse_entry).collect());
     }
     let mut out = HashMap::new();
     for entry in id.split(';') {
@@ -279,7 +276,8 @@ mod tests {
     fn malformed_compact_entries_are_unknown() {
         let tag = position_tag("a", "e");
         let good = format!("{}7", std::str::from_utf8(&tag).unwrap());
-        let id = format!("~{good};;short;ABCDEFG!1;ABCDEFGH;ABCDEFGHx;ABCDEFGH99999999999999999999");
+        let id =
+            format!("~{good};;short;ABCDEFG!1;ABCDEFGH;ABCDEFGHx;ABCDEFGH99999999999999999999");
         let e = indexed(&id, 100);
         assert_eq!(e[0], IdEntry::At { tag, offset: 7 });
         assert_eq!(e[1], IdEntry::NoHistory);
@@ -304,7 +302,8 @@ mod tests {
         let long = "x".repeat(255);
         let names: Vec<String> = (0..64).map(|i| format!("{i}{long}")[..255].to_string()).collect();
         let epoch = "e".repeat(200);
-        let id = encode_event_id(names.iter().map(|n| Some((n.as_str(), epoch.as_str(), u64::MAX))));
+        let id =
+            encode_event_id(names.iter().map(|n| Some((n.as_str(), epoch.as_str(), u64::MAX))));
         assert!(format!("id: {id}\n").len() <= id_line_bound(64));
         assert!(id_line_bound(64) < 2000);
         let id = encode_event_id(names.iter().map(|_| None));

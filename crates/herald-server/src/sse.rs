@@ -149,7 +149,11 @@ impl Renderer {
     /// Renders up to [`RENDER_EVENTS`] events from the front of `items` into `out` as
     /// `(bytes, queue bytes accounted once written)`. Once the `disconnect` event is rendered,
     /// every later item is dropped; returns the queue bytes of the dropped items.
-    fn render(&mut self, items: &mut VecDeque<SseItem>, out: &mut VecDeque<(Bytes, usize)>) -> usize {
+    fn render(
+        &mut self,
+        items: &mut VecDeque<SseItem>,
+        out: &mut VecDeque<(Bytes, usize)>,
+    ) -> usize {
         let mut dropped = 0;
         // One allocation holds the id lines of the batch (each line is split off it).
         let mut ids = BytesMut::new();
@@ -326,7 +330,9 @@ impl SseStream {
                         match node.broker.history(channel, &options, &top).await {
                             Ok(page) => Some(
                                 page.position
-                                    .filter(|p| sse::position_tag(channel.as_str(), &p.epoch) == *tag)
+                                    .filter(|p| {
+                                        sse::position_tag(channel.as_str(), &p.epoch) == *tag
+                                    })
                                     .map(|p| StreamPosition { offset: *offset, epoch: p.epoch }),
                             ),
                             Err(e) => {

@@ -59,9 +59,8 @@ fn events(body: &[u8]) -> Vec<(Option<String>, Option<String>, Option<String>)> 
         .split("\n\n")
         .filter(|b| !b.is_empty())
         .map(|block| {
-            let field = |name: &str| {
-                block.lines().find_map(|l| l.strip_prefix(name)).map(str::to_string)
-            };
+            let field =
+                |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::to_string);
             (field("id: "), field("event: "), field("data: "))
         })
         .collect()
@@ -99,7 +98,11 @@ async fn many_long_channel_names_keep_each_id_line_within_its_bound() {
         publications.push(json!({"channel": n, "data": "x".repeat(48)}));
     }
     let (status, _, body) = api
-        .request("POST", "/api/batch", Some(json!({"publications": publications}).to_string().as_bytes()))
+        .request(
+            "POST",
+            "/api/batch",
+            Some(json!({"publications": publications}).to_string().as_bytes()),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -110,7 +113,8 @@ async fn many_long_channel_names_keep_each_id_line_within_its_bound() {
         assert!(n > 0, "stream ended");
         body.extend_from_slice(&chunk[..n]);
     }
-    let pubs: Vec<_> = events(&body).into_iter().filter(|e| e.1.as_deref() == Some("pub")).collect();
+    let pubs: Vec<_> =
+        events(&body).into_iter().filter(|e| e.1.as_deref() == Some("pub")).collect();
     assert_eq!(pubs.len(), 64);
     for (id, _, data) in &pubs {
         let line = format!("id: {}\n", id.as_deref().expect("an id"));
@@ -164,7 +168,8 @@ async fn raw_request_heads_over_16_kib_get_431() {
     let server = Server::start("", &[]);
     for (pad, want) in [(15 * 1024, 200), (16 * 1024, 431), (64 * 1024, 431)] {
         let mut s = TcpStream::connect(server.addr).await.unwrap();
-        let head = format!("GET /sse?channel=a HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "p".repeat(pad));
+        let head =
+            format!("GET /sse?channel=a HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "p".repeat(pad));
         s.write_all(head.as_bytes()).await.unwrap();
         let (status, _) = read_head(&mut s).await;
         assert_eq!(status, want, "a head of {} bytes", head.len());
@@ -196,7 +201,11 @@ async fn id_lines_count_against_the_queue_bound() {
             .map(|i| json!({"channel": names[i % names.len()], "data": format!("{round}-{i:044}")}))
             .collect();
         let (status, _, body) = api
-            .request("POST", "/api/batch", Some(json!({"publications": publications}).to_string().as_bytes()))
+            .request(
+                "POST",
+                "/api/batch",
+                Some(json!({"publications": publications}).to_string().as_bytes()),
+            )
             .await
             .unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));

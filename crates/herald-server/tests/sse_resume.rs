@@ -925,7 +925,10 @@ async fn reset_after_history_ttl_expired() {
     assert_ne!(old, new, "a new epoch");
     assert_eq!(
         start.id,
-        id_of(&[("ttl:x", Some((&new, 0))), ("hist:t", Some((&tag_of(&last, &chans, "hist:t"), 2)))])
+        id_of(&[
+            ("ttl:x", Some((&new, 0))),
+            ("hist:t", Some((&tag_of(&last, &chans, "hist:t"), 2)))
+        ])
     );
     publish(&mut api, "ttl:x", json!(1)).await;
     let p = next_pub(&mut c).await;
