@@ -556,6 +556,7 @@ mod tests {
         assert_eq!(c.limits.max_message_bytes, 65536);
         assert_eq!(c.max_body_bytes, 8388608);
         assert_eq!(c.limits.max_queue_bytes, 1048576);
+        assert_eq!((c.max_channels_per_stream, c.socket_reserve), (64, 64));
         assert!(c.auth.allow_anonymous);
         assert_eq!(c.channel_defaults, ChannelOptions::default());
     }
@@ -608,6 +609,8 @@ conflate = true
             ("ping_interval_secs = \"x\"", "`ping_interval_secs`"),
             ("ping_interval_secs = 0", "`ping_interval_secs`"),
             ("[limits]\nmax_queue_bytes = -5", "`limits.max_queue_bytes`"),
+            ("[limits]\nmax_channels_per_stream = 0", "`limits.max_channels_per_stream`"),
+            ("[limits]\nsocket_reserve = -1", "`limits.socket_reserve`"),
             ("[namespaces.m]\nhistory_size = true", "`namespaces.m.history_size`"),
             ("[namespaces.m]\nbogus = 1", "`namespaces.m.bogus`"),
             ("[namespaces]\nm = 3", "`namespaces.m`"),

@@ -807,6 +807,64 @@ mod tests {
         assert!(!is_sse_request(b"GET /ss"));
     }
 
+    fn pub_item(channel: &ChannelName, offset: u64, id_len: usize) -> SseItem {
+        SseItem {
+            channel: Some(channel.clone()),
+            offset: Some(offset),
+            epoch: Some(Arc::from("e")),
+            body: Bytes::from(sse::encode_pub_event(channel.as_str(), Some(offset), b"1")),
+            id_len,
+        }
+    }
+
+    fn text(out: &VecDeque<(Bytes, usize)>) -> String {
+        out.iter().map(|(b, _)| String::from_utf8_lossy(b).into_owned()).collect()
+    }
+
+    #[test]
+    fn renders_one_batch_at_a_time_with_bounded_ids() {
+        let channels: Vec<ChannelName> = (0..3)
+            .map(|i| ChannelName::parse(&format!("{i}{}", "n".repeat(250))).unwrap())
+            .collect();
+        let mut r = Renderer::new(channels.clone());
+        let mut items: VecDeque<SseItem> =
+            (1..=1000).map(|o| pub_item(&channels[(o % 3) as usize], o, r.id_len)).collect();
+        let queued: usize = items.iter().map(Item::wire_len).sum();
+        let mut out = VecDeque::new();
+        assert_eq!(r.render(&mut items, &mut out), 0);
+        assert_eq!(out.len(), 2 * RENDER_EVENTS, "an id line and a body per event");
+        assert_eq!(items.len(), 1000 - RENDER_EVENTS, "the rest waits unrendered");
+        for (chunk, _) in out.iter().step_by(2) {
+            assert!(chunk.starts_with(b"id: ~") && chunk.len() <= r.id_len, "{chunk:?}");
+        }
+        let mut accounted: usize = out.iter().map(|(_, n)| n).sum();
+        while !items.is_empty() {
+            out.clear();
+            r.render(&mut items, &mut out);
+            accounted += out.iter().map(|(_, n)| n).sum::<usize>();
+        }
+        assert_eq!(accounted, queued, "written chunks account for exactly what was queued");
+    }
+
+    #[test]
+    fn nothing_is_rendered_after_the_disconnect_event() {
+        let c = ChannelName::parse("c").unwrap();
+        let mut r = Renderer::new(vec![c.clone()]);
+        let disconnect = stream_event(Bytes::from(sse::encode_disconnect_event(4000, "x", true)));
+        let late = pub_item(&c, 2, r.id_len);
+        let late_len = late.wire_len();
+        let mut items = VecDeque::from([pub_item(&c, 1, r.id_len), disconnect, late]);
+        let mut out = VecDeque::new();
+        assert_eq!(r.render(&mut items, &mut out), late_len);
+        assert!(text(&out).ends_with(
+            "event: disconnect\ndata: {\"code\":4000,\"reason\":\"x\",\"reconnect\":true}\n\n"
+        ));
+        let mut more = VecDeque::from([stream_event(Bytes::from_static(sse::PING))]);
+        out.clear();
+        assert_eq!(r.render(&mut more, &mut out), sse::PING.len());
+        assert!(out.is_empty());
+    }
+
     #[test]
     fn request_parsing() {
         let r = SseRequest::parse(Some("channel=a&channel=b%3Ax&token=t&last_event_id=q"), None);
