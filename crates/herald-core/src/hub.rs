@@ -41,11 +41,15 @@ pub struct SseItem {
     pub epoch: Option<Arc<str>>,
     /// The event without its `id:` line, shared by every SSE subscriber.
     pub body: Bytes,
+    /// Bytes of the `id:` line the stream's writer puts in front of this event (the stream's
+    /// bound, see `herald_protocol::sse::id_line_bound`; 0 for events without an id): counted
+    /// with the body against the queue bound, since the writer renders it.
+    pub id_len: usize,
 }
 
 impl Item for SseItem {
     fn wire_len(&self) -> usize {
-        self.body.len()
+        self.body.len() + self.id_len
     }
 }
 
@@ -54,8 +58,9 @@ impl Item for SseItem {
 pub enum Sink {
     /// A WebSocket connection (`herald.json` text frames).
     Ws(Arc<Outbox<Bytes>>),
-    /// A Server-Sent Events stream.
-    Sse(Arc<Outbox<SseItem>>),
+    /// A Server-Sent Events stream, with the bound of its `id:` line (each publication queued
+    /// to it counts that much more against its queue bound, see [`SseItem::id_len`]).
+    Sse(Arc<Outbox<SseItem>>, usize),
 }
 
 impl Sink {
@@ -63,7 +68,7 @@ impl Sink {
     pub fn overflow(&self) {
         match self {
             Sink::Ws(o) => o.overflow(),
-            Sink::Sse(o) => o.overflow(),
+            Sink::Sse(o, _) => o.overflow(),
         }
     }
 
@@ -71,7 +76,7 @@ impl Sink {
     pub fn request_close(&self, code: herald_protocol::CloseCode) {
         match self {
             Sink::Ws(o) => o.request_close(code),
-            Sink::Sse(o) => o.request_close(code),
+            Sink::Sse(o, _) => o.request_close(code),
         }
     }
 }
@@ -140,7 +145,7 @@ impl<'a> Encoded<'a> {
             .clone()
     }
 
-    fn sse(&mut self) -> SseItem {
+    fn sse(&mut self, id_len: usize) -> SseItem {
         let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
         let body = self
             .sse
@@ -155,6 +160,7 @@ impl<'a> Encoded<'a> {
             offset: self.publication.offset,
             epoch: self.publication.epoch.clone(),
             body,
+            id_len,
         }
     }
 
@@ -177,12 +183,12 @@ impl<'a> Encoded<'a> {
                 let frame = if new_epoch { self.ws_epoch() } else { self.ws() };
                 o.push_shared(frame).map(|n| n as isize)
             }
-            (Sink::Sse(o), false) => o.push_shared(self.sse()).map(|n| n as isize),
+            (Sink::Sse(o, id_len), false) => o.push_shared(self.sse(*id_len)).map(|n| n as isize),
             (Sink::Ws(o), true) => {
                 let frame = if new_epoch { self.ws_epoch() } else { self.ws() };
                 o.push_conflated(self.channel, frame)
             }
-            (Sink::Sse(o), true) => o.push_conflated(self.channel, self.sse()),
+            (Sink::Sse(o, id_len), true) => o.push_conflated(self.channel, self.sse(*id_len)),
         }
     }
 }

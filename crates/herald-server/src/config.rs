@@ -85,6 +85,8 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "max_history_page", int(1, 1 << 20)),
     ("limits", "max_history_page_bytes", int(1024, BYTES_MAX)),
     ("limits", "socket_send_buffer_bytes", int(0, 1 << 30)),
+    ("limits", "max_channels_per_stream", int(1, 4096)),
+    ("limits", "socket_reserve", int(0, 1 << 20)),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
     ("auth", "leeway_secs", int(0, 3600)),
@@ -210,6 +212,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// SO_SNDBUF of client sockets (the kernel doubles it); 0 leaves the kernel's autotuning.
     pub socket_send_buffer: usize,
+    /// Channels one SSE stream may hold (bounds its `id:` line); beyond: 429.
+    pub max_channels_per_stream: usize,
+    /// Sockets accepted beyond `limits.max_connections` (HTTP API calls, health checks,
+    /// handshakes in progress); a socket beyond both is answered 503 and closed at accept.
+    pub socket_reserve: usize,
     /// Authentication.
     pub auth: AuthConfig,
     /// Options of channels in the default namespace and base of every namespace.
@@ -551,6 +558,8 @@ impl Config {
         };
         let max_body_bytes = limit("max_body_bytes", 8 << 20);
         let socket_send_buffer = limit("socket_send_buffer_bytes", 256 << 10);
+        let max_channels_per_stream = limit("max_channels_per_stream", 64);
+        let socket_reserve = limit("socket_reserve", 64);
         let channel_defaults = channel_options(t, &[CHANNEL_TABLE], &ChannelOptions::default());
         let mut namespaces = BTreeMap::new();
         if let Some(Value::Table(ns)) = get(t, &[NAMESPACES]) {
@@ -578,6 +587,8 @@ impl Config {
             limits,
             max_body_bytes,
             socket_send_buffer,
+            max_channels_per_stream,
+            socket_reserve,
             auth,
             channel_defaults,
             namespaces,
@@ -610,6 +621,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, 8388608);
         assert_eq!(c.limits.max_queue_bytes, 1048576);
         assert_eq!((c.limits.max_history_page, c.limits.max_history_page_bytes), (1000, 524288));
+        assert_eq!((c.max_channels_per_stream, c.socket_reserve), (64, 64));
         assert!(c.auth.allow_anonymous);
         assert_eq!(c.channel_defaults, ChannelOptions::default());
     }
@@ -664,6 +676,8 @@ conflate = true
             ("[limits]\nmax_queue_bytes = -5", "`limits.max_queue_bytes`"),
             ("[limits]\nmax_history_page = 0", "`limits.max_history_page`"),
             ("[limits]\nmax_history_page_bytes = 10", "`limits.max_history_page_bytes`"),
+            ("[limits]\nmax_channels_per_stream = 0", "`limits.max_channels_per_stream`"),
+            ("[limits]\nsocket_reserve = -1", "`limits.socket_reserve`"),
             ("[namespaces.m]\nhistory_size = true", "`namespaces.m.history_size`"),
             ("[namespaces.m]\nbogus = 1", "`namespaces.m.bogus`"),
             ("[namespaces]\nm = 3", "`namespaces.m`"),

@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod listener;
+pub mod socket;
 pub mod sse;
 pub mod ws;
 

@@ -1,20 +1,44 @@
 //! The accept loop: one task per TCP connection serving HTTP/1.1 (with upgrades), until shutdown.
+//!
+//! Every accepted socket first takes a [`Permit`] from a semaphore of
+//! `limits.max_connections + limits.socket_reserve` permits, held until the socket closes
+//! (WebSocket connections and SSE streams included); without one it is answered 503 and closed
+//! at once. Then the first bytes are read (at most 9, within [`FIRST_BYTES_TIMEOUT`]): `GET /sse`
+//! followed by `?` or a space goes to [`crate::sse::serve_raw`], everything else to hyper
+//! through a [`Socket`] that replays those bytes. Nothing polls: each step awaits readiness.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::app::App;
+use crate::socket::{Permit, Socket};
 
 /// The client address of an HTTP request, as a request extension.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
-/// How long a client has to send a complete HTTP request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has to send a complete HTTP request head (hyper: also the idle time
+/// allowed between requests on a kept-alive connection; the raw SSE path: from the accept).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a new connection has to send its first bytes (enough to tell `GET /sse`).
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes read before choosing the path: `GET /sse` and the byte after it.
+const SNIFF_LEN: usize = 9;
+
+/// The answer to a connection beyond the socket cap.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+    content-length: 85\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
+    {\"error\":{\"code\":503,\"message\":\"the node holds its maximum of sockets; retry later\"}}";
 
 /// Idle time before TCP keepalive probes start, so half-open connections do not accumulate.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -35,33 +59,43 @@ fn configure(stream: &TcpStream, send_buffer: usize) {
     let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
-/// Peeks at the first bytes of a connection: true for `GET /sse`.
-async fn starts_sse(stream: &TcpStream) -> bool {
-    let mut buf = [0u8; 9];
-    let peek = async {
-        loop {
-            match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) if n >= buf.len() || buf[..n].contains(&b'\n') => {
-                    return crate::sse::is_sse_request(&buf[..n]);
-                }
-                Ok(n) => {
-                    if !b"GET /sse".starts_with(&buf[..n.min(8)]) {
-                        return false;
-                    }
-                    // Wait for more bytes of the request line.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+/// Reads the first bytes of a connection, at most [`SNIFF_LEN`], stopping as soon as they
+/// cannot start `GET /sse`: `None` when the client closed or sent nothing in time.
+async fn first_bytes(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = [0u8; SNIFF_LEN];
+    let mut n = 0;
+    let read = async {
+        while n < SNIFF_LEN {
+            match stream.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => return n > 0,
+                Ok(k) => n += k,
+            }
+            if !b"GET /sse".starts_with(&buf[..n.min(8)]) || buf[..n].contains(&b'\n') {
+                break;
             }
         }
+        true
     };
-    tokio::time::timeout(Duration::from_secs(10), peek).await.unwrap_or(false)
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, read).await {
+        Ok(true) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// Answers a connection beyond the socket cap with 503 and closes it, without waiting for it.
+fn refuse(stream: TcpStream) {
+    // The socket is new: its send buffer is empty, so the answer goes out in one try.
+    let _ = stream.try_write(REFUSAL);
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
 }
 
 /// Accepts connections until `app.shutdown` is cancelled. Accept errors (e.g. out of file
 /// descriptors) back off instead of spinning.
 pub async fn run(listener: TcpListener, app: App) {
     let router = crate::api::router(app.clone());
+    let sockets = Arc::new(Semaphore::new(
+        (app.node.limits.max_connections + app.config.socket_reserve).min(Semaphore::MAX_PERMITS),
+    ));
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -80,6 +114,13 @@ pub async fn run(listener: TcpListener, app: App) {
                 continue;
             }
         };
+        let Ok(permit) = sockets.clone().try_acquire_owned() else {
+            app.node.metrics.limit(herald_core::metrics::LimitKind::Connections);
+            tracing::debug!(%peer, "socket cap reached; connection refused");
+            refuse(stream);
+            continue;
+        };
+        let permit = Permit::new(permit);
         configure(&stream, app.config.socket_send_buffer);
         // The client address rides along as a request extension (no per-connection router).
         let with_peer = tower::ServiceExt::map_request(
@@ -93,12 +134,16 @@ pub async fn run(listener: TcpListener, app: App) {
         let shutdown = app.shutdown.clone();
         let app2 = app.clone();
         app.tracker.spawn(async move {
+            let accepted = Instant::now();
+            let mut stream = stream;
+            let Some(prefix) = first_bytes(&mut stream).await else { return };
             // Event streams are served on the raw socket, without HTTP buffers.
-            if starts_sse(&stream).await {
+            if crate::sse::is_sse_request(&prefix) {
                 // Its own task, sized for the stream alone: this one is sized for hyper's
                 // connection future and would stay that large for the stream's whole life.
                 let tracker = app2.tracker.clone();
-                tracker.spawn(crate::sse::serve_raw(stream, app2));
+                let deadline = accepted + HEADER_READ_TIMEOUT;
+                tracker.spawn(crate::sse::serve_raw(stream, prefix, permit, app2, deadline));
                 return;
             }
             let conn = http1::Builder::new()
@@ -106,7 +151,7 @@ pub async fn run(listener: TcpListener, app: App) {
                 // A request head must arrive within this (slowloris connections are dropped).
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(Socket::new(stream, prefix, permit)), service)
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {

@@ -3,15 +3,20 @@
 //! A stream subscribes to several channels at once. Each publication is one `event: pub`, its
 //! bytes encoded once by the hub and shared by every SSE subscriber; the stream's writer puts a
 //! per-stream `id:` line in front of each event, holding the stream's position on every channel
-//! (see [`herald_protocol::sse`]). A browser that reconnects sends that id back as
+//! in a compact form whose size is bounded per channel (see [`herald_protocol::sse`]); a stream
+//! holds at most `limits.max_channels_per_stream` channels, so its id line has a known bound,
+//! which every queued event counts against the queue bound. The writer renders id lines lazily,
+//! one vectored write's worth of events at a time. A browser that reconnects sends that id back as
 //! `Last-Event-ID` (or a client passes `last_event_id=`): every channel the id positions is
 //! recovered from history, in order and without duplicates; where history does not reach, the
 //! stream first sends `event: reset` naming those channels and goes on live for them. A `: ping`
 //! comment goes out at least every 25 s.
 //!
-//! Streams are normally served on the raw socket (the listener recognises `GET /sse` before
-//! HTTP parsing), so an idle stream holds no HTTP buffers; a `/sse` request arriving on a
-//! kept-alive HTTP connection is served through hyper with the same session and encoding.
+//! Streams are normally served on the raw socket (the listener recognises `GET /sse` from the
+//! first bytes it reads), so an idle stream holds no HTTP buffers; a `/sse` request arriving on a
+//! kept-alive HTTP connection is served through hyper with the same session and encoding. On
+//! both paths the `disconnect` event is the last thing written: nothing queued after it is
+//! rendered.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -22,11 +27,13 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use herald_broker::HistoryQuery;
 use herald_core::hub::{Sink, SseItem};
+use herald_core::queue::Item;
 use herald_core::Outbox;
-use herald_protocol::{sse, ChannelName, CloseCode};
+use herald_protocol::sse::{EventId, IdEntry};
+use herald_protocol::{sse, ChannelName, CloseCode, StreamPosition};
 use http::{header, HeaderMap, Request, StatusCode};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -37,10 +44,12 @@ use crate::app::App;
 
 /// Longest interval between `: ping` comments (the contract says at least every 30 s).
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(25);
-/// Largest request head read on the raw path (a `Last-Event-ID` grows with the channels).
-const MAX_HEAD: usize = 64 * 1024;
+/// Largest request head read on the raw path; beyond: 431.
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// Most iovecs handed to one `writev`.
 const MAX_IOVECS: usize = 512;
+/// Most events rendered at once (an `id:` line and a body each: one `writev`'s worth).
+const RENDER_EVENTS: usize = MAX_IOVECS / 2;
 /// How long a stream may take to send its last event when it is closed by the server.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// How long the hyper path waits for a stalled client to take the next chunk.
@@ -77,17 +86,137 @@ impl SseRequest {
     }
 }
 
-/// A stream's position on one channel: `None` where the channel keeps no history.
-type Position = Option<(Arc<str>, u64)>;
+/// A stream's position on one channel that keeps history.
+#[derive(Debug, Clone)]
+struct Position {
+    epoch: Arc<str>,
+    offset: u64,
+    /// [`sse::position_tag`] of the channel and `epoch`, computed when the epoch changes.
+    tag: [u8; sse::TAG_LEN],
+}
+
+/// Renders queued [`SseItem`]s into wire chunks, keeping the stream's position per channel for
+/// the `id:` lines.
+struct Renderer {
+    channels: Vec<ChannelName>,
+    index: HashMap<ChannelName, usize>,
+    /// `None` where the channel keeps no history.
+    positions: Vec<Option<Position>>,
+    /// The bound of the stream's `id:` line ([`sse::id_line_bound`]).
+    id_len: usize,
+    /// The `disconnect` event was rendered: nothing after it is.
+    ended: bool,
+}
+
+impl Renderer {
+    fn new(channels: Vec<ChannelName>) -> Renderer {
+        Renderer {
+            index: channels.iter().cloned().enumerate().map(|(i, c)| (c, i)).collect(),
+            positions: vec![None; channels.len()],
+            id_len: sse::id_line_bound(channels.len()),
+            channels,
+            ended: false,
+        }
+    }
+
+    /// Records that the stream stands at `offset` of `epoch` on channel `i`.
+    fn set(&mut self, i: usize, epoch: &Arc<str>, offset: u64) {
+        match &mut self.positions[i] {
+            Some(p) if *p.epoch == **epoch => p.offset = offset,
+            slot => {
+                let tag = sse::position_tag(self.channels[i].as_str(), epoch);
+                *slot = Some(Position { epoch: epoch.clone(), offset, tag });
+            }
+        }
+    }
+
+    /// Appends the `id:` line (see [`herald_protocol::sse`] for the format).
+    fn write_id(&self, out: &mut BytesMut) {
+        let mut id = String::with_capacity(self.id_len);
+        id.push_str("id: ~");
+        for (i, p) in self.positions.iter().enumerate() {
+            if i > 0 {
+                id.push(';');
+            }
+            if let Some(p) = p {
+                sse::push_entry(&mut id, &p.tag, p.offset);
+            }
+        }
+        id.push('\n');
+        out.extend_from_slice(id.as_bytes());
+    }
+
+    /// Renders up to [`RENDER_EVENTS`] events from the front of `items` into `out` as
+    /// `(bytes, queue bytes accounted once written)`. Once the `disconnect` event is rendered,
+    /// every later item is dropped; returns the queue bytes of the dropped items.
+    fn render(
+        &mut self,
+        items: &mut VecDeque<SseItem>,
+        out: &mut VecDeque<(Bytes, usize)>,
+    ) -> usize {
+        let mut dropped = 0;
+        // One allocation holds the id lines of the batch (each line is split off it).
+        let mut ids = BytesMut::new();
+        let batch = items.len().min(RENDER_EVENTS);
+        for _ in 0..batch {
+            let Some(item) = items.pop_front() else { break };
+            if self.ended {
+                dropped += item.wire_len();
+                continue;
+            }
+            let accounted = item.wire_len();
+            let with_id = item.channel.is_some() || item.body.is_empty();
+            if with_id {
+                if ids.capacity() - ids.len() < self.id_len + 1 {
+                    ids = BytesMut::with_capacity((batch * (self.id_len + 1)).min(256 << 10));
+                }
+                if let (Some(channel), Some(offset), Some(epoch)) =
+                    (&item.channel, item.offset, &item.epoch)
+                {
+                    if let Some(&i) = self.index.get(channel) {
+                        self.set(i, epoch, offset);
+                    }
+                }
+                self.write_id(&mut ids);
+                if item.body.is_empty() {
+                    // An id-only event: the browser records the position, no event fires.
+                    ids.extend_from_slice(b"\n");
+                    out.push_back((ids.split().freeze(), accounted));
+                    continue;
+                }
+                out.push_back((ids.split().freeze(), 0));
+            } else if is_disconnect(&item) {
+                self.ended = true;
+            }
+            out.push_back((item.body, accounted));
+        }
+        if self.ended {
+            dropped += items.drain(..).map(|i| i.wire_len()).sum::<usize>();
+        }
+        dropped
+    }
+}
+
+/// True for the stream's `disconnect` event (the last thing a stream sends).
+fn is_disconnect(item: &SseItem) -> bool {
+    item.channel.is_none() && item.body.starts_with(b"event: disconnect\n")
+}
+
+/// A stream-level event (no channel, no id line).
+fn stream_event(body: Bytes) -> SseItem {
+    SseItem { channel: None, offset: None, epoch: None, body, id_len: 0 }
+}
+
+/// What a resumed id says about one channel: `None` when it does not mention it, `Some(None)`
+/// when it mentions it without a usable position (reset), else the position to recover from.
+type Mentioned = Option<Option<StreamPosition>>;
 
 /// An opened stream: subscribed, with its initial events queued.
 struct SseStream {
     app: App,
     id: u64,
     outbox: Arc<Outbox<SseItem>>,
-    channels: Vec<ChannelName>,
-    positions: Vec<Position>,
-    index: HashMap<ChannelName, usize>,
+    renderer: Renderer,
 }
 
 impl SseStream {
@@ -114,8 +243,9 @@ impl SseStream {
         if req.channels.is_empty() {
             return Err(ApiError::bad_request("give at least one `channel=` in the query"));
         }
-        let mut channels: Vec<ChannelName> = Vec::with_capacity(req.channels.len());
-        let mut channel_options = Vec::with_capacity(req.channels.len());
+        let max_channels = app.config.max_channels_per_stream;
+        let mut channels: Vec<ChannelName> = Vec::with_capacity(req.channels.len().min(64));
+        let mut channel_options = Vec::with_capacity(channels.capacity());
         for name in &req.channels {
             let channel = ChannelName::parse(name)
                 .map_err(|e| ApiError::bad_request(format!("bad channel {name:?}: {e}")))?;
@@ -130,28 +260,34 @@ impl SseStream {
                 return Err(ApiError::new(403, format!("{channel} is limited to other users")));
             }
             if !channels.contains(&channel) {
+                if channels.len() == max_channels {
+                    node.metrics.limit(herald_core::metrics::LimitKind::Subscriptions);
+                    return Err(ApiError::new(
+                        429,
+                        format!(
+                            "a stream may hold at most {max_channels} channels \
+                             (limits.max_channels_per_stream)"
+                        ),
+                    ));
+                }
                 channels.push(channel);
                 channel_options.push(options);
             }
         }
-        let resume = req.last_event_id.as_deref().map(sse::parse_event_id).unwrap_or_default();
+        let resume = req
+            .last_event_id
+            .as_deref()
+            .map(|id| sse::parse_event_id(id, channels.len()))
+            .unwrap_or_default();
 
-        if channels.len() > node.limits.max_subscriptions_per_connection {
-            node.metrics.limit(herald_core::metrics::LimitKind::Subscriptions);
-            return Err(ApiError::new(
-                429,
-                format!(
-                    "a stream may hold at most {} channels",
-                    node.limits.max_subscriptions_per_connection
-                ),
-            ));
-        }
         let limits = &node.limits;
         let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), node.metrics.clone()));
+        let renderer = Renderer::new(channels.clone());
+        let id_len = renderer.id_len;
+        let sink = || Sink::Sse(outbox.clone(), id_len);
         let id = node.next_connection_id();
-        node.registry
-            .register(id, user.as_deref(), expires_at, ip, Sink::Sse(outbox.clone()), &node.limits)
-            .map_err(|e| {
+        node.registry.register(id, user.as_deref(), expires_at, ip, sink(), &node.limits).map_err(
+            |e| {
                 node.metrics.limit(match e {
                     herald_core::node::ConnectionLimit::Node => {
                         herald_core::metrics::LimitKind::Connections
@@ -164,15 +300,9 @@ impl SseStream {
                     }
                 });
                 ApiError::new(429, e.to_string())
-            })?;
-        let mut stream = SseStream {
-            app: app.clone(),
-            id,
-            outbox: outbox.clone(),
-            index: channels.iter().cloned().enumerate().map(|(i, c)| (c, i)).collect(),
-            positions: vec![None; channels.len()],
-            channels: channels.clone(),
-        };
+            },
+        )?;
+        let mut stream = SseStream { app: app.clone(), id, outbox: outbox.clone(), renderer };
 
         // Subscribe everything first (pending: live publications are buffered), read history,
         // then queue: retry advice, the reset event, recovered publications, live.
@@ -182,14 +312,38 @@ impl SseStream {
         for (i, channel) in channels.iter().enumerate() {
             let conflate = channel_options[i].conflate;
             let options = channel_options[i].publish_options();
-            if node.hub.subscribe_pending(channel, id, Sink::Sse(outbox.clone()), conflate) {
+            if node.hub.subscribe_pending(channel, id, sink(), conflate) {
                 if let Err(e) = node.broker.subscribe(channel).await {
                     stream.abandon_all().await;
                     return Err(ApiError::new(503, e.to_string()));
                 }
             }
-            let mentioned = resume.get(channel.as_str());
-            let since = mentioned.cloned().flatten();
+            let mentioned: Mentioned = match &resume {
+                EventId::Named(map) => map.get(channel.as_str()).cloned(),
+                EventId::Indexed(entries) => match entries.get(i) {
+                    None | Some(IdEntry::Unknown) => None,
+                    Some(IdEntry::NoHistory) => Some(None),
+                    Some(IdEntry::At { tag, offset }) => {
+                        // The tag names the channel's epoch: valid only where it is the
+                        // channel's current one (another epoch or channel list: reset).
+                        let top = HistoryQuery { since: None, limit: Some(0) };
+                        match node.broker.history(channel, &options, &top).await {
+                            Ok(page) => Some(
+                                page.position
+                                    .filter(|p| {
+                                        sse::position_tag(channel.as_str(), &p.epoch) == *tag
+                                    })
+                                    .map(|p| StreamPosition { offset: *offset, epoch: p.epoch }),
+                            ),
+                            Err(e) => {
+                                stream.abandon_all().await;
+                                return Err(ApiError::new(503, e.to_string()));
+                            }
+                        }
+                    }
+                },
+            };
+            let since = mentioned.clone().flatten();
             let query = HistoryQuery { limit: if since.is_some() { None } else { Some(0) }, since };
             let page = match node.broker.history(channel, &options, &query).await {
                 Ok(page) => page,
@@ -200,7 +354,8 @@ impl SseStream {
             };
             // What the stream recovers in all must fit in half its queue bound next to live
             // traffic: a channel that would not fit is reset instead (a stream always opens).
-            let recovered_bytes: usize = page.publications.iter().map(|p| p.data.len() + 64).sum();
+            let recovered_bytes: usize =
+                page.publications.iter().map(|p| p.data.len() + 64 + id_len).sum();
             let recovered =
                 query.since.is_some() && page.complete && recovery_budget >= recovered_bytes;
             if recovered {
@@ -210,13 +365,13 @@ impl SseStream {
                 reset.push(channel.as_str().to_string());
             }
             // Where the stream stands before what is queued for this channel.
-            stream.positions[i] = match (&query.since, &page.position) {
+            match (&query.since, &page.position) {
                 (Some(since), Some(_)) if recovered => {
-                    Some((Arc::from(since.epoch.as_str()), since.offset))
+                    stream.renderer.set(i, &Arc::from(since.epoch.as_str()), since.offset)
                 }
-                (_, Some(p)) => Some((Arc::from(p.epoch.as_str()), p.offset)),
-                (_, None) => None,
-            };
+                (_, Some(p)) => stream.renderer.set(i, &Arc::from(p.epoch.as_str()), p.offset),
+                (_, None) => {}
+            }
             let recovered_items: Vec<SseItem> = if recovered {
                 page.publications
                     .iter()
@@ -229,6 +384,7 @@ impl SseStream {
                             p.offset,
                             &p.data,
                         )),
+                        id_len,
                     })
                     .collect()
             } else {
@@ -237,17 +393,11 @@ impl SseStream {
             plans.push((page.position, recovered_items));
         }
 
-        let stream_event = |body: Vec<u8>| SseItem {
-            channel: None,
-            offset: None,
-            epoch: None,
-            body: Bytes::from(body),
-        };
-        outbox.push_final(stream_event(format!("retry: {RETRY_MS}\n\n").into_bytes()));
+        outbox.push_final(stream_event(Bytes::from(format!("retry: {RETRY_MS}\n\n"))));
         if !reset.is_empty() {
-            outbox.push_final(stream_event(sse::encode_reset_event(
+            outbox.push_final(stream_event(Bytes::from(sse::encode_reset_event(
                 reset.iter().map(String::as_str),
-            )));
+            ))));
         }
         for (channel, (position, items)) in channels.iter().zip(plans) {
             let activated = node.hub.activate(channel, id, position.as_ref(), |_| {
@@ -262,7 +412,7 @@ impl SseStream {
             }
         }
         // An event with only an id: the browser records the position without an event firing.
-        outbox.push_final(stream_event(Vec::new()));
+        outbox.push_final(SseItem { id_len, ..stream_event(Bytes::new()) });
         node.metrics.subscriptions.fetch_add(channels.len() as i64, Ordering::Relaxed);
         Ok(stream)
     }
@@ -271,7 +421,7 @@ impl SseStream {
         // Closing the queue also takes what it held out of the node's backlog.
         self.outbox.close();
         self.app.node.registry.unregister(self.id);
-        for channel in &self.channels {
+        for channel in &self.renderer.channels {
             if self.app.node.hub.unsubscribe(channel, self.id) {
                 let _ = self.app.node.broker.unsubscribe(channel).await;
             }
@@ -286,39 +436,18 @@ impl SseStream {
             .node
             .metrics
             .subscriptions
-            .fetch_sub(self.channels.len() as i64, Ordering::Relaxed);
+            .fetch_sub(self.renderer.channels.len() as i64, Ordering::Relaxed);
     }
 
-    /// The current id: positions on every channel.
-    fn event_id(&self) -> String {
-        sse::encode_event_id(
-            self.channels
-                .iter()
-                .zip(&self.positions)
-                .map(|(c, p)| (c.as_str(), p.as_ref().map(|(e, o)| (&**e, *o)))),
-        )
-    }
-
-    /// Turns queued items into wire chunks: `(bytes, body bytes to account as written)`.
-    fn render(&mut self, items: &mut VecDeque<SseItem>, out: &mut VecDeque<(Bytes, usize)>) {
-        for item in items.drain(..) {
-            match &item.channel {
-                Some(channel) => {
-                    if let (Some(&i), Some(offset), Some(epoch)) =
-                        (self.index.get(channel), item.offset, &item.epoch)
-                    {
-                        self.positions[i] = Some((epoch.clone(), offset));
-                    }
-                    out.push_back((Bytes::from(format!("id: {}\n", self.event_id())), 0));
-                }
-                None if item.body.is_empty() => {
-                    out.push_back((Bytes::from(format!("id: {}\n\n", self.event_id())), 0));
-                    continue;
-                }
-                None => {}
-            }
-            let len = item.body.len();
-            out.push_back((item.body, len));
+    /// Renders the next batch of what is queued into `out` (taking from the outbox once the
+    /// writer's own items are all rendered); accounts for dropped items.
+    fn render_next(&mut self, items: &mut VecDeque<SseItem>, out: &mut VecDeque<(Bytes, usize)>) {
+        if items.is_empty() {
+            self.outbox.take(items);
+        }
+        let dropped = self.renderer.render(items, out);
+        if dropped > 0 {
+            self.outbox.forget(dropped);
         }
     }
 }
@@ -373,15 +502,18 @@ pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Respo
         let mut items = VecDeque::new();
         let mut chunks = VecDeque::new();
         let mut closing = false;
-        loop {
-            let state = stream.outbox.take(&mut items);
-            stream.render(&mut items, &mut chunks);
-            if !chunks.is_empty() {
-                let mut buf = Vec::new();
+        'stream: loop {
+            // Everything queued, one batch (at most one write's worth of events) at a time.
+            loop {
+                stream.render_next(&mut items, &mut chunks);
+                if chunks.is_empty() {
+                    break;
+                }
+                let mut buf = Vec::with_capacity(chunks.iter().map(|(b, _)| b.len()).sum());
                 let mut accounted = 0;
-                for (bytes, body) in chunks.drain(..) {
+                for (bytes, queued) in chunks.drain(..) {
                     buf.extend_from_slice(&bytes);
-                    accounted += body;
+                    accounted += queued;
                 }
                 let n = buf.len();
                 // A client that stops reading fills the body channel: give up on it after a
@@ -389,19 +521,18 @@ pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Respo
                 match tokio::time::timeout(HYPER_SEND_TIMEOUT, tx.send(Ok(Bytes::from(buf)))).await
                 {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
+                    Ok(Err(_)) => break 'stream,
                     Err(_) => {
                         app.node.metrics.disconnect(CloseCode::SlowConsumer);
-                        break;
+                        break 'stream;
                     }
                 }
                 stream.outbox.written(accounted);
                 app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             }
-            if closing {
+            if closing || stream.renderer.ended {
                 break;
             }
-            let _ = state;
             if let Some(code) = stream.outbox.pending_close() {
                 closing = true;
                 close_stream(&stream, code);
@@ -410,7 +541,7 @@ pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Respo
             tokio::select! {
                 _ = stream.outbox.notified() => {}
                 _ = ping.tick() => {
-                    stream.outbox.push_final(SseItem { channel: None, offset: None, epoch: None, body: Bytes::from_static(sse::PING) });
+                    stream.outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
                 }
                 _ = tx.closed() => break,
                 _ = app.shutdown.cancelled() => {
@@ -440,19 +571,8 @@ fn tokio_stream_from(
 fn close_stream(stream: &SseStream, code: CloseCode) {
     stream.app.node.metrics.disconnect(code);
     let drop_pending = code == CloseCode::SlowConsumer;
-    stream.outbox.finish(
-        [SseItem {
-            channel: None,
-            offset: None,
-            epoch: None,
-            body: Bytes::from(sse::encode_disconnect_event(
-                code.as_u16(),
-                code.reason(),
-                code.reconnect(),
-            )),
-        }],
-        drop_pending,
-    );
+    let event = sse::encode_disconnect_event(code.as_u16(), code.reason(), code.reconnect());
+    stream.outbox.finish([stream_event(Bytes::from(event))], drop_pending);
 }
 
 /// True when the first bytes of a request are `GET /sse` followed by `?` or a space.
@@ -460,22 +580,13 @@ pub(crate) fn is_sse_request(head: &[u8]) -> bool {
     head.len() >= 9 && head.starts_with(b"GET /sse") && matches!(head[8], b'?' | b' ')
 }
 
-/// Reads a request head from the raw socket: (path-and-query, Last-Event-ID).
-async fn read_head(stream: &mut TcpStream) -> Result<(String, Option<String>), ApiError> {
-    let mut buf = Vec::with_capacity(1024);
+/// Reads a request head from the raw socket, after the `read` bytes already read from it:
+/// (path-and-query, Last-Event-ID). A head over [`MAX_HEAD`] is refused with 431.
+async fn read_head(
+    stream: &mut TcpStream,
+    mut buf: Vec<u8>,
+) -> Result<(String, Option<String>), ApiError> {
     loop {
-        let mut chunk = [0u8; 2048];
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| ApiError::bad_request(format!("read failed: {e}")))?;
-        if n == 0 {
-            return Err(ApiError::bad_request("connection closed before the request head ended"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_HEAD {
-            return Err(ApiError::new(431, "request head too large"));
-        }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
@@ -489,17 +600,43 @@ async fn read_head(stream: &mut TcpStream) -> Result<(String, Option<String>), A
                     .map(str::to_string);
                 return Ok((path, last));
             }
-            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(ApiError::new(
+                    431,
+                    format!("request head larger than {} KiB", MAX_HEAD / 1024),
+                ));
+            }
+            Ok(httparse::Status::Partial) => {}
             Err(e) => return Err(ApiError::bad_request(format!("malformed request: {e}"))),
         }
+        let mut chunk = [0u8; 2048];
+        let room = (MAX_HEAD - buf.len()).min(chunk.len());
+        let n = stream
+            .read(&mut chunk[..room])
+            .await
+            .map_err(|e| ApiError::bad_request(format!("read failed: {e}")))?;
+        if n == 0 {
+            return Err(ApiError::bad_request("connection closed before the request head ended"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
-/// Serves one `GET /sse` on the raw socket: response head, then events until the client goes.
-pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
+/// Serves one `GET /sse` on the raw socket, whose first bytes `prefix` the listener already
+/// read: response head, then events until the client goes. The head must be complete by
+/// `head_deadline`. `permit` is the connection's place under the socket cap, held until the
+/// stream ends.
+pub(crate) async fn serve_raw(
+    mut stream: TcpStream,
+    prefix: Vec<u8>,
+    permit: crate::socket::Permit,
+    app: App,
+    head_deadline: Instant,
+) {
+    let _permit = permit;
     // The set-up futures are boxed: inline they would sit in every idle stream's task.
     let head =
-        tokio::time::timeout(Duration::from_secs(10), Box::pin(read_head(&mut stream))).await;
+        tokio::time::timeout_at(head_deadline, Box::pin(read_head(&mut stream, prefix))).await;
     let (path, last) = match head {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => return Box::pin(write_error(&mut stream, e)).await,
@@ -517,7 +654,7 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
     metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(
         stream = sse_stream.id,
-        channels = sse_stream.channels.len(),
+        channels = sse_stream.renderer.channels.len(),
         "sse stream opened"
     );
     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
@@ -532,6 +669,10 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
     tokio::pin!(ping);
     let mut close_by: Option<Instant> = None;
     while let Ok(flushed) = writer.flush(&stream, &mut sse_stream) {
+        if flushed && sse_stream.renderer.ended {
+            // The disconnect event is out: nothing follows it.
+            break;
+        }
         if close_by.is_some() && flushed && sse_stream.outbox.pending_bytes() == 0 {
             break;
         }
@@ -570,7 +711,7 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
             // Also while blocked: an overflow or a close request must wake the writer.
             _ = sse_stream.outbox.notified() => {}
             _ = &mut ping, if open => {
-                sse_stream.outbox.push_final(SseItem { channel: None, offset: None, epoch: None, body: Bytes::from_static(sse::PING) });
+                sse_stream.outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
                 ping.as_mut().reset(Instant::now() + interval);
             }
             _ = tokio::time::sleep_until(deadline), if !open => break,
@@ -583,18 +724,18 @@ pub(crate) async fn serve_raw(mut stream: TcpStream, app: App) {
 
 /// The raw-socket writer of one stream.
 struct RawWriter {
-    /// Wire chunks not yet fully written, with the body bytes each accounts for.
+    /// Wire chunks not yet fully written, with the queue bytes each accounts for once written.
     chunks: VecDeque<(Bytes, usize)>,
+    /// Items taken from the outbox and not yet rendered.
     items: VecDeque<SseItem>,
 }
 
 impl RawWriter {
-    /// Writes what is queued; true when everything went out.
+    /// Writes what is queued, rendering one batch at a time; true when everything went out.
     fn flush(&mut self, stream: &TcpStream, sse: &mut SseStream) -> io::Result<bool> {
         loop {
             if self.chunks.is_empty() {
-                sse.outbox.take(&mut self.items);
-                sse.render(&mut self.items, &mut self.chunks);
+                sse.render_next(&mut self.items, &mut self.chunks);
                 if self.chunks.is_empty() {
                     return Ok(true);
                 }
@@ -611,10 +752,10 @@ impl RawWriter {
                     sse.app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     let mut accounted = 0;
                     while n > 0 {
-                        let Some((front, body)) = self.chunks.front_mut() else { break };
+                        let Some((front, queued)) = self.chunks.front_mut() else { break };
                         if n >= front.len() {
                             n -= front.len();
-                            accounted += *body;
+                            accounted += *queued;
                             self.chunks.pop_front();
                         } else {
                             front.advance(n);
@@ -634,7 +775,9 @@ impl RawWriter {
     }
 }
 
-/// Answers a refused raw `/sse` request with the JSON error and closes.
+/// Answers a refused raw `/sse` request with the JSON error and closes: the write side first,
+/// then what the client still sends is read for a moment (closing with unread bytes would
+/// reset the connection and could destroy the answer before the client reads it).
 async fn write_error(stream: &mut TcpStream, e: ApiError) {
     use tokio::io::AsyncWriteExt;
     let body = serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string();
@@ -648,6 +791,7 @@ async fn write_error(stream: &mut TcpStream, e: ApiError) {
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+    crate::socket::linger(stream).await;
 }
 
 #[cfg(test)]
@@ -661,6 +805,64 @@ mod tests {
         assert!(!is_sse_request(b"GET /sse2 HTTP/1.1"));
         assert!(!is_sse_request(b"POST /sse?channel=a"));
         assert!(!is_sse_request(b"GET /ss"));
+    }
+
+    fn pub_item(channel: &ChannelName, offset: u64, id_len: usize) -> SseItem {
+        SseItem {
+            channel: Some(channel.clone()),
+            offset: Some(offset),
+            epoch: Some(Arc::from("e")),
+            body: Bytes::from(sse::encode_pub_event(channel.as_str(), Some(offset), b"1")),
+            id_len,
+        }
+    }
+
+    fn text(out: &VecDeque<(Bytes, usize)>) -> String {
+        out.iter().map(|(b, _)| String::from_utf8_lossy(b).into_owned()).collect()
+    }
+
+    #[test]
+    fn renders_one_batch_at_a_time_with_bounded_ids() {
+        let channels: Vec<ChannelName> = (0..3)
+            .map(|i| ChannelName::parse(&format!("{i}{}", "n".repeat(250))).unwrap())
+            .collect();
+        let mut r = Renderer::new(channels.clone());
+        let mut items: VecDeque<SseItem> =
+            (1..=1000).map(|o| pub_item(&channels[(o % 3) as usize], o, r.id_len)).collect();
+        let queued: usize = items.iter().map(Item::wire_len).sum();
+        let mut out = VecDeque::new();
+        assert_eq!(r.render(&mut items, &mut out), 0);
+        assert_eq!(out.len(), 2 * RENDER_EVENTS, "an id line and a body per event");
+        assert_eq!(items.len(), 1000 - RENDER_EVENTS, "the rest waits unrendered");
+        for (chunk, _) in out.iter().step_by(2) {
+            assert!(chunk.starts_with(b"id: ~") && chunk.len() <= r.id_len, "{chunk:?}");
+        }
+        let mut accounted: usize = out.iter().map(|(_, n)| n).sum();
+        while !items.is_empty() {
+            out.clear();
+            r.render(&mut items, &mut out);
+            accounted += out.iter().map(|(_, n)| n).sum::<usize>();
+        }
+        assert_eq!(accounted, queued, "written chunks account for exactly what was queued");
+    }
+
+    #[test]
+    fn nothing_is_rendered_after_the_disconnect_event() {
+        let c = ChannelName::parse("c").unwrap();
+        let mut r = Renderer::new(vec![c.clone()]);
+        let disconnect = stream_event(Bytes::from(sse::encode_disconnect_event(4000, "x", true)));
+        let late = pub_item(&c, 2, r.id_len);
+        let late_len = late.wire_len();
+        let mut items = VecDeque::from([pub_item(&c, 1, r.id_len), disconnect, late]);
+        let mut out = VecDeque::new();
+        assert_eq!(r.render(&mut items, &mut out), late_len);
+        assert!(text(&out).ends_with(
+            "event: disconnect\ndata: {\"code\":4000,\"reason\":\"x\",\"reconnect\":true}\n\n"
+        ));
+        let mut more = VecDeque::from([stream_event(Bytes::from_static(sse::PING))]);
+        out.clear();
+        assert_eq!(r.render(&mut more, &mut out), sse::PING.len());
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -137,17 +137,18 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
                 return;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let parts = match upgraded.downcast::<TokioIo<crate::socket::Socket>>() {
             Ok(parts) => parts,
             Err(_) => {
-                tracing::error!("upgraded connection is not a TcpStream");
+                tracing::error!("upgraded connection is not a listener Socket");
                 return;
             }
         };
-        let stream = parts.io.into_inner();
+        // The socket's permit stays with the connection until it closes.
+        let (stream, mut prefix, _permit) = parts.io.into_inner().into_parts();
         // Bytes read past the request head. Copied out: even an empty `Bytes` split from
         // hyper's read buffer would keep that whole buffer alive for the connection's life.
-        let prefix = parts.read_buf.to_vec();
+        prefix.extend_from_slice(&parts.read_buf);
         drop(parts.read_buf);
         let _guard = app.tracker.token();
         let run = Connection::new(app, stream).run(prefix, auth);

@@ -356,37 +356,48 @@ impl SseClient {
 // ---------------------------------------------------------------------------------------------
 // Reading streams.
 
-/// A position on one channel: `None` for a channel without history.
+/// A position on one channel: `(tag, offset)`, `None` for a channel without history. The tag
+/// stands for the channel's epoch (see `herald_protocol::sse::position_tag`).
 type Pos = Option<(String, u64)>;
 
-/// Parses an event id (`channel~epoch~offset` or `channel`, joined by `;`), in order.
-fn parse_id(id: &str) -> Vec<(String, Pos)> {
-    if id.is_empty() {
-        return Vec::new();
-    }
-    id.split(';')
-        .map(|entry| {
-            let parts: Vec<&str> = entry.split('~').collect();
-            match parts[..] {
-                [c] => (c.to_string(), None),
-                [c, e, o] => {
-                    (c.to_string(), Some((e.to_string(), o.parse().expect("numeric offset"))))
-                }
-                _ => panic!("malformed id entry {entry:?} in {id:?}"),
-            }
+/// Parses an event id of the compact form (`~`, then per channel of the stream, in the order of
+/// its `channel=` parameters, an 8-character tag and the offset, or nothing without history,
+/// joined by `;`), naming the entries after `channels`.
+fn parse_id(id: &str, channels: &[&str]) -> Vec<(String, Pos)> {
+    let entries = id.strip_prefix('~').unwrap_or_else(|| panic!("not a compact id: {id:?}"));
+    let entries: Vec<&str> = entries.split(';').collect();
+    assert_eq!(entries.len(), channels.len(), "one entry per channel in {id:?}");
+    channels
+        .iter()
+        .zip(entries)
+        .map(|(c, entry)| {
+            let pos = (!entry.is_empty()).then(|| {
+                assert!(entry.len() > 8, "malformed entry {entry:?} in {id:?}");
+                let (tag, offset) = entry.split_at(8);
+                (tag.to_string(), offset.parse().expect("numeric offset"))
+            });
+            (c.to_string(), pos)
         })
         .collect()
 }
 
+/// Builds a compact id from `(channel, Some((tag, offset)))` entries (channels without history:
+/// `None`), in the stream's order.
 fn id_of(entries: &[(&str, Option<(&str, u64)>)]) -> String {
-    entries
+    let body = entries
         .iter()
-        .map(|(c, p)| match p {
-            Some((e, o)) => format!("{c}~{e}~{o}"),
-            None => c.to_string(),
+        .map(|(_, p)| match p {
+            Some((t, o)) => format!("{t}{o}"),
+            None => String::new(),
         })
         .collect::<Vec<_>>()
-        .join(";")
+        .join(";");
+    format!("~{body}")
+}
+
+/// The tag of `epoch` on `channel` (what a compact id carries instead of the epoch).
+fn tag(channel: &str, epoch: &str) -> String {
+    String::from_utf8(herald_protocol::sse::position_tag(channel, epoch).to_vec()).unwrap()
 }
 
 /// A publication received as `event: pub`.
@@ -496,13 +507,20 @@ async fn publish(api: &mut herald_client::HttpApi, channel: &str, data: Value) -
     r.get("offset").and_then(Value::as_u64)
 }
 
-fn epoch_of(id: &str, channel: &str) -> String {
-    parse_id(id)
+/// The tag of `channel`'s position in `id`, a stream of `channels`.
+fn tag_of(id: &str, channels: &[&str], channel: &str) -> String {
+    parse_id(id, channels)
         .into_iter()
         .find(|(c, _)| c == channel)
         .and_then(|(_, p)| p)
         .unwrap_or_else(|| panic!("{channel} has no position in {id:?}"))
         .0
+}
+
+/// Publishes and returns `(offset, epoch)`.
+async fn publish_at(api: &mut herald_client::HttpApi, channel: &str, data: Value) -> (u64, String) {
+    let r = api.publish(channel, &data).await.expect("publish");
+    (r["offset"].as_u64().expect("offset"), r["epoch"].as_str().expect("epoch").to_string())
 }
 
 fn pubs_on<'a>(pubs: &'a [Pub], channel: &str) -> Vec<&'a Pub> {
@@ -582,7 +600,7 @@ async fn several_channels_in_order_with_positions_in_every_id() {
     let server = Server::start(CONFIG, &[]);
     let mut api = server.api().await;
     // Publications before the stream opens are not sent (no Last-Event-ID).
-    publish(&mut api, "hist:a", json!("before")).await;
+    let (_, epoch_a) = publish_at(&mut api, "hist:a", json!("before")).await;
     let mut c =
         SseClient::open(server.addr, "/sse?channel=hist:a&channel=plain&channel=hist:z", None)
             .await;
@@ -590,8 +608,10 @@ async fn several_channels_in_order_with_positions_in_every_id() {
     let start = read_start(&mut c).await;
     assert_eq!(start.reset, None);
     assert!(start.recovered.is_empty());
-    let ea = epoch_of(&start.id, "hist:a");
-    let mut ez = epoch_of(&start.id, "hist:z");
+    let chans = ["hist:a", "plain", "hist:z"];
+    let ea = tag_of(&start.id, &chans, "hist:a");
+    let mut ez = tag_of(&start.id, &chans, "hist:z");
+    assert_eq!(ea, tag("hist:a", &epoch_a), "the tag stands for the channel's epoch");
     assert_eq!(
         start.id,
         id_of(&[("hist:a", Some((&ea, 1))), ("plain", None), ("hist:z", Some((&ez, 0)))])
@@ -611,7 +631,7 @@ async fn several_channels_in_order_with_positions_in_every_id() {
         assert_eq!(r.get("offset").and_then(Value::as_u64), offset);
         if channel == "hist:z" {
             // The first publication creates the stream: its epoch follows the read's void one.
-            ez = r["epoch"].as_str().expect("epoch").to_string();
+            ez = tag("hist:z", r["epoch"].as_str().expect("epoch"));
         }
         match i % 3 {
             0 => a += 1,
@@ -656,7 +676,9 @@ async fn resume_case(via_header: bool, kept_alive: bool) {
     if kept_alive {
         assert_eq!(c.header("transfer-encoding"), Some("chunked"), "served through hyper");
     }
-    read_start(&mut c).await;
+    let start = read_start(&mut c).await;
+    let chans = ["hist:a", "hist:b", "plain"];
+    // Before the first publications the ids name void epochs; their tags change below.
     for i in 1..=3 {
         for ch in ["hist:a", "hist:b", "plain"] {
             publish(&mut api, ch, json!({"ch": ch, "i": i})).await;
@@ -666,7 +688,7 @@ async fn resume_case(via_header: bool, kept_alive: bool) {
     }
     let last = c.last_event_id.clone();
     // The streams were created by the first publications (the open read created nothing).
-    let (ea, eb) = (epoch_of(&last, "hist:a"), epoch_of(&last, "hist:b"));
+    let (ea, eb) = (tag_of(&last, &chans, "hist:a"), tag_of(&last, &chans, "hist:b"));
     assert_eq!(
         last,
         id_of(&[("hist:a", Some((&ea, 3))), ("hist:b", Some((&eb, 3))), ("plain", None)])
@@ -695,7 +717,7 @@ async fn resume_case(via_header: bool, kept_alive: bool) {
     for p in &start.recovered {
         assert_eq!(p.data, json!({"ch": p.channel, "i": p.offset.unwrap()}));
         // Each id holds the channel's new position and the other's current one.
-        let ids = parse_id(&p.id);
+        let ids = parse_id(&p.id, &chans);
         assert_eq!(ids.len(), 3);
         for (ch, pos) in ids {
             let (e, o) = match ch.as_str() {
@@ -768,7 +790,7 @@ async fn header_wins_over_query() {
         publish(&mut api, "hist:h", json!(i)).await;
     }
     let mut c = SseClient::open(server.addr, "/sse?channel=hist:h", None).await;
-    let e = epoch_of(&read_start(&mut c).await.id, "hist:h");
+    let e = tag_of(&read_start(&mut c).await.id, &["hist:h"], "hist:h");
     drop(c);
     let query = encode_query(&id_of(&[("hist:h", Some((&e, 1)))]));
     let header = id_of(&[("hist:h", Some((&e, 3)))]);
@@ -810,8 +832,8 @@ async fn reset_when_history_was_trimmed() {
     // Nothing of small:x is replayed (not even what is retained); hist:k is recovered.
     let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
     assert_eq!(got, [("hist:k", Some(2))]);
-    let e = epoch_of(&last, "small:x");
-    let ek = epoch_of(&last, "hist:k");
+    let e = tag_of(&last, &["small:x", "hist:k"], "small:x");
+    let ek = tag_of(&last, &["small:x", "hist:k"], "hist:k");
     assert_eq!(start.id, id_of(&[("small:x", Some((&e, 7))), ("hist:k", Some((&ek, 2)))]));
     publish(&mut api, "small:x", json!(8)).await;
     let p = next_pub(&mut c).await;
@@ -822,14 +844,13 @@ async fn reset_when_history_was_trimmed() {
 async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     let server = Server::start(CONFIG, &[]);
     let mut api = server.api().await;
+    let mut epochs = BTreeMap::new();
     for ch in ["hist:e", "hist:f", "hist:g", "hist:n"] {
         for i in 1..=3 {
-            publish(&mut api, ch, json!(i)).await;
+            epochs.insert(ch, publish_at(&mut api, ch, json!(i)).await.1);
         }
     }
-    let mut c = SseClient::open(server.addr, "/sse?channel=hist:g", None).await;
-    let eg = epoch_of(&read_start(&mut c).await.id, "hist:g");
-    drop(c);
+    let eg = epochs["hist:g"].clone();
     let channels = ["hist:e", "hist:f", "hist:g", "plain", "hist:n"];
     let path = format!("/sse?{}", channels.map(|c| format!("channel={c}")).join("&"));
     // hist:e: an epoch that never existed; hist:f: an offset from the future; hist:g: a good
@@ -846,7 +867,7 @@ async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     assert_eq!(reset, ["hist:e", "hist:f", "plain"]);
     let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
     assert_eq!(got, [("hist:g", Some(2)), ("hist:g", Some(3))]);
-    let ids = parse_id(&start.id);
+    let ids = parse_id(&start.id, &channels);
     let chans: Vec<&str> = ids.iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(chans, channels, "the id positions every channel of the stream, in order");
     for (ch, pos) in &ids {
@@ -864,7 +885,8 @@ async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     }
 
     // An offset from the future in the right epoch is a reset too.
-    let ef = epoch_of(&start.id, "hist:f");
+    let ef = tag_of(&start.id, &channels, "hist:f");
+    assert_eq!(ef, tag("hist:f", &epochs["hist:f"]));
     let id = id_of(&[("hist:f", Some((&ef, 50)))]);
     let mut c = SseClient::open(server.addr, "/sse?channel=hist:f", Some(&id)).await;
     let start = read_start(&mut c).await;
@@ -877,7 +899,7 @@ async fn reset_for_wrong_epoch_future_offset_and_channel_without_history() {
     assert_eq!((start.reset, start.recovered.len()), (None, 0));
     assert_eq!(start.id, id);
     // A channel that the id does not mention is simply live: no reset.
-    let id = id_of(&[("hist:e", Some((&epoch_of(&first_id, "hist:e"), 4)))]);
+    let id = id_of(&[("hist:e", Some((&tag_of(&first_id, &channels, "hist:e"), 4)))]);
     let mut c = SseClient::open(server.addr, "/sse?channel=hist:e&channel=hist:n", Some(&id)).await;
     let start = read_start(&mut c).await;
     assert_eq!((start.reset, start.recovered.len()), (None, 0));
@@ -904,19 +926,21 @@ async fn reset_after_history_ttl_expired() {
     let start = read_start(&mut c).await;
     assert_eq!(start.reset, Some(vec!["ttl:x".to_string()]));
     assert!(start.recovered.is_empty());
-    let old = epoch_of(&last, "ttl:x");
-    let new = epoch_of(&start.id, "ttl:x");
+    let chans = ["ttl:x", "hist:t"];
+    let old = tag_of(&last, &chans, "ttl:x");
+    let new = tag_of(&start.id, &chans, "ttl:x");
     assert_ne!(old, new, "a new epoch");
     assert_eq!(
         start.id,
-        id_of(&[("ttl:x", Some((&new, 0))), ("hist:t", Some((&epoch_of(&last, "hist:t"), 2)))])
+        id_of(&[
+            ("ttl:x", Some((&new, 0))),
+            ("hist:t", Some((&tag_of(&last, &chans, "hist:t"), 2)))
+        ])
     );
     publish(&mut api, "ttl:x", json!(1)).await;
     let p = next_pub(&mut c).await;
     assert_eq!(p.offset, Some(1));
-    // The stream is created by this publication: a real epoch, neither the old nor the void one.
-    let created = epoch_of(&p.id, "ttl:x");
-    assert!(created != old && created != new, "{created} after {old} and {new}");
+    assert_eq!(tag_of(&p.id, &chans, "ttl:x"), new);
 }
 
 #[tokio::test]
@@ -1131,7 +1155,7 @@ impl Tracker {
     /// Checks an id against the cursor; `moved` is the channel and offset of the publication
     /// the id comes with.
     fn check_id(&mut self, who: &str, id: &str, moved: Option<(&str, u64)>) {
-        let ids = parse_id(id);
+        let ids = parse_id(id, &RACE_CHANNELS);
         let chans: Vec<&str> = ids.iter().map(|(c, _)| c.as_str()).collect();
         assert_eq!(chans, RACE_CHANNELS, "{who}: id {id:?}");
         for (ch, pos) in ids {
@@ -1340,6 +1364,136 @@ async fn nothing_follows_the_disconnect_event_under_load() {
         };
         // Let some live publications flow, then end every stream.
         for _ in 0..5 {
+            c.next().await.expect("live");
+        }
+        drop_all_streams(&server).await;
+        loop {
+            match c.next().await {
+                Some(Item::Event { event, .. }) if event == "disconnect" => break,
+                Some(_) => {}
+                None => panic!("round {round}: the stream ended without a disconnect event"),
+            }
+        }
+        let mut after = Vec::new();
+        while let Some(item) = c.next().await {
+            after.push(item);
+        }
+        if !after.is_empty() {
+            bad.push(format!(
+                "round {round} (kept alive: {kept_alive}): {} items after disconnect, first {:?}",
+                after.len(),
+                after[0]
+            ));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert!(bad.is_empty(), "events after `event: disconnect`:\n{}", bad.join("\n"));
+}
+
+/// Compact ids resume like named ones: a tag of another epoch, an offset from the future and
+/// an empty entry (no history) are reset, a good entry is recovered exactly, a channel beyond
+/// the id's entries is live; and an id replayed with the channels in another order never
+/// recovers one channel's offsets on another (their tags do not match: reset instead).
+#[tokio::test]
+async fn compact_ids_resume_by_place_and_never_mix_channels() {
+    let server = Server::start(CONFIG, &[]);
+    let mut api = server.api().await;
+    let mut epochs = BTreeMap::new();
+    for ch in ["hist:ce", "hist:cf", "hist:cg", "hist:cn"] {
+        for i in 1..=3 {
+            epochs.insert(ch, publish_at(&mut api, ch, json!(i)).await.1);
+        }
+    }
+    let channels = ["hist:ce", "hist:cf", "hist:cg", "plain", "hist:cn"];
+    let path = format!("/sse?{}", channels.map(|c| format!("channel={c}")).join("&"));
+    let (tf, tg) = (tag("hist:cf", &epochs["hist:cf"]), tag("hist:cg", &epochs["hist:cg"]));
+    // hist:ce: hist:cg's tag (another channel's epoch); hist:cf: a future offset; hist:cg: a
+    // good position; plain: no history; hist:cn: no entry.
+    let id = id_of(&[
+        ("hist:ce", Some((&tg, 1))),
+        ("hist:cf", Some((&tf, 99))),
+        ("hist:cg", Some((&tg, 1))),
+        ("plain", None),
+    ]);
+    let mut c = SseClient::open(server.addr, &path, Some(&id)).await;
+    let start = read_start(&mut c).await;
+    assert_eq!(start.reset.expect("a reset event"), ["hist:ce", "hist:cf", "plain"]);
+    let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
+    assert_eq!(got, [("hist:cg", Some(2)), ("hist:cg", Some(3))]);
+    for (ch, pos) in parse_id(&start.id, &channels) {
+        match ch.as_str() {
+            "plain" => assert_eq!(pos, None),
+            _ => assert_eq!(pos, Some((tag(&ch, &epochs[ch.as_str()]), 3)), "{ch}"),
+        }
+    }
+    for ch in channels {
+        publish(&mut api, ch, json!("live")).await;
+        assert_eq!(next_pub(&mut c).await.channel, ch);
+    }
+    let last = c.last_event_id.clone();
+    drop(c);
+
+    // Missed: two on each channel. The same URL recovers them all, exactly.
+    for ch in channels {
+        publish(&mut api, ch, json!("missed 1")).await;
+        publish(&mut api, ch, json!("missed 2")).await;
+    }
+    let mut c = SseClient::open(server.addr, &path, Some(&last)).await;
+    let start = read_start(&mut c).await;
+    assert_eq!(start.reset, Some(vec!["plain".to_string()]));
+    let got: Vec<_> = start.recovered.iter().map(|p| (p.channel.as_str(), p.offset)).collect();
+    let want: Vec<_> = channels
+        .iter()
+        .filter(|c| **c != "plain")
+        .flat_map(|c| [(*c, Some(5)), (*c, Some(6))])
+        .collect();
+    assert_eq!(got, want);
+    drop(c);
+
+    // The same id with the channels in another order: the tags name other channels, so
+    // nothing is recovered on a wrong channel; every mentioned channel is reset.
+    let swapped = ["hist:cg", "hist:ce", "hist:cf", "hist:cn", "plain"];
+    let path = format!("/sse?{}", swapped.map(|c| format!("channel={c}")).join("&"));
+    let mut c = SseClient::open(server.addr, &path, Some(&last)).await;
+    let start = read_start(&mut c).await;
+    assert!(start.recovered.is_empty(), "{:?}", start.recovered);
+    assert_eq!(start.reset.expect("a reset event"), swapped);
+}
+
+/// On conflated channels too, `event: disconnect` is the last thing on a stream: a slot
+/// holding the newest publication of a conflated channel is never written after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_follows_the_disconnect_event_on_conflated_channels() {
+    let server = Server::start(
+        &format!("{CONFIG}\n[namespaces.conf]\nhistory_size = 10\nconflate = true\n"),
+        &[],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishers: Vec<_> = (0..4)
+        .map(|i| {
+            let (base, stop) = (server.http_base(), stop.clone());
+            tokio::spawn(async move {
+                let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+                let channel = format!("conf:{}", i % 2);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    api.publish(&channel, &json!("x")).await.expect("publish");
+                }
+            })
+        })
+        .collect();
+    let mut bad = Vec::new();
+    for round in 0..100 {
+        let kept_alive = round % 2 == 1;
+        let path = "/sse?channel=conf:0&channel=conf:1";
+        let mut c = if kept_alive {
+            SseClient::open_kept_alive(server.addr, path, None).await
+        } else {
+            SseClient::open(server.addr, path, None).await
+        };
+        for _ in 0..3 {
             c.next().await.expect("live");
         }
         drop_all_streams(&server).await;
