@@ -103,7 +103,7 @@ def main():
     alloc_tables(rows, out)
 
     # Everything else, one row per run.
-    special = lambda r: r.get("label", "").startswith(("hostile:", "alloc:"))
+    special = lambda r: r.get("label", "").startswith(("hostile:", "alloc ", "alloc:"))
     rest = [r for r in rows if not (special(r) or r["scenario"] == "idle" or (r["scenario"] == "fanout" and r.get("label") in ("herald ws", "reference ws")))]
     if rest:
         out += ["### Other runs", "",
@@ -166,24 +166,36 @@ def hostile_tables(rows, out):
 
 
 def alloc_tables(rows, out):
-    """Runs labelled `alloc: NAME` (scripts/bench alloc)."""
-    rs = [r for r in rows if r.get("label", "").startswith("alloc:")]
+    """Runs labelled `alloc KIND: NAME` (scripts/bench alloc), KIND flood, sse or fanout."""
+    rs = [r for r in rows if r.get("label", "").startswith("alloc ")]
     if not rs:
         return
-    labels = list(dict.fromkeys(r["label"] for r in rs))
-    attack = lambda lab: [r for r in rs if r["label"] == lab and r.get("server_rss_settle")]
-    sat = lambda lab: [r for r in rs if r["label"] == lab and not r.get("server_rss_settle")]
-    out += ["### Allocators: the node's memory through an attack and after (MB, medians), and fan-out at saturation", "",
-            "| allocator | runs | RSS at start | ready (history filled, clients in) | peak | end of run | 10 s idle | 30 s idle | 30 s idle − ready | good p99 ms under attack | saturation deliveries/s (2,000 subscribers) | saturation p50 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for lab in labels:
-        a, s = attack(lab), sat(lab)
-        m = lambda xs, f: med([f(r) for r in xs])
-        ready, idle30 = m(a, lambda r: r.get("server_rss_ready")), m(a, lambda r: settle_at(r, 30))
-        out.append(f"| {lab.split(': ', 1)[1]} | {len(a)} | {mb(m(a, lambda r: r.get('server_rss_before')))} | {mb(ready)} | "
-                   f"{mb(m(a, lambda r: r.get('server_rss_peak')))} | {mb(m(a, lambda r: r.get('server_rss_after')))} | "
-                   f"{mb(m(a, lambda r: settle_at(r, 10)))} | {mb(idle30)} | {mb(idle30 - ready if idle30 and ready else None)} | "
-                   f"{ms(m(a, lambda r: r['latency_us']['p99']))} | {fmt(m(s, lambda r: r['deliveries_per_sec']))} | {ms(m(s, lambda r: r['latency_us']['p50']))} |")
+    kind = lambda r: r["label"].split(":", 1)[0][len("alloc "):]
+    name = lambda r: r["label"].split(": ", 1)[1]
+    names = list(dict.fromkeys(name(r) for r in rs))
+    m = lambda xs, f: med([f(r) for r in xs])
+    out += ["### Allocators: the node's memory through an attack and 30 s after it (MB, medians), and fan-out at saturation", "",
+            "`ready`: good subscribers in (and, for flood, the 100 MB history filled), before the attack; "
+            "`idle`: every connection closed for 10 s / 30 s.", "",
+            "| allocator | attack | runs | start | ready | peak | end of run | 10 s idle | 30 s idle | 30 s idle − ready | good p99 ms under attack |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in ("flood", "sse"):
+        for n in names:
+            a = [r for r in rs if kind(r) == k and name(r) == n]
+            if not a:
+                continue
+            ready, idle30 = m(a, lambda r: r.get("server_rss_ready")), m(a, lambda r: settle_at(r, 30))
+            out.append(f"| {n} | {k} | {len(a)} | {mb(m(a, lambda r: r.get('server_rss_before')))} | {mb(ready)} | "
+                       f"{mb(m(a, lambda r: r.get('server_rss_peak')))} | {mb(m(a, lambda r: r.get('server_rss_after')))} | "
+                       f"{mb(m(a, lambda r: settle_at(r, 10)))} | {mb(idle30)} | {mb(idle30 - ready if idle30 and ready else None)} | "
+                       f"{ms(m(a, lambda r: r['latency_us']['p99']))} |")
+    out += ["", "| allocator | runs | fan-out at saturation, 2,000 subscribers: deliveries/s | p50 ms | p99 ms | RSS at end MB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        s = [r for r in rs if kind(r) == "fanout" and name(r) == n]
+        if s:
+            out.append(f"| {n} | {len(s)} | {fmt(m(s, lambda r: r['deliveries_per_sec']))} | {ms(m(s, lambda r: r['latency_us']['p50']))} | "
+                       f"{ms(m(s, lambda r: r['latency_us']['p99']))} | {mb(m(s, lambda r: r.get('server_rss_after')))} |")
     out.append("")
 
 

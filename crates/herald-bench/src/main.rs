@@ -639,6 +639,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     if hostile_cfg.flood > 0 || args.fill_history {
         hostile::fill_history(&hostile_cfg).await?;
     }
+    report.server_rss_ready = server_pid.and_then(sys::rss_bytes);
     let hostiles = if hostile_cfg.any() {
         let h = hostile::start(Arc::clone(&hostile_cfg), run_start).await;
         eprintln!("[{:6.1}s] hostile clients connected", fleet.started.elapsed().as_secs_f64());
@@ -646,7 +647,6 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     } else {
         None
     };
-    report.server_rss_ready = server_pid.and_then(sys::rss_bytes);
 
     let counters = Arc::new(PubCounters::default());
     let mut measured_secs = args.duration;
@@ -881,4 +881,18 @@ fn parse_disconnects(text: &str) -> BTreeMap<String, u64> {
 /// The offered rate and duration, as the report states them.
 fn args_summary(args: &Args) -> report::Offered {
     report::Offered { rate: args.rate, duration: args.duration, warmup: args.warmup }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_disconnects_from_metrics() {
+        let page = "# HELP herald_disconnects_total x\n# TYPE herald_disconnects_total counter\nherald_disconnects_total{code=\"4000\"} 0\nherald_disconnects_total{code=\"4008\"} 12\nherald_other{code=\"4008\"} 3\n";
+        let d = parse_disconnects(page);
+        assert_eq!(d.get("4008"), Some(&12));
+        assert_eq!(d.get("4000"), Some(&0));
+        assert_eq!(d.len(), 2);
+    }
 }

@@ -92,7 +92,8 @@ pub(crate) struct Report {
     pub(crate) server_rss_before: Option<u64>,
     pub(crate) server_rss_after: Option<u64>,
     pub(crate) rss_per_connection_bytes: Option<f64>,
-    /// RSS once every client (hostile ones included) is connected, before publishing.
+    /// RSS once the measured subscribers are connected and the flood channel filled, before
+    /// the hostile clients connect and publishing starts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) server_rss_ready: Option<u64>,
     /// Highest RSS read (every 100 ms) from the start of the run to its end (settle included).
