@@ -99,8 +99,12 @@ def main():
                        f"{ms(med([r['latency_us']['p999'] for r in h]))} | {sum(r['lost'] for r in h)} |")
         out.append("")
 
+    hostile_tables(rows, out)
+    alloc_tables(rows, out)
+
     # Everything else, one row per run.
-    rest = [r for r in rows if not (r["scenario"] == "idle" or (r["scenario"] == "fanout" and r.get("label") in ("herald ws", "reference ws")))]
+    special = lambda r: r.get("label", "").startswith(("hostile:", "alloc ", "alloc:"))
+    rest = [r for r in rows if not (special(r) or r["scenario"] == "idle" or (r["scenario"] == "fanout" and r.get("label") in ("herald ws", "reference ws")))]
     if rest:
         out += ["### Other runs", "",
                 "| label | scenario | connections | channels | payload B | msg/s offered | publications/s | deliveries/s | p50 ms | p99 ms | lost | disconnects | slow readers (cut) | 503s |",
@@ -113,6 +117,86 @@ def main():
                        f"{r['lost']} | {json.dumps(r.get('disconnects', {}))} | {slow} | {r.get('publish_503s', 0)} |")
         out.append("")
     print("\n".join(out))
+
+
+def mb(b):
+    return "-" if b is None else f"{b / 1e6:,.0f}"
+
+
+def settle_at(r, secs):
+    """RSS about `secs` seconds after every connection closed (the last reading before)."""
+    pts = [b for t, b in r.get("server_rss_settle", []) if t <= secs + 0.5]
+    return pts[-1] if pts else None
+
+
+def hostile_tables(rows, out):
+    """Runs labelled `hostile: none` / `hostile: all` (scripts/bench hostile)."""
+    runs = {lab: [r for r in rows if r.get("label") == lab] for lab in ("hostile: none", "hostile: all")}
+    if not runs["hostile: all"]:
+        return
+    out += ["### Good subscribers with and without hostile clients (medians of the runs; RSS in MB)", "",
+            "| hostile clients | runs | good deliveries/s | p50 ms | p99 ms | p99.9 ms | good lost | good gaps | good disconnects | publisher 503s | server 4008s | RSS ready | RSS peak | RSS end of run | RSS 15 s idle |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    meds = {}
+    for lab, rs in runs.items():
+        if not rs:
+            continue
+        m = lambda f: med([f(r) for r in rs])
+        meds[lab] = (m(lambda r: r["deliveries_per_sec"]), m(lambda r: r["latency_us"]["p50"]), m(lambda r: r["latency_us"]["p99"]))
+        out.append(f"| {lab.split(': ')[1]} | {len(rs)} | {fmt(meds[lab][0])} | {ms(meds[lab][1])} | {ms(meds[lab][2])} | "
+                   f"{ms(m(lambda r: r['latency_us']['p999']))} | {sum(r['lost'] for r in rs)} | {sum(r['gaps'] for r in rs)} | "
+                   f"{sum(sum(r.get('disconnects', {}).values()) for r in rs)} | {sum(r.get('publish_503s', 0) for r in rs)} | "
+                   f"{fmt(m(lambda r: r.get('server_disconnects', {}).get('4008', 0)))} | {mb(m(lambda r: r.get('server_rss_ready')))} | "
+                   f"{mb(m(lambda r: r.get('server_rss_peak')))} | {mb(m(lambda r: r.get('server_rss_after')))} | {mb(m(lambda r: r.get('server_rss_idle')))} |")
+    if len(meds) == 2:
+        a, b = meds["hostile: all"], meds["hostile: none"]
+        out.append(f"| all / none | | {ratio(a[0], b[0])} | {ratio(a[1], b[1])} | {ratio(a[2], b[2])} | | | | | | | | | | |")
+    out.append("")
+    out += ["### The hostile clients (each run with them)", "",
+            "| run | kind | clients | cut 4008 (seen by the client) | endings | ended at s (seen by the client) | bursty: delivered, gaps | server 4008 cuts at s (count) |",
+            "|---:|---|---:|---:|---|---|---|---|"]
+    for i, r in enumerate(runs["hostile: all"], 1):
+        tl = ", ".join(f"{t:g} ({n})" for t, n in r.get("cuts_4008_timeline", []))
+        for kind, k in sorted(r.get("hostile", {}).items()):
+            ended = ", ".join(f"{t:g}" for t in k.get("ended_secs", [])) or "-"
+            bursty = f"{k['delivered']:,}, {k['gaps']}" if kind == "bursty" else "-"
+            out.append(f"| {i} | {kind} | {k['clients']} | {k['cut_4008']} | {json.dumps(k['endings'])} | {ended} | {bursty} | {tl} |")
+            tl = ""
+    out.append("")
+
+
+def alloc_tables(rows, out):
+    """Runs labelled `alloc KIND: NAME` (scripts/bench alloc), KIND flood, sse or fanout."""
+    rs = [r for r in rows if r.get("label", "").startswith("alloc ")]
+    if not rs:
+        return
+    kind = lambda r: r["label"].split(":", 1)[0][len("alloc "):]
+    name = lambda r: r["label"].split(": ", 1)[1]
+    names = list(dict.fromkeys(name(r) for r in rs))
+    m = lambda xs, f: med([f(r) for r in xs])
+    out += ["### Allocators: the node's memory through an attack and 30 s after it (MB, medians), and fan-out at saturation", "",
+            "`ready`: good subscribers in (and, for flood, the 100 MB history filled), before the attack; "
+            "`idle`: every connection closed for 10 s / 30 s.", "",
+            "| allocator | attack | runs | start | ready | peak | end of run | 10 s idle | 30 s idle | 30 s idle − ready | good p99 ms under attack |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in ("flood", "sse"):
+        for n in names:
+            a = [r for r in rs if kind(r) == k and name(r) == n]
+            if not a:
+                continue
+            ready, idle30 = m(a, lambda r: r.get("server_rss_ready")), m(a, lambda r: settle_at(r, 30))
+            out.append(f"| {n} | {k} | {len(a)} | {mb(m(a, lambda r: r.get('server_rss_before')))} | {mb(ready)} | "
+                       f"{mb(m(a, lambda r: r.get('server_rss_peak')))} | {mb(m(a, lambda r: r.get('server_rss_after')))} | "
+                       f"{mb(m(a, lambda r: settle_at(r, 10)))} | {mb(idle30)} | {mb(idle30 - ready if idle30 and ready else None)} | "
+                       f"{ms(m(a, lambda r: r['latency_us']['p99']))} |")
+    out += ["", "| allocator | runs | fan-out at saturation, 2,000 subscribers: deliveries/s | p50 ms | p99 ms | RSS at end MB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        s = [r for r in rs if kind(r) == "fanout" and name(r) == n]
+        if s:
+            out.append(f"| {n} | {len(s)} | {fmt(m(s, lambda r: r['deliveries_per_sec']))} | {ms(m(s, lambda r: r['latency_us']['p50']))} | "
+                       f"{ms(m(s, lambda r: r['latency_us']['p99']))} | {mb(m(s, lambda r: r.get('server_rss_after')))} |")
+    out.append("")
 
 
 if __name__ == "__main__":

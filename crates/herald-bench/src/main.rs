@@ -13,24 +13,37 @@
 //! read again: the others are measured as usual, and the report says how many of the slow
 //! ones the server closed.
 //!
+//! Hostile clients (`fanout` against Herald only; the `hostile` module): `--never-ws N`,
+//! `--never-sse N` (subscribe the hot channel, never read), `--bursty N` (read, pause, read),
+//! `--many-sse N` (one never-read SSE stream of many long channel names), `--history-flood N`
+//! (`{"op":"history"}` without `limit` on a big history, never read). They run in the main
+//! process beside the measured subscribers; the report adds, per kind, how many the server cut
+//! (4008) and when, the server's disconnects from `/metrics` over time, and the server's RSS
+//! sampled every 100 ms (`server_rss_peak`). `--settle S` then closes every connection and
+//! reads the idle node's RSS for S more seconds (`server_rss_idle`, `server_rss_settle`).
+//!
 //! ```text
 //! herald --listen 127.0.0.1:18500 --set namespaces.bench.client_publish=true &
 //! herald-bench fanout --url ws://127.0.0.1:18500/ws --connections 2000 --rate 0 --duration 10
 //! herald-bench fanout --url ws://127.0.0.1:18500/ws --transport sse --slow-fraction 0.01
+//! herald-bench fanout --url ws://127.0.0.1:18500/ws --connections 1000 --rate 200 --payload 1000 \
+//!     --never-ws 5 --never-sse 5 --bursty 5 --many-sse 2 --history-flood 4 --settle 20
 //! ```
 
 mod conn;
+mod hostile;
 mod plan;
 mod publish;
 mod report;
 mod sys;
 mod worker;
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -177,6 +190,57 @@ struct Args {
     /// Append the JSON line of results to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Hostile: WebSocket clients that subscribe the hot channel and never read (fanout).
+    #[arg(long, default_value_t = 0)]
+    never_ws: usize,
+    /// Hostile: SSE streams of the hot channel that are never read (fanout).
+    #[arg(long, default_value_t = 0)]
+    never_sse: usize,
+    /// Hostile: WebSocket subscribers of the hot channel that read for --burst-read-ms, pause
+    /// for --burst-pause-ms, and so on (fanout).
+    #[arg(long, default_value_t = 0)]
+    bursty: usize,
+    /// Milliseconds a bursty reader reads.
+    #[arg(long, default_value_t = 200)]
+    burst_read_ms: u64,
+    /// Milliseconds a bursty reader pauses.
+    #[arg(long, default_value_t = 1000)]
+    burst_pause_ms: u64,
+    /// Hostile: SSE streams of --many-channels channels each (the hot channel and long names),
+    /// never read (fanout).
+    #[arg(long, default_value_t = 0)]
+    many_sse: usize,
+    /// Channels of each --many-sse stream.
+    #[arg(long, default_value_t = 200)]
+    many_channels: usize,
+    /// Length in bytes of the long channel names of --many-sse streams.
+    #[arg(long, default_value_t = 60)]
+    many_name_len: usize,
+    /// Hostile: WebSocket clients that ask --flood-requests `{"op":"history"}` without `limit`
+    /// on --flood-channel and never read (fanout). The channel is filled first through
+    /// /api/batch; its namespace needs history (e.g. `--set namespaces.hist.history_size=1000`).
+    #[arg(long, default_value_t = 0)]
+    history_flood: usize,
+    /// The channel the history flood reads.
+    #[arg(long, default_value = "hist:flood")]
+    flood_channel: String,
+    /// Publications put into --flood-channel before the run.
+    #[arg(long, default_value_t = 1000)]
+    flood_fill: usize,
+    /// Bytes of each of those publications.
+    #[arg(long, default_value_t = 102400)]
+    flood_size: usize,
+    /// Fill --flood-channel even without --history-flood clients (a baseline run with the
+    /// same node state).
+    #[arg(long)]
+    fill_history: bool,
+    /// `history` commands each flood client sends.
+    #[arg(long, default_value_t = 1)]
+    flood_requests: usize,
+    /// After the run, close every connection and read the idle server's RSS for this many
+    /// seconds (`server_rss_idle`: the last reading).
+    #[arg(long, default_value_t = 0.0)]
+    settle: f64,
 }
 
 /// Which scenario runs.
@@ -445,6 +509,10 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     if !(0.0..1.0).contains(&args.slow_fraction) {
         bail!("--slow-fraction must be at least 0 and below 1");
     }
+    let hostile_cfg = hostile_config(&args)?;
+    if hostile_cfg.any() && (scenario != Scenario::Fanout || args.target != Target::Herald) {
+        bail!("hostile clients (--never-ws ...) are for fanout against --target herald");
+    }
     if scenario == Scenario::Idle && args.slow_fraction > 0.0 {
         bail!("idle connections read nothing anyway: --slow-fraction is for the other scenarios");
     }
@@ -555,6 +623,31 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     report.server_pid = server_pid;
     report.server_rss_before = rss_before;
 
+    // The server's RSS every 100 ms and its disconnects (from /metrics) every 250 ms, from
+    // here on; then the hostile clients, if any.
+    let run_start = Instant::now();
+    let rss = server_pid.map(|pid| sample_rss(pid, run_start));
+    let disconnects = Arc::new(Mutex::new(Disconnects::default()));
+    let metrics_task = (scenario != Scenario::Idle && args.target == Target::Herald).then(|| {
+        tokio::spawn(sample_disconnects(
+            http.clone(),
+            args.api_key.clone(),
+            run_start,
+            Arc::clone(&disconnects),
+        ))
+    });
+    if hostile_cfg.flood > 0 || args.fill_history {
+        hostile::fill_history(&hostile_cfg).await?;
+    }
+    report.server_rss_ready = server_pid.and_then(sys::rss_bytes);
+    let hostiles = if hostile_cfg.any() {
+        let h = hostile::start(Arc::clone(&hostile_cfg), run_start).await;
+        eprintln!("[{:6.1}s] hostile clients connected", fleet.started.elapsed().as_secs_f64());
+        Some(h)
+    } else {
+        None
+    };
+
     let counters = Arc::new(PubCounters::default());
     let mut measured_secs = args.duration;
     let mut measure_start = 0;
@@ -643,10 +736,163 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     if let Some(e) = counters.first_error.lock().ok().and_then(|e| e.clone()) {
         report.publish_first_error = Some(e);
     }
+    if let Some(h) = hostiles {
+        report.hostile = h.finish().await;
+    }
+    drop(fleet);
+    if let Some(task) = metrics_task {
+        // One more reading, after the never-readers were read to their end.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        task.abort();
+        if let Ok(d) = disconnects.lock() {
+            report.server_disconnects = d.by_code.clone();
+            report.cuts_4008_timeline = d.timeline.clone();
+        }
+    }
+    if args.settle > 0.0 {
+        // Every connection of the run is closed: the idle node's memory, once a second.
+        let settle_start = Instant::now();
+        while settle_start.elapsed().as_secs_f64() < args.settle {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(b) = server_pid.and_then(sys::rss_bytes) {
+                let secs = (settle_start.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+                report.server_rss_settle.push((secs, b));
+                report.server_rss_idle = Some(b);
+            }
+        }
+    }
+    if let Some((samples, task)) = rss {
+        task.abort();
+        if let Ok(s) = samples.lock() {
+            report.server_rss_peak = Some(s.peak);
+            report.server_rss_timeline = s.timeline.clone();
+        }
+    }
     Ok(report)
+}
+
+/// The hostile clients asked for by `args`.
+fn hostile_config(args: &Args) -> anyhow::Result<Arc<hostile::HostileConfig>> {
+    let http = match &args.http {
+        Some(h) => h.clone(),
+        None => {
+            let rest = args.url.split_once("://").map_or(args.url.as_str(), |(_, r)| r);
+            format!("http://{}", rest.split('/').next().unwrap_or("127.0.0.1:8080"))
+        }
+    };
+    Ok(Arc::new(hostile::HostileConfig {
+        url: conn::WsUrl::parse(&args.url)?,
+        http,
+        api_key: args.api_key.clone(),
+        hot: format!("{}0", args.channel_prefix),
+        prefix: args.channel_prefix.clone(),
+        never_ws: args.never_ws,
+        never_sse: args.never_sse,
+        bursty: args.bursty,
+        burst_read: Duration::from_millis(args.burst_read_ms),
+        burst_pause: Duration::from_millis(args.burst_pause_ms),
+        many_sse: args.many_sse,
+        many_channels: args.many_channels,
+        many_name_len: args.many_name_len,
+        flood: args.history_flood,
+        flood_channel: args.flood_channel.clone(),
+        flood_fill: args.flood_fill,
+        flood_size: args.flood_size,
+        flood_requests: args.flood_requests,
+    }))
+}
+
+/// The server's RSS read every 100 ms: the peak, and a reading about once a second.
+#[derive(Debug, Default)]
+struct RssSamples {
+    peak: u64,
+    /// (seconds from the start of the run, bytes).
+    timeline: Vec<(f64, u64)>,
+}
+
+fn sample_rss(pid: u32, start: Instant) -> (Arc<Mutex<RssSamples>>, tokio::task::JoinHandle<()>) {
+    let samples = Arc::new(Mutex::new(RssSamples::default()));
+    let out = Arc::clone(&samples);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut next_kept = 0.0;
+        loop {
+            tick.tick().await;
+            let Some(b) = sys::rss_bytes(pid) else { return };
+            let secs = start.elapsed().as_secs_f64();
+            if let Ok(mut s) = out.lock() {
+                s.peak = s.peak.max(b);
+                if secs >= next_kept {
+                    s.timeline.push(((secs * 10.0).round() / 10.0, b));
+                    next_kept = secs.floor() + 1.0;
+                }
+            }
+        }
+    });
+    (samples, task)
+}
+
+/// The server's disconnects as `/metrics` counts them.
+#[derive(Debug, Default)]
+struct Disconnects {
+    /// `herald_disconnects_total` by close code, at the last reading.
+    by_code: BTreeMap<String, u64>,
+    /// (seconds from the start of the run, count of 4008) at each change.
+    timeline: Vec<(f64, u64)>,
+}
+
+/// Reads `/metrics` every 250 ms until aborted.
+async fn sample_disconnects(
+    http: String,
+    api_key: Option<String>,
+    start: Instant,
+    out: Arc<Mutex<Disconnects>>,
+) {
+    let Ok(mut api) = herald_client::HttpApi::connect(&http, api_key).await else { return };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let Ok((200, _, body)) = api.request("GET", "/metrics", None).await else { continue };
+        let by_code = parse_disconnects(&String::from_utf8_lossy(&body));
+        let cut = by_code.get("4008").copied().unwrap_or(0);
+        if let Ok(mut d) = out.lock() {
+            if d.timeline.last().map_or(cut > 0, |&(_, n)| n != cut) {
+                let secs = (start.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+                d.timeline.push((secs, cut));
+            }
+            d.by_code = by_code;
+        }
+    }
+}
+
+/// `herald_disconnects_total{code="C"} N` lines of a metrics page.
+fn parse_disconnects(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("herald_disconnects_total{code=\"") else { continue };
+        let Some((code, rest)) = rest.split_once("\"}") else { continue };
+        if let Ok(n) = rest.trim().parse::<u64>() {
+            out.insert(code.to_owned(), n);
+        }
+    }
+    out
 }
 
 /// The offered rate and duration, as the report states them.
 fn args_summary(args: &Args) -> report::Offered {
     report::Offered { rate: args.rate, duration: args.duration, warmup: args.warmup }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_disconnects_from_metrics() {
+        let page = "# HELP herald_disconnects_total x\n# TYPE herald_disconnects_total counter\nherald_disconnects_total{code=\"4000\"} 0\nherald_disconnects_total{code=\"4008\"} 12\nherald_other{code=\"4008\"} 3\n";
+        let d = parse_disconnects(page);
+        assert_eq!(d.get("4008"), Some(&12));
+        assert_eq!(d.get("4000"), Some(&0));
+        assert_eq!(d.len(), 2);
+    }
 }

@@ -92,6 +92,32 @@ pub(crate) struct Report {
     pub(crate) server_rss_before: Option<u64>,
     pub(crate) server_rss_after: Option<u64>,
     pub(crate) rss_per_connection_bytes: Option<f64>,
+    /// RSS once the measured subscribers are connected and the flood channel filled, before
+    /// the hostile clients connect and publishing starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) server_rss_ready: Option<u64>,
+    /// Highest RSS read (every 100 ms) from the start of the run to its end (settle included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) server_rss_peak: Option<u64>,
+    /// RSS about once a second: (seconds from the start of the run, bytes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) server_rss_timeline: Vec<(f64, u64)>,
+    /// With `--settle`: RSS at its end, every connection closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) server_rss_idle: Option<u64>,
+    /// With `--settle`: (seconds since every connection closed, bytes), once a second.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) server_rss_settle: Vec<(f64, u64)>,
+    /// The server's disconnects by close code (`herald_disconnects_total` of `/metrics`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) server_disconnects: BTreeMap<String, u64>,
+    /// When the server cut slow consumers: (seconds from the start of the run, 4008 count so
+    /// far), at each change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) cuts_4008_timeline: Vec<(f64, u64)>,
+    /// Hostile clients by kind (see the `hostile` module).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) hostile: BTreeMap<String, crate::hostile::KindReport>,
     pub(crate) workers: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) first_error: Option<String>,

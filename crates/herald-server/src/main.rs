@@ -103,6 +103,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// The allocator: jemalloc with background threads, which give freed memory back to the system
+/// while the node is idle (see docs/architecture.md, "Memory", and BENCHMARKS.md).
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc"), not(target_env = "msvc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// The allocator: mimalloc (`--no-default-features --features mimalloc`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match load_config(&cli) {
