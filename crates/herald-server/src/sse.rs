@@ -538,8 +538,12 @@ pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Respo
                 close_stream(&stream, code);
                 continue;
             }
+            let check_at = stream.outbox.next_check().map(Instant::from_std);
             tokio::select! {
                 _ = stream.outbox.notified() => {}
+                _ = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now)), if check_at.is_some() => {
+                    stream.outbox.check_progress(std::time::Instant::now());
+                }
                 _ = ping.tick() => {
                     stream.outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
                 }
@@ -686,6 +690,9 @@ pub(crate) async fn serve_raw(
         let blocked = !flushed;
         let open = close_by.is_none();
         let deadline = close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // The slow-consumer rule (grace without progress, write timeout): see herald_core::queue.
+        let check_at = if open { sse_stream.outbox.next_check() } else { None };
+        let check_at = check_at.map(Instant::from_std).unwrap_or(deadline);
         tokio::select! {
             biased;
             _ = app.shutdown.cancelled(), if open => {
@@ -714,7 +721,15 @@ pub(crate) async fn serve_raw(
                 sse_stream.outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
                 ping.as_mut().reset(Instant::now() + interval);
             }
-            _ = tokio::time::sleep_until(deadline), if !open => break,
+            _ = tokio::time::sleep_until(check_at), if open && check_at < deadline => {
+                sse_stream.outbox.check_progress(std::time::Instant::now());
+            }
+            _ = tokio::time::sleep_until(deadline), if !open => {
+                // The client did not take the last event in time: a reset says the stream is
+                // broken, where a FIN after a partial event would look like a clean end.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                break;
+            }
         }
     }
     Box::pin(sse_stream.close()).await;
