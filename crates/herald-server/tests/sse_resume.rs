@@ -676,7 +676,7 @@ async fn resume_case(via_header: bool, kept_alive: bool) {
     if kept_alive {
         assert_eq!(c.header("transfer-encoding"), Some("chunked"), "served through hyper");
     }
-    let start = read_start(&mut c).await;
+    read_start(&mut c).await;
     let chans = ["hist:a", "hist:b", "plain"];
     // Before the first publications the ids name void epochs; their tags change below.
     for i in 1..=3 {
