@@ -9,22 +9,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream as StdTcpStream;
 use std::time::{Duration, Instant};
 
-use common::{RawWs, Server, TIMEOUT};
+use common::{metric, metrics, RawWs, Server, TIMEOUT};
 use herald_protocol::ws::{self, Opcode, Role};
 use serde_json::{json, Value};
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-}
-
-async fn metrics(server: &Server) -> String {
-    let (_, _, body) = server.api().await.request("GET", "/metrics", None).await.unwrap();
-    String::from_utf8_lossy(&body).into_owned()
-}
 
 /// Waits until the metric's value satisfies `done` (or the time is up) and returns it.
 async fn wait_metric_until(

@@ -9,22 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{RawWs, Server, TIMEOUT};
+use common::{metric, metrics, RawWs, Server, TIMEOUT};
 use herald_client::{Client, ClientError, ConnectOptions, Event};
 use serde_json::{json, Value};
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-}
-
-async fn metrics(server: &Server) -> String {
-    let (_, _, body) = server.api().await.request("GET", "/metrics", None).await.unwrap();
-    String::from_utf8_lossy(&body).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_and_the_others_get_everything() {

@@ -255,3 +255,19 @@ impl RawWs {
         (out, None)
     }
 }
+
+/// The value of metric `name` (with its labels, e.g. `herald_disconnects_total{code="4008"}`)
+/// in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+}
+
+/// The server's `/metrics` text.
+pub async fn metrics(server: &Server) -> String {
+    let (_, _, body) = server.api().await.request("GET", "/metrics", None).await.unwrap();
+    String::from_utf8_lossy(&body).into_owned()
+}
