@@ -127,22 +127,14 @@ impl<'a> Encoded<'a> {
         Encoded { channel, publication, metrics, ws: None, ws_epoch: None, sse: None }
     }
 
-    fn ws(&mut self) -> Bytes {
+    /// The WebSocket frame; `with_epoch` names the epoch (for subscribers who have not seen it).
+    fn ws(&mut self, with_epoch: bool) -> Bytes {
         let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
-        self.ws
-            .get_or_insert_with(|| {
-                SharedFrame::share(encode_pub_frame(channel, publication, false), metrics)
-            })
-            .clone()
-    }
-
-    fn ws_epoch(&mut self) -> Bytes {
-        let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
-        self.ws_epoch
-            .get_or_insert_with(|| {
-                SharedFrame::share(encode_pub_frame(channel, publication, true), metrics)
-            })
-            .clone()
+        let slot = if with_epoch { &mut self.ws_epoch } else { &mut self.ws };
+        slot.get_or_insert_with(|| {
+            SharedFrame::share(encode_pub_frame(channel, publication, with_epoch), metrics)
+        })
+        .clone()
     }
 
     fn sse(&mut self, id_len: usize) -> SseItem {
@@ -179,15 +171,9 @@ impl<'a> Encoded<'a> {
             sub.epoch = self.publication.epoch.clone();
         }
         match (&sub.sink, conflate) {
-            (Sink::Ws(o), false) => {
-                let frame = if new_epoch { self.ws_epoch() } else { self.ws() };
-                o.push_shared(frame).map(|n| n as isize)
-            }
+            (Sink::Ws(o), false) => o.push_shared(self.ws(new_epoch)).map(|n| n as isize),
             (Sink::Sse(o, id_len), false) => o.push_shared(self.sse(*id_len)).map(|n| n as isize),
-            (Sink::Ws(o), true) => {
-                let frame = if new_epoch { self.ws_epoch() } else { self.ws() };
-                o.push_conflated(self.channel, frame)
-            }
+            (Sink::Ws(o), true) => o.push_conflated(self.channel, self.ws(new_epoch)),
             (Sink::Sse(o, id_len), true) => o.push_conflated(self.channel, self.sse(*id_len)),
         }
     }

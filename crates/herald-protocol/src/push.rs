@@ -122,19 +122,11 @@ pub fn encode_pub_in_epoch(
     epoch: Option<&str>,
     data: &[u8],
 ) -> Vec<u8> {
-    let Some(epoch) = epoch else { return encode_pub(channel, offset, data) };
-    let mut out = Vec::with_capacity(64 + channel.len() + epoch.len() + data.len());
-    out.extend_from_slice(b"{\"pub\":{\"channel\":");
-    write_str(&mut out, channel);
-    if let Some(offset) = offset {
-        out.extend_from_slice(b",\"offset\":");
-        write_u64(&mut out, offset);
-    }
-    out.extend_from_slice(b",\"epoch\":");
-    write_str(&mut out, epoch);
-    out.extend_from_slice(b",\"data\":");
-    write_raw_json(&mut out, data);
-    out.extend_from_slice(b"}}");
+    let extra = epoch.map_or(0, |e| e.len() + 12);
+    let mut out = Vec::with_capacity(48 + extra + channel.len() + data.len());
+    out.extend_from_slice(b"{\"pub\":");
+    write_publication_in_epoch(&mut out, channel, offset, epoch, data);
+    out.push(b'}');
     out
 }
 
@@ -146,11 +138,26 @@ pub(crate) fn write_publication(
     offset: Option<u64>,
     data: &[u8],
 ) {
+    write_publication_in_epoch(out, channel, offset, None, data);
+}
+
+/// [`write_publication`] with `"epoch":"E"` after the offset when `epoch` is given.
+fn write_publication_in_epoch(
+    out: &mut Vec<u8>,
+    channel: &str,
+    offset: Option<u64>,
+    epoch: Option<&str>,
+    data: &[u8],
+) {
     out.extend_from_slice(b"{\"channel\":");
     write_str(out, channel);
     if let Some(offset) = offset {
         out.extend_from_slice(b",\"offset\":");
         write_u64(out, offset);
+    }
+    if let Some(epoch) = epoch {
+        out.extend_from_slice(b",\"epoch\":");
+        write_str(out, epoch);
     }
     out.extend_from_slice(b",\"data\":");
     write_raw_json(out, data);
@@ -302,6 +309,15 @@ pub fn encode_reply_error(id: u32, code: ErrorCode, message: &str) -> Vec<u8> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn pub_in_epoch_names_it_after_the_offset() {
+        assert_eq!(
+            encode_pub_in_epoch("c", Some(1), Some("e2"), b"7"),
+            br#"{"pub":{"channel":"c","offset":1,"epoch":"e2","data":7}}"#
+        );
+        assert_eq!(encode_pub_in_epoch("c", Some(1), None, b"7"), encode_pub("c", Some(1), b"7"));
+    }
+
     use super::*;
     use crate::json::{decode_server_messages, ReplyError, ServerMessage};
     use proptest::prelude::*;
