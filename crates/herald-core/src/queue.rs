@@ -28,6 +28,15 @@
 //! queue cannot know who else holds them); the memory of shared frames, counted once per node,
 //! is [`Metrics::shared_frame_bytes`].
 //!
+//! # Messages in parts
+//!
+//! A reply too large for one page (a `subscribe` recovering more than a history page) goes out
+//! as one message in parts, each part queued as the socket drains the previous ones:
+//! [`Outbox::begin_message`], [`Outbox::push_part`], [`Outbox::end_message`]. Nothing else may
+//! come between the parts (WebSocket forbids data frames inside a fragmented message), so while
+//! a message is open everything else pushed waits in a held queue, counted against the bounds
+//! like any pending byte, and follows the last part.
+//!
 //! # Backlog: telling an overloaded node from a slow client
 //!
 //! Every queue adds the bytes it holds to the node-wide [`Metrics::backlog_bytes`] while its
@@ -135,11 +144,18 @@ struct Inner<T> {
     state: OutboxState,
     /// The server asked this connection to close with this code (e.g. `POST /api/disconnect`).
     close_request: Option<CloseCode>,
+    /// A message in parts is open: pushes other than its parts wait in `held`.
+    message_open: bool,
+    /// What was pushed while a message in parts was open, in order (bytes: `held_bytes`, part
+    /// of `pending_bytes`, not of `queued_bytes`).
+    held: VecDeque<T>,
+    held_bytes: usize,
 }
 
 impl<T> Inner<T> {
     fn is_behind(&self, limits: &QueueLimits) -> bool {
-        self.pending_bytes > limits.soft_bytes || self.frames.len() > limits.soft_messages
+        self.pending_bytes > limits.soft_bytes
+            || self.frames.len() + self.held.len() > limits.soft_messages
     }
 }
 
@@ -186,6 +202,9 @@ impl<T: Item> Outbox<T> {
                 behind: None,
                 state: OutboxState::Open,
                 close_request: None,
+                message_open: false,
+                held: VecDeque::new(),
+                held_bytes: 0,
             }),
             notify: Notify::new(),
             drained: Notify::new(),
@@ -246,7 +265,7 @@ impl<T: Item> Outbox<T> {
     /// command, see [`Outbox::wait_room`]).
     pub fn push_reply(&self, frame: T) -> Result<(), PushError> {
         let max = self.limits.hard_bytes;
-        let counted = self.enqueue(frame, |inner, _| inner.pending_bytes < max)?;
+        let counted = self.enqueue(frame, false, |inner, _| inner.pending_bytes < max)?;
         self.add_backlog(counted);
         Ok(())
     }
@@ -255,17 +274,19 @@ impl<T: Item> Outbox<T> {
     /// (summed over every subscriber, to touch the shared counter once per publication).
     pub fn push_shared(&self, frame: T) -> Result<usize, PushError> {
         let (max_bytes, max_messages) = (self.limits.hard_bytes, self.limits.hard_messages);
-        self.enqueue(frame, |inner, len| {
+        self.enqueue(frame, false, |inner, len| {
             (inner.pending_bytes == 0 || inner.pending_bytes + len <= max_bytes)
-                && inner.frames.len() < max_messages
+                && inner.frames.len() + inner.held.len() < max_messages
         })
     }
 
     /// Appends `frame` if the queue is open and `fits` says it may take it, else turns the
-    /// queue overflowed; returns the bytes that count towards the node backlog.
+    /// queue overflowed; returns the bytes that count towards the node backlog. While a message
+    /// in parts is open, a frame that is not one of its parts (`part`) is held.
     fn enqueue(
         &self,
         frame: T,
+        part: bool,
         fits: impl FnOnce(&Inner<T>, usize) -> bool,
     ) -> Result<usize, PushError> {
         let mut inner = self.inner.lock();
@@ -278,6 +299,17 @@ impl<T: Item> Outbox<T> {
             self.notify.notify_one();
             return Err(PushError::Overflow);
         }
+        if inner.message_open && !part {
+            inner.pending_bytes += len;
+            inner.held_bytes += len;
+            inner.held.push_back(frame);
+            let behind = self.note_behind(&mut inner);
+            drop(inner);
+            if behind {
+                self.notify.notify_one();
+            }
+            return Ok(0);
+        }
         let was_empty = inner.frames.is_empty();
         inner.pending_bytes += len;
         inner.queued_bytes += len;
@@ -289,6 +321,68 @@ impl<T: Item> Outbox<T> {
             self.notify.notify_one();
         }
         Ok(counted)
+    }
+
+    /// Opens a message in parts with its first part (see the module docs): until
+    /// [`Outbox::end_message`], only [`Outbox::push_part`] reaches the writer. Accepted like a
+    /// reply ([`Outbox::push_reply`]).
+    pub fn begin_message(&self, first: T) -> Result<(), PushError> {
+        let max = self.limits.hard_bytes;
+        let counted = self.enqueue(first, true, |inner, _| inner.pending_bytes < max)?;
+        self.inner.lock().message_open = true;
+        self.add_backlog(counted);
+        Ok(())
+    }
+
+    /// Queues the next part of the open message (accepted like a reply).
+    pub fn push_part(&self, part: T) -> Result<(), PushError> {
+        let max = self.limits.hard_bytes;
+        let counted = self.enqueue(part, true, |inner, _| inner.pending_bytes < max)?;
+        self.add_backlog(counted);
+        Ok(())
+    }
+
+    /// Queues the last part of the open message, then everything held meanwhile, in order.
+    pub fn end_message(&self, last: T) -> Result<(), PushError> {
+        let mut inner = self.inner.lock();
+        inner.state.accepts()?;
+        let len = last.wire_len();
+        inner.pending_bytes += len;
+        inner.queued_bytes += len;
+        inner.frames.push_back(last);
+        inner.message_open = false;
+        let held = std::mem::take(&mut inner.held);
+        let held_bytes = std::mem::take(&mut inner.held_bytes);
+        inner.frames.extend(held);
+        inner.queued_bytes += held_bytes;
+        let counted = if inner.blocked { 0 } else { len + held_bytes };
+        self.note_behind(&mut inner);
+        drop(inner);
+        self.add_backlog(counted);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// True while a message in parts is open (its last part not queued): the writer must not
+    /// put a data frame of its own (a `disconnect` push) on the wire then.
+    pub fn message_open(&self) -> bool {
+        self.inner.lock().message_open
+    }
+
+    /// Waits until the open message's parts pending (not what is held) are under half the
+    /// soft bound, so the next part can be read while the socket still has some to drain.
+    pub async fn wait_part_room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            {
+                let inner = self.inner.lock();
+                let parts = inner.pending_bytes - inner.held_bytes;
+                if inner.state != OutboxState::Open || parts <= self.limits.soft_bytes / 2 {
+                    return;
+                }
+            }
+            drained.await;
+        }
     }
 
     /// Queues a publication of a conflated channel: it replaces the channel's pending one, if
@@ -362,6 +456,12 @@ impl<T: Item> Outbox<T> {
         }
         let len = frame.wire_len();
         inner.pending_bytes += len;
+        if inner.message_open {
+            inner.held_bytes += len;
+            inner.held.push_back(frame);
+            self.note_behind(&mut inner);
+            return;
+        }
         inner.queued_bytes += len;
         inner.frames.push_back(frame);
         let counted = if inner.blocked { 0 } else { len };
@@ -380,11 +480,15 @@ impl<T: Item> Outbox<T> {
         } else {
             into.extend(inner.frames.drain(..));
         }
-        if !inner.conflated.is_empty() {
+        // Conflated values wait for the end of an open message (they are its queued bytes).
+        let kept: usize = if inner.message_open {
+            inner.conflated.iter().map(|(_, f)| f.wire_len()).sum()
+        } else {
             into.extend(inner.conflated.drain(..).map(|(_, frame)| frame));
-        }
+            0
+        };
         let taken_messages = into.len() - before;
-        let taken = std::mem::take(&mut inner.queued_bytes);
+        let taken = std::mem::replace(&mut inner.queued_bytes, kept) - kept;
         let counted = if inner.blocked { 0 } else { taken };
         let state = inner.state;
         // Fewer messages queued: a connection behind only by its message count catches up.
@@ -402,13 +506,15 @@ impl<T: Item> Outbox<T> {
     pub fn discard(&self) -> usize {
         let mut inner = self.inner.lock();
         let dropped = std::mem::take(&mut inner.queued_bytes);
+        let held = std::mem::take(&mut inner.held_bytes);
         inner.frames = VecDeque::new();
         inner.conflated = Vec::new();
-        inner.pending_bytes -= dropped;
+        inner.held = VecDeque::new();
+        inner.pending_bytes -= dropped + held;
         let counted = if inner.blocked { 0 } else { dropped };
         drop(inner);
         self.sub_backlog(counted);
-        dropped
+        dropped + held
     }
 
     /// Records that the writer wrote `n` bytes of what it took.
@@ -420,7 +526,9 @@ impl<T: Item> Outbox<T> {
         }
         if inner.behind.is_some() {
             self.note_drained(&mut inner);
-        } else if inner.pending_bytes == 0 {
+        }
+        if inner.pending_bytes == 0 || inner.message_open {
+            // A message in parts waits for its parts to drain, whatever is held.
             self.drained.notify_one();
         }
     }
@@ -439,8 +547,10 @@ impl<T: Item> Outbox<T> {
         inner.state = OutboxState::Closed;
         inner.frames = VecDeque::new();
         inner.conflated = Vec::new();
+        inner.held = VecDeque::new();
         let queued = std::mem::take(&mut inner.queued_bytes);
-        inner.pending_bytes -= queued;
+        let held = std::mem::take(&mut inner.held_bytes);
+        inner.pending_bytes -= queued + held;
         let counted = if inner.blocked { 0 } else { queued };
         drop(inner);
         self.sub_backlog(counted);
@@ -536,6 +646,19 @@ impl<T: Item> Outbox<T> {
             return;
         }
         inner.state = OutboxState::Closing;
+        if inner.message_open {
+            // The open message never ends: what waits for its end is dropped (the caller
+            // queues control frames only, see [`Outbox::message_open`]).
+            let held = std::mem::take(&mut inner.held_bytes);
+            let conflated: usize = inner.conflated.iter().map(|(_, f)| f.wire_len()).sum();
+            inner.held = VecDeque::new();
+            inner.conflated = Vec::new();
+            inner.pending_bytes -= held + conflated;
+            inner.queued_bytes -= conflated;
+            if !inner.blocked {
+                self.sub_backlog(conflated);
+            }
+        }
         // Conflated values are written after the FIFO frames: move them in front of the
         // finals, so nothing follows the close.
         let conflated = std::mem::take(&mut inner.conflated);
@@ -606,6 +729,56 @@ mod tests {
         let mut taken = VecDeque::new();
         assert_eq!(q.take(&mut taken), OutboxState::Overflowed);
         assert_eq!(taken.len(), 2);
+    }
+
+    #[test]
+    fn a_message_in_parts_holds_everything_else_until_its_end() {
+        let metrics = Arc::new(Metrics::default());
+        let q = Outbox::new(100, 100, metrics.clone());
+        let c = ChannelName::parse("c").unwrap();
+        q.push(frame(1)).unwrap();
+        q.begin_message(frame(2)).unwrap();
+        assert!(q.message_open());
+        q.push(frame(3)).unwrap();
+        q.push_final(frame(4));
+        // The hub adds what a conflated push returns to the backlog.
+        let counted = q.push_conflated(&c, frame(5)).unwrap();
+        metrics.backlog_bytes.fetch_add(counted as i64, Ordering::Relaxed);
+        q.push_part(frame(6)).unwrap();
+        assert_eq!(q.pending_bytes(), 21);
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        let sizes = |t: &VecDeque<Bytes>| t.iter().map(|f| f.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(&taken), [1, 2, 6], "only the parts reach the writer");
+        q.written(9);
+        q.end_message(frame(7)).unwrap();
+        assert!(!q.message_open());
+        taken.clear();
+        q.take(&mut taken);
+        assert_eq!(sizes(&taken), [7, 3, 4, 5], "the last part, then what was held, in order");
+        q.written(19);
+        assert_eq!(q.pending_bytes(), 0);
+        assert_eq!(metrics.backlog_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn closing_inside_a_message_drops_what_was_held() {
+        let metrics = Arc::new(Metrics::default());
+        let q = Outbox::new(100, 100, metrics.clone());
+        let c = ChannelName::parse("c").unwrap();
+        q.begin_message(frame(2)).unwrap();
+        q.push(frame(3)).unwrap();
+        // The hub adds what a conflated push returns to the backlog.
+        let counted = q.push_conflated(&c, frame(5)).unwrap();
+        metrics.backlog_bytes.fetch_add(counted as i64, Ordering::Relaxed);
+        q.finish([frame(8)], false);
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        assert_eq!(taken.iter().map(|f| f.len()).collect::<Vec<_>>(), [2, 8]);
+        q.written(10);
+        assert_eq!(q.pending_bytes(), 0);
+        assert_eq!(q.end_message(frame(1)), Err(PushError::Closed));
+        assert_eq!(metrics.backlog_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use herald_broker::{HistoryPage, HistoryQuery, PageBounds};
+use herald_broker::{HistoryPage, HistoryQuery, PageBounds, PublishOptions};
 use herald_protocol::json::{self, DecodeError};
-use herald_protocol::push::{self, PublicationRef, ReplyOk};
+use herald_protocol::push::{self, PublicationRef, ReplyOk, SubscribeParts};
 use herald_protocol::{
     ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition,
 };
@@ -327,48 +327,110 @@ impl Session {
         }
         // With `since`: everything after it that history has; without: only the position.
         let query = HistoryQuery { limit: if since.is_some() { None } else { Some(0) }, since };
-        let page = match node.broker.history(&channel, &publish_options, &query).await {
+        let bounds = self.page_bounds();
+        let page = match node.broker.history_page(&channel, &publish_options, &query, bounds).await
+        {
             Ok(page) => page,
             Err(e) => {
                 self.abandon(&channel).await;
                 return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
             }
         };
-        let mut page = page;
-        // A recovery reply must leave room in the queue for the live publications that follow
-        // it; what does not fit is cut (oldest kept) and the reply says `recovered: false`, so
-        // the client pages the rest with `history` instead of being cut with 4008 for ever.
-        let budget = (node.limits.max_queue_bytes / 2).saturating_sub(self.outbox.pending_bytes());
-        let mut used = 0;
-        let fit = page
-            .publications
-            .iter()
-            .take_while(|p| {
-                used += p.data.len() + 32;
-                used <= budget
-            })
-            .count();
-        let cut = fit < page.publications.len();
-        page.publications.truncate(fit);
-        let recovered = query.since.is_some() && page.complete && !cut;
-        let refs = publication_refs(&page);
-        let ok =
-            ReplyOk::Subscribe { position: page.position.as_ref(), recovered, publications: &refs };
-        let frame = reply_frame(id, Reply::Ok(push::encode_reply_ok(id, &ok)));
-        let outbox = self.outbox.clone();
-        match node
-            .hub
-            .activate(&channel, self.id, page.position.as_ref(), |_| outbox.push_reply(frame))
-        {
-            Ok(()) => {}
-            Err(PushError::Overflow | PushError::Closed) => {
-                self.abandon(&channel).await;
-                return Ok(());
+        let activated = match page.position.clone() {
+            // More than a page to recover: the reply goes out in parts as the socket drains.
+            Some(top) if page.more => {
+                let recovery = Recovery { channel: &channel, options: &publish_options, bounds };
+                self.stream_recovery(id, recovery, page, top).await
             }
+            _ => {
+                let recovered = query.since.is_some() && page.complete;
+                let refs = publication_refs(&page);
+                let position = page.position.as_ref();
+                let ok = ReplyOk::Subscribe { position, recovered, publications: &refs };
+                let frame = reply_frame(id, Reply::Ok(push::encode_reply_ok(id, &ok)));
+                let outbox = &self.outbox;
+                node.hub.activate(&channel, self.id, position, |_| outbox.push_reply(frame))
+            }
+        };
+        if activated.is_err() {
+            // Cut (4008) or closing meanwhile: the subscription never went live.
+            self.abandon(&channel).await;
+            return Ok(());
         }
         node.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
         self.subscriptions.push(channel);
         Ok(())
+    }
+
+    /// Sends the reply to a `subscribe` whose recovery is larger than one history page: one
+    /// message in parts (WebSocket fragments), a page per part, each page read once the parts
+    /// before it have mostly drained, up to `top`, the channel's position when the first page
+    /// was read. Live publications of the channel meanwhile wait in the hub (the subscription
+    /// is pending); everything else queued to the connection waits in its outbox (see
+    /// `Outbox::begin_message`). The last part and the subscription going live happen under
+    /// the channel's lock, like a reply in one piece. A page that finds history trimmed past
+    /// the last one sent, or the channel in another epoch, or the broker failing, ends the
+    /// reply with what was sent and `recovered: false`.
+    async fn stream_recovery(
+        &self,
+        id: u32,
+        recovery: Recovery<'_>,
+        first: HistoryPage,
+        top: StreamPosition,
+    ) -> Result<(), PushError> {
+        let fragment = |opcode, payload: Vec<u8>, fin| {
+            ws::encode_fragment(ws::Role::Server, opcode, &payload, fin)
+        };
+        let mut recovered = first.complete;
+        let mut parts = SubscribeParts::default();
+        let mut last = first.publications.last().and_then(|p| p.offset);
+        let head = parts.head(id, &publication_refs(&first));
+        drop(first);
+        self.outbox.begin_message(fragment(ws::Opcode::Text, head, false))?;
+        while let Some(after) = last.filter(|&o| o < top.offset) {
+            self.outbox.wait_part_room().await;
+            let since = StreamPosition { offset: after, epoch: top.epoch.clone() };
+            let query = HistoryQuery { since: Some(since), limit: None };
+            let node = &self.node;
+            let page = match node
+                .broker
+                .history_page(recovery.channel, recovery.options, &query, recovery.bounds)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::debug!(conn = self.id, error = %e, "recovery page failed");
+                    recovered = false;
+                    break;
+                }
+            };
+            if page.position.as_ref().map(|p| &p.epoch) != Some(&top.epoch) {
+                // A new epoch since the first page: its publications are live ones (buffered).
+                recovered = false;
+                break;
+            }
+            recovered &= page.complete;
+            let refs: Vec<PublicationRef<'_>> = publication_refs(&page)
+                .into_iter()
+                .filter(|p| p.offset.is_some_and(|o| o <= top.offset))
+                .collect();
+            let Some(newest) = refs.last().and_then(|p| p.offset) else { break };
+            last = Some(newest);
+            self.outbox.push_part(fragment(ws::Opcode::Continuation, parts.more(&refs), false))?;
+        }
+        let tail = fragment(ws::Opcode::Continuation, parts.tail(Some(&top), recovered), true);
+        let outbox = &self.outbox;
+        self.node.hub.activate(recovery.channel, self.id, Some(&top), |_| outbox.end_message(tail))
+    }
+
+    /// The most one history page holds: bounded in count and bytes, and leaving half the queue
+    /// for the publications that follow it.
+    fn page_bounds(&self) -> PageBounds {
+        let limits = &self.node.limits;
+        PageBounds {
+            max_publications: limits.max_history_page,
+            max_bytes: limits.max_history_page_bytes.min(limits.max_queue_bytes / 2),
+        }
     }
 
     /// Removes a subscription that never went live.
@@ -429,13 +491,7 @@ impl Session {
         };
         let limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
         let query = HistoryQuery { since, limit };
-        // One page at most: bounded in count and bytes, and leaving half the queue for the
-        // publications that follow it.
-        let limits = &node.limits;
-        let bounds = PageBounds {
-            max_publications: limits.max_history_page,
-            max_bytes: limits.max_history_page_bytes.min(limits.max_queue_bytes / 2),
-        };
+        let bounds = self.page_bounds();
         match node.broker.history_page(channel, &options.publish_options(), &query, bounds).await {
             Ok(page) => {
                 let refs = publication_refs(&page);
@@ -471,6 +527,13 @@ impl Session {
             self.abandon(channel).await;
         }
     }
+}
+
+/// What a streamed recovery reads its pages from.
+struct Recovery<'a> {
+    channel: &'a ChannelName,
+    options: &'a PublishOptions,
+    bounds: PageBounds,
 }
 
 /// The publications of a history page as the reply encoder takes them.

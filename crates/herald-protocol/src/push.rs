@@ -233,8 +233,14 @@ fn write_position(out: &mut Vec<u8>, position: Option<&StreamPosition>) {
 
 fn write_publications(out: &mut Vec<u8>, publications: &[PublicationRef<'_>]) {
     out.extend_from_slice(b"\"publications\":[");
+    write_publication_items(out, publications, true);
+    out.push(b']');
+}
+
+/// The publications of a list, comma separated; `first` when none precedes them in the list.
+fn write_publication_items(out: &mut Vec<u8>, publications: &[PublicationRef<'_>], first: bool) {
     for (i, p) in publications.iter().enumerate() {
-        if i > 0 {
+        if i > 0 || !first {
             out.push(b',');
         }
         out.push(b'{');
@@ -247,7 +253,54 @@ fn write_publications(out: &mut Vec<u8>, publications: &[PublicationRef<'_>]) {
         write_raw_json(out, p.data);
         out.push(b'}');
     }
-    out.push(b']');
+}
+
+/// A `subscribe` reply sent in parts, for a recovery larger than one page: the parts,
+/// concatenated, are the reply [`encode_reply_ok`] gives for [`ReplyOk::Subscribe`] with the
+/// same publications (keys in another order), so each part can go out while the next page is
+/// read. [`SubscribeParts::head`] opens it, [`SubscribeParts::more`] adds publications,
+/// [`SubscribeParts::tail`] closes it with the position and `recovered`, known only at the end.
+#[derive(Debug, Default)]
+pub struct SubscribeParts {
+    /// Some publication was written (the next one needs a comma).
+    any: bool,
+}
+
+impl SubscribeParts {
+    /// `{"id":N,"ok":{"publications":[` and the first publications.
+    pub fn head(&mut self, id: u32, publications: &[PublicationRef<'_>]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48 + items_len(publications));
+        out.extend_from_slice(b"{\"id\":");
+        write_u64(&mut out, u64::from(id));
+        out.extend_from_slice(b",\"ok\":{\"publications\":[");
+        out.extend_from_slice(&self.more(publications));
+        out
+    }
+
+    /// More publications of the list.
+    pub fn more(&mut self, publications: &[PublicationRef<'_>]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(items_len(publications));
+        write_publication_items(&mut out, publications, !self.any);
+        self.any |= !publications.is_empty();
+        out
+    }
+
+    /// `],"offset":N,"epoch":"E","recovered":b}}`.
+    pub fn tail(self, position: Option<&StreamPosition>, recovered: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(80);
+        out.extend_from_slice(b"],");
+        write_position(&mut out, position);
+        out.extend_from_slice(if recovered {
+            b"\"recovered\":true}}"
+        } else {
+            b"\"recovered\":false}}"
+        });
+        out
+    }
+}
+
+fn items_len(publications: &[PublicationRef<'_>]) -> usize {
+    publications.iter().map(|p| p.data.len() + 32).sum()
 }
 
 /// `{"id":N,"ok":{...}}`.
@@ -448,6 +501,39 @@ mod tests {
                 if pretty { serde_json::to_string_pretty(&v).unwrap() } else { v.to_string() };
             (v, text)
         })
+    }
+
+    proptest! {
+        #[test]
+        fn subscribe_parts_equal_the_whole_reply(
+            sizes in proptest::collection::vec(0usize..4, 0..6),
+            id in 1..=u32::MAX,
+            recovered in any::<bool>(),
+            with_position in any::<bool>(),
+        ) {
+            let pos = StreamPosition { offset: 99, epoch: "e\"1".into() };
+            let position = with_position.then_some(&pos);
+            let data: Vec<String> = (0..sizes.iter().sum::<usize>()).map(|i| format!("{{\"n\":{i}}}")).collect();
+            let pubs: Vec<PublicationRef> = data.iter().enumerate()
+                .map(|(i, d)| PublicationRef { offset: Some(i as u64 + 1), data: d.as_bytes() })
+                .collect();
+            let mut parts = SubscribeParts::default();
+            let mut at = 0;
+            let mut text = Vec::new();
+            for (i, n) in sizes.iter().enumerate() {
+                let chunk = &pubs[at..at + n];
+                at += n;
+                text.extend(if i == 0 { parts.head(id, chunk) } else { parts.more(chunk) });
+            }
+            if sizes.is_empty() {
+                text.extend(parts.head(id, &[]));
+            }
+            text.extend(parts.tail(position, recovered));
+            let whole = encode_reply_ok(id, &ReplyOk::Subscribe { position, recovered, publications: &pubs });
+            let a: Value = serde_json::from_slice(&text).unwrap();
+            let b: Value = serde_json::from_slice(&whole).unwrap();
+            prop_assert_eq!(a, b);
+        }
     }
 
     proptest! {

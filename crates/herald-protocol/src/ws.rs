@@ -477,9 +477,23 @@ fn header_len(role: Role, payload_len: usize) -> usize {
 ///
 /// The caller keeps control frames within [`MAX_CONTROL_PAYLOAD`] bytes.
 pub fn encode_frame_into(role: Role, opcode: Opcode, payload: &[u8], out: &mut BytesMut) {
+    encode_fragment_into(role, opcode, payload, true, out);
+}
+
+/// One frame of a fragmented message: `opcode` is the message's ([`Opcode::Text`] or
+/// [`Opcode::Binary`]) on its first fragment and [`Opcode::Continuation`] on the others; `fin`
+/// is set on the last. Control frames may go between fragments, data frames may not.
+pub fn encode_fragment(role: Role, opcode: Opcode, payload: &[u8], fin: bool) -> Bytes {
+    let mut out = BytesMut::with_capacity(header_len(role, payload.len()) + payload.len());
+    encode_fragment_into(role, opcode, payload, fin, &mut out);
+    out.freeze()
+}
+
+fn encode_fragment_into(role: Role, opcode: Opcode, payload: &[u8], fin: bool, out: &mut BytesMut) {
     out.reserve(header_len(role, payload.len()) + payload.len());
     let mask_bit = if role == Role::Client { 0x80 } else { 0 };
-    out.extend_from_slice(&[0x80 | opcode as u8]);
+    let fin_bit = if fin { 0x80 } else { 0 };
+    out.extend_from_slice(&[fin_bit | opcode as u8]);
     match payload.len() {
         n @ 0..=125 => out.extend_from_slice(&[mask_bit | n as u8]),
         n @ 126..=0xffff => {
@@ -608,6 +622,20 @@ mod tests {
 
     fn text(s: &str) -> Message {
         Message::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn fragments_reassemble_around_control_frames() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&encode_fragment(Role::Server, Opcode::Text, b"Hel", false));
+        wire.extend_from_slice(&encode_frame(Role::Server, Opcode::Ping, b"p"));
+        wire.extend_from_slice(&encode_fragment(Role::Server, Opcode::Continuation, b"l", false));
+        wire.extend_from_slice(&encode_fragment(Role::Server, Opcode::Continuation, b"o", true));
+        assert_eq!(&wire[..5], &[0x01, 0x03, b'H', b'e', b'l']);
+        assert_eq!(
+            decode(Role::Client, LIMIT, &wire).unwrap(),
+            [Message::Ping(Bytes::from_static(b"p")), text("Hello")]
+        );
     }
 
     #[test]

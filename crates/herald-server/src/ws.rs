@@ -475,14 +475,16 @@ impl Connection {
             let dropped: usize = self.writing.drain(keep..).map(|b| b.len()).sum();
             self.outbox.forget(dropped);
         }
-        let disconnect = push::encode_disconnect(code);
-        self.outbox.finish(
-            [
-                ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect),
-                ws::encode_close(ws::Role::Server, code.as_u16(), code.reason()),
-            ],
-            drop_pending,
-        );
+        let close = ws::encode_close(ws::Role::Server, code.as_u16(), code.reason());
+        if self.outbox.message_open() {
+            // Inside a reply sent in parts only a control frame may follow: the close frame
+            // alone says why.
+            self.outbox.finish([close], drop_pending);
+        } else {
+            let disconnect = push::encode_disconnect(code);
+            let disconnect = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect);
+            self.outbox.finish([disconnect, close], drop_pending);
+        }
         self.close_by = Some(Instant::now() + CLOSE_FLUSH);
     }
 

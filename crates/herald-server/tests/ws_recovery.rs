@@ -260,49 +260,155 @@ async fn history_op_and_api_page_through_retained_publications() {
     assert!(metrics.contains("herald_history_publications 5"), "{metrics}");
 }
 
-#[tokio::test]
-async fn a_recovery_too_large_for_the_queue_is_cut_not_a_4008_loop() {
-    // 1,000 publications of ~1 KB retained, a 256 KiB queue: the whole recovery cannot fit.
-    let config = "[limits]\nmax_queue_bytes = 262144\n[namespaces.big]\nhistory_size = 1000\n";
-    let server = Server::start(config, &[]);
-    let mut api = server.api().await;
-    let pad = "q".repeat(1000);
+/// Publishes `n` publications of about `size` bytes to `channel` in batches of 20; returns the
+/// epoch.
+async fn fill(
+    api: &mut herald_client::HttpApi,
+    channel: &str,
+    from: u64,
+    n: u64,
+    size: usize,
+) -> String {
+    let pad = "q".repeat(size);
     let mut epoch = String::new();
-    for chunk in (1..=1000u64).collect::<Vec<_>>().chunks(100) {
+    for chunk in (from..from + n).collect::<Vec<_>>().chunks(20) {
         let batch: Vec<(String, Value)> =
-            chunk.iter().map(|i| ("big:r".to_string(), json!({"i": i, "pad": pad}))).collect();
+            chunk.iter().map(|i| (channel.to_string(), json!({"i": i, "pad": pad}))).collect();
         let r = api.batch(&batch).await.expect("batch");
         epoch = r["results"][0]["epoch"].as_str().expect("epoch").to_string();
     }
-    for _attempt in 0..2 {
-        let (client, mut events) = server.client().await;
-        // Three large recoveries in one frame, then live traffic.
-        let frame = (1..=3)
-            .map(|k| {
-                json!({"op": "subscribe", "id": 100 + k, "channel": format!("big:{}", ["r", "s", "t"][k as usize - 1]),
-                       "since": {"offset": 0, "epoch": epoch}})
-                .to_string()
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        client.send_text(&frame).await.expect("send");
-        // Commands are handled in order: once this reply is in, the three are subscribed.
-        let sub = client.subscribe("big:u", None).await.expect("still connected");
-        assert!(!sub.recovered);
-        let r = api.publish("big:r", &json!({"live": true})).await.expect("publish");
-        let (_, offset, data) = events.next_pub(TIMEOUT).await.expect("live publication, no 4008");
-        assert_eq!(offset, r["offset"].as_u64());
-        assert_eq!(data, json!({"live": true}));
-        client.close().await;
-    }
-    // The cut reply says so and keeps the oldest; `history` pages the rest.
-    let (client, _events) = server.client().await;
+    epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_larger_than_the_queue_streams_exactly_while_live_traffic_waits() {
+    // 400 x 8 KB (3.2 MB) to recover through a 256 KiB queue (128 KiB pages), while the same
+    // channel and another one the client already follows get live publications.
+    let config = "[limits]\nmax_queue_bytes = 262144\n[namespaces.big]\nhistory_size = 100000\n";
+    let server = Arc::new(Server::start(config, &[]));
+    let mut api = server.api().await;
+    let epoch = fill(&mut api, "big:r", 1, 400, 8000).await;
+    let (client, mut events) = server.client().await;
+    client.subscribe("big:other", None).await.expect("subscribe");
+
+    const LIVE: u64 = 200;
+    let pump = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut api = server.api().await;
+            for i in 1..=LIVE {
+                let batch = vec![
+                    ("big:r".to_string(), json!({"i": 400 + i})),
+                    ("big:other".to_string(), json!(i)),
+                ];
+                api.batch(&batch).await.expect("batch");
+            }
+        })
+    };
     let sub = client.subscribe("big:r", Some(pos(0, &epoch))).await.expect("subscribe");
-    assert!(!sub.recovered, "a cut recovery is not complete");
-    assert!(!sub.publications.is_empty() && sub.publications.len() < 1000);
-    // Two live publications trimmed offsets 1 and 2 from the 1,000 kept: the oldest is 3.
-    assert_eq!(sub.publications[0].0, Some(3));
-    let last = sub.publications.last().and_then(|p| p.0).expect("offset");
-    let next = client.history("big:r", Some(pos(last, &epoch)), Some(10)).await.expect("history");
-    assert_eq!(next["publications"][0]["offset"], json!(last + 1));
+    assert!(sub.recovered, "history holds everything after offset 0");
+    let top = sub.offset.expect("offset");
+    assert!(top >= 400);
+    assert_eq!(sub.publications.len() as u64, top, "every publication up to the reply's position");
+    for (k, (offset, data)) in sub.publications.iter().enumerate() {
+        assert_eq!(*offset, Some(k as u64 + 1), "in order, no gap");
+        assert_eq!(data["i"], json!(k + 1));
+    }
+    pump.await.expect("pump");
+    let (mut next_r, mut next_other) = (top + 1, 1);
+    while next_r <= 400 + LIVE || next_other <= LIVE {
+        let (channel, offset, data) = events.next_pub(TIMEOUT).await.expect("live publication");
+        if channel == "big:r" {
+            assert_eq!(offset, Some(next_r), "live follows the streamed reply exactly");
+            assert_eq!(data["i"], json!(next_r));
+            next_r += 1;
+        } else {
+            assert_eq!(data, json!(next_other), "held traffic of other channels keeps its order");
+            next_other += 1;
+        }
+    }
+    assert!(client.history("big:r", None, Some(0)).await.is_ok(), "still connected");
+}
+
+#[tokio::test]
+async fn a_reader_cut_inside_a_streamed_recovery_gets_only_a_close_frame_after_the_parts() {
+    let config = "[limits]\nmax_queue_bytes = 262144\nslow_consumer_grace_ms = 300\n\
+                  [namespaces.big]\nhistory_size = 100000\n";
+    let server = Server::start(config, &[]);
+    let mut api = server.api().await;
+    let epoch = fill(&mut api, "big:r", 1, 400, 8000).await;
+    let mut raw = common::RawWs::connect(&server, 4096);
+    raw.send(&json!({"op": "subscribe", "id": 1, "channel": "big:other"}).to_string());
+    raw.send(
+        &json!({"op": "subscribe", "id": 2, "channel": "big:r", "since": {"offset": 0, "epoch": epoch}})
+            .to_string(),
+    );
+    // Live traffic held behind the open reply grows the queue while the client reads nothing.
+    let pad = "z".repeat(8000);
+    for i in 0..100 {
+        api.publish("big:other", &json!({"i": i, "pad": pad})).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The decoder refuses any data frame inside the fragmented reply: reading to the close
+    // frame proves only control frames followed the parts.
+    let (messages, code) =
+        tokio::task::spawn_blocking(move || raw.read_until(Duration::from_secs(10), |_| false))
+            .await
+            .expect("reader");
+    assert_eq!(code, Some(4008), "cut as a slow consumer");
+    assert!(
+        messages.iter().all(|m| m.get("disconnect").is_none() && m["id"] != json!(2)),
+        "no disconnect push and no complete reply inside the open reply: {:?}",
+        messages
+            .iter()
+            .map(|m| m.to_string().chars().take(80).collect::<String>())
+            .collect::<Vec<_>>()
+    );
+    let text = common::metrics(&server).await;
+    assert_eq!(common::metric(&text, r#"herald_disconnects_total{code="4008"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn several_large_recoveries_in_one_frame_are_all_complete() {
+    // 1,000 publications of ~1 KB retained per channel, a 256 KiB queue.
+    let config = "[limits]\nmax_queue_bytes = 262144\n[namespaces.big]\nhistory_size = 1000\n";
+    let server = Server::start(config, &[]);
+    let mut api = server.api().await;
+    let mut epochs = Vec::new();
+    for c in ["r", "s", "t"] {
+        epochs.push(fill(&mut api, &format!("big:{c}"), 1, 1000, 1000).await);
+    }
+    let (client, mut events) = server.client().await;
+    let frame = (0..3)
+        .map(|k| {
+            json!({"op": "subscribe", "id": 100 + k, "channel": format!("big:{}", ["r", "s", "t"][k]),
+                   "since": {"offset": 0, "epoch": epochs[k]}})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    client.send_text(&frame).await.expect("send");
+    // Commands are handled in order: once this reply is in, the three are subscribed.
+    let sub = client.subscribe("big:u", None).await.expect("still connected");
+    assert!(!sub.recovered);
+    let r = api.publish("big:r", &json!({"live": true})).await.expect("publish");
+    let (_, offset, data) = events.next_pub(TIMEOUT).await.expect("live publication, no 4008");
+    assert_eq!(offset, r["offset"].as_u64());
+    assert_eq!(data, json!({"live": true}));
+    client.close().await;
+
+    // One live publication trimmed offset 1 from the 1,000 kept: since 1, all 1,000 are due.
+    let (client, _events) = server.client().await;
+    let sub = client.subscribe("big:r", Some(pos(1, &epochs[0]))).await.expect("subscribe");
+    assert!(sub.recovered, "history holds all of it");
+    let offsets: Vec<u64> = sub.publications.iter().filter_map(|p| p.0).collect();
+    assert_eq!(offsets, (2..=1001).collect::<Vec<_>>());
+    assert_eq!(sub.offset, Some(1001));
+    // From before history: what it has, oldest first, and `recovered: false`.
+    let sub = client.subscribe("big:s", Some(pos(0, &epochs[1]))).await.expect("subscribe");
+    assert!(sub.recovered, "nothing was trimmed on big:s");
+    assert_eq!(sub.publications.len(), 1000);
+    let sub = client.subscribe("big:t", Some(pos(0, "another"))).await.expect("subscribe");
+    assert!(!sub.recovered, "another epoch");
+    assert_eq!(sub.publications.len(), 1000);
 }
