@@ -19,11 +19,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::app::App;
+pub use crate::socket::PeerAddr;
 use crate::socket::{Permit, Socket};
-
-/// The client address of an HTTP request, as a request extension.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// How long a client has to send a complete HTTP request head (hyper: also the idle time
 /// allowed between requests on a kept-alive connection; the raw SSE path: from the accept).

@@ -23,6 +23,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+/// The client address of an HTTP request, as a request extension (the listener adds it,
+/// the transports read it).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// A connection's place under the node's socket cap (`limits.max_connections` +
 /// `limits.socket_reserve`), released when dropped, i.e. when the connection closes.
 #[derive(Debug)]

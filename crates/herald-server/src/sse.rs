@@ -39,8 +39,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::api::ApiError;
 use crate::app::App;
+use crate::error::ApiError;
+use crate::query::percent_decode;
+use crate::socket::PeerAddr;
 
 /// Longest interval between `: ping` comments (the contract says at least every 30 s).
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(25);
@@ -71,7 +73,7 @@ impl SseRequest {
         let mut req = SseRequest::default();
         for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = crate::ws::percent_decode(v).into_owned();
+            let v = percent_decode(v).into_owned();
             match k {
                 "channel" => req.channels.push(v),
                 "token" => req.token = Some(v),
@@ -486,7 +488,7 @@ fn with_cors(mut response: Response) -> Response {
 pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Response {
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let request = SseRequest::parse(req.uri().query(), last);
-    let ip = req.extensions().get::<crate::listener::PeerAddr>().map(|p| p.0.ip());
+    let ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let mut stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
         Err(e) => return with_cors(e.into_response()),
