@@ -150,6 +150,15 @@ struct Inner<T> {
     /// of `pending_bytes`, not of `queued_bytes`).
     held: VecDeque<T>,
     held_bytes: usize,
+    /// A reply in pages waits in [`Outbox::wait_page_room`].
+    page_waiter: bool,
+}
+
+impl<T> Inner<T> {
+    /// Bytes the writer can drain now: pending, less what waits behind an open message.
+    fn drainable(&self) -> usize {
+        self.pending_bytes - self.held_bytes
+    }
 }
 
 impl<T> Inner<T> {
@@ -205,6 +214,7 @@ impl<T: Item> Outbox<T> {
                 message_open: false,
                 held: VecDeque::new(),
                 held_bytes: 0,
+                page_waiter: false,
             }),
             notify: Notify::new(),
             drained: Notify::new(),
@@ -369,17 +379,21 @@ impl<T: Item> Outbox<T> {
         self.inner.lock().message_open
     }
 
-    /// Waits until the open message's parts pending (not what is held) are under half the
-    /// soft bound, so the next part can be read while the socket still has some to drain.
-    pub async fn wait_part_room(&self) {
+    /// Waits until what the writer can drain (not what is held behind an open message) is at
+    /// most half the soft bound, or the queue stops being open: a reply sent page by page
+    /// reads its next page then, while the socket still has some to drain.
+    pub async fn wait_page_room(&self) {
         loop {
             let drained = self.drained.notified();
             {
-                let inner = self.inner.lock();
-                let parts = inner.pending_bytes - inner.held_bytes;
-                if inner.state != OutboxState::Open || parts <= self.limits.soft_bytes / 2 {
+                let mut inner = self.inner.lock();
+                if inner.state != OutboxState::Open
+                    || inner.drainable() <= self.limits.soft_bytes / 2
+                {
+                    inner.page_waiter = false;
                     return;
                 }
+                inner.page_waiter = true;
             }
             drained.await;
         }
@@ -527,8 +541,11 @@ impl<T: Item> Outbox<T> {
         if inner.behind.is_some() {
             self.note_drained(&mut inner);
         }
-        if inner.pending_bytes == 0 || inner.message_open {
-            // A message in parts waits for its parts to drain, whatever is held.
+        let page_room = inner.page_waiter && inner.drainable() <= self.limits.soft_bytes / 2;
+        if page_room {
+            inner.page_waiter = false;
+        }
+        if inner.pending_bytes == 0 || page_room {
             self.drained.notify_one();
         }
     }

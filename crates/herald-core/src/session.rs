@@ -388,7 +388,7 @@ impl Session {
         drop(first);
         self.outbox.begin_message(fragment(ws::Opcode::Text, head, false))?;
         while let Some(after) = last.filter(|&o| o < top.offset) {
-            self.outbox.wait_part_room().await;
+            self.outbox.wait_page_room().await;
             let since = StreamPosition { offset: after, epoch: top.epoch.clone() };
             let query = HistoryQuery { since: Some(since), limit: None };
             let node = &self.node;

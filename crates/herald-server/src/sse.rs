@@ -28,7 +28,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
-use herald_broker::HistoryQuery;
+use herald_broker::{HistoryQuery, PageBounds, Publication, PublishOptions};
 use herald_core::hub::{Sink, SseItem};
 use herald_core::queue::Item;
 use herald_core::Outbox;
@@ -213,6 +213,91 @@ fn stream_event(body: Bytes) -> SseItem {
 /// when it mentions it without a usable position (reset), else the position to recover from.
 type Mentioned = Option<Option<StreamPosition>>;
 
+/// A channel whose recovery goes on after the stream opened: the publications after `last`,
+/// up to `top` (the channel's position when the stream opened), are still to be queued.
+struct Rest {
+    channel: ChannelName,
+    options: PublishOptions,
+    top: StreamPosition,
+    last: u64,
+}
+
+/// The recovered publications of one channel as the stream queues them.
+fn recovered_items(
+    channel: &ChannelName,
+    publications: &[Publication],
+    id_len: usize,
+) -> Vec<SseItem> {
+    publications
+        .iter()
+        .map(|p| SseItem {
+            channel: Some(channel.clone()),
+            offset: p.offset,
+            epoch: p.epoch.clone(),
+            body: Bytes::from(sse::encode_pub_event(channel.as_str(), p.offset, &p.data)),
+            id_len,
+        })
+        .collect()
+}
+
+/// Queues the rest of the recoveries larger than a page, channel after channel, a page at a
+/// time once the stream's writer has drained most of the previous one; each channel goes live
+/// after its last page (its live publications wait in the hub meanwhile, other channels flow).
+/// Where a later page finds history trimmed past what was sent, the channel in another epoch,
+/// or the broker failing, the stream gets `event: reset` for that channel and it goes live
+/// from the position it had when the stream opened. Ends early when the stream closes.
+async fn recover_rest(
+    node: Arc<herald_core::Node>,
+    outbox: Arc<Outbox<SseItem>>,
+    id: u64,
+    id_len: usize,
+    bounds: PageBounds,
+    rest: Vec<Rest>,
+) {
+    for Rest { channel, options, top, mut last } in rest {
+        let mut gap = false;
+        while last < top.offset {
+            outbox.wait_page_room().await;
+            let since = StreamPosition { offset: last, epoch: top.epoch.clone() };
+            let query = HistoryQuery { since: Some(since), limit: None };
+            let page = match node.broker.history_page(&channel, &options, &query, bounds).await {
+                Ok(page)
+                    if page.complete
+                        && page.position.as_ref().map(|p| &p.epoch) == Some(&top.epoch) =>
+                {
+                    page
+                }
+                _ => {
+                    gap = true;
+                    break;
+                }
+            };
+            let due: Vec<Publication> = page
+                .publications
+                .into_iter()
+                .filter(|p| p.offset.is_some_and(|o| o <= top.offset))
+                .collect();
+            let Some(newest) = due.last().and_then(|p| p.offset) else { break };
+            last = newest;
+            for item in recovered_items(&channel, &due, id_len) {
+                if outbox.push_reply(item).is_err() {
+                    return;
+                }
+            }
+        }
+        let activated = node.hub.activate(&channel, id, Some(&top), |_| {
+            if gap {
+                let reset = sse::encode_reset_event(std::iter::once(channel.as_str()));
+                outbox.push_reply(stream_event(Bytes::from(reset)))?;
+            }
+            Ok(())
+        });
+        if activated.is_err() {
+            return;
+        }
+    }
+}
+
 /// An opened stream: subscribed, with its initial events queued.
 struct SseStream {
     app: App,
@@ -306,10 +391,16 @@ impl SseStream {
         )?;
         let mut stream = SseStream { app: app.clone(), id, outbox: outbox.clone(), renderer };
 
-        // Subscribe everything first (pending: live publications are buffered), read history,
-        // then queue: retry advice, the reset event, recovered publications, live.
+        // Subscribe everything first (pending: live publications are buffered), read the first
+        // history page of each, then queue: retry advice, the reset event, recovered
+        // publications, live. A recovery larger than a page goes on page by page beside the
+        // writer ([`recover_rest`]).
+        let bounds = PageBounds {
+            max_publications: limits.max_history_page,
+            max_bytes: limits.max_history_page_bytes.min(limits.max_queue_bytes / 2),
+        };
         let mut plans = Vec::with_capacity(channels.len());
-        let mut recovery_budget = node.limits.max_queue_bytes / 2;
+        let mut rest = Vec::new();
         let mut reset = Vec::new();
         for (i, channel) in channels.iter().enumerate() {
             let conflate = channel_options[i].conflate;
@@ -347,22 +438,14 @@ impl SseStream {
             };
             let since = mentioned.clone().flatten();
             let query = HistoryQuery { limit: if since.is_some() { None } else { Some(0) }, since };
-            let page = match node.broker.history(channel, &options, &query).await {
+            let page = match node.broker.history_page(channel, &options, &query, bounds).await {
                 Ok(page) => page,
                 Err(e) => {
                     stream.abandon_all().await;
                     return Err(ApiError::new(503, e.to_string()));
                 }
             };
-            // What the stream recovers in all must fit in half its queue bound next to live
-            // traffic: a channel that would not fit is reset instead (a stream always opens).
-            let recovered_bytes: usize =
-                page.publications.iter().map(|p| p.data.len() + 64 + id_len).sum();
-            let recovered =
-                query.since.is_some() && page.complete && recovery_budget >= recovered_bytes;
-            if recovered {
-                recovery_budget -= recovered_bytes;
-            }
+            let recovered = query.since.is_some() && page.complete;
             if mentioned.is_some() && !recovered {
                 reset.push(channel.as_str().to_string());
             }
@@ -374,25 +457,19 @@ impl SseStream {
                 (_, Some(p)) => stream.renderer.set(i, &Arc::from(p.epoch.as_str()), p.offset),
                 (_, None) => {}
             }
-            let recovered_items: Vec<SseItem> = if recovered {
-                page.publications
-                    .iter()
-                    .map(|p| SseItem {
-                        channel: Some(channel.clone()),
-                        offset: p.offset,
-                        epoch: p.epoch.clone(),
-                        body: Bytes::from(sse::encode_pub_event(
-                            channel.as_str(),
-                            p.offset,
-                            &p.data,
-                        )),
-                        id_len,
-                    })
-                    .collect()
+            let items = if recovered {
+                recovered_items(channel, &page.publications, id_len)
             } else {
                 Vec::new()
             };
-            plans.push((page.position, recovered_items));
+            let last = page.publications.last().and_then(|p| p.offset);
+            match (page.position, last) {
+                (Some(top), Some(last)) if recovered && page.more => {
+                    rest.push(Rest { channel: channel.clone(), options, top, last });
+                    plans.push((None, items, false));
+                }
+                (position, _) => plans.push((position, items, true)),
+            }
         }
 
         outbox.push_final(stream_event(Bytes::from(format!("retry: {RETRY_MS}\n\n"))));
@@ -401,14 +478,20 @@ impl SseStream {
                 reset.iter().map(String::as_str),
             ))));
         }
-        for (channel, (position, items)) in channels.iter().zip(plans) {
-            let activated = node.hub.activate(channel, id, position.as_ref(), |_| {
+        for (channel, (position, items, live)) in channels.iter().zip(plans) {
+            let queue_items = |_: &Sink| {
                 for item in items {
                     outbox.push_reply(item)?;
                 }
                 Ok(())
-            });
-            if activated.is_err() {
+            };
+            // A channel with more to recover goes live once its last page is queued.
+            let queued = if live {
+                node.hub.activate(channel, id, position.as_ref(), queue_items)
+            } else {
+                queue_items(&sink())
+            };
+            if queued.is_err() {
                 stream.abandon_all().await;
                 return Err(ApiError::new(503, "the stream overflowed while it was opened"));
             }
@@ -416,6 +499,9 @@ impl SseStream {
         // An event with only an id: the browser records the position without an event firing.
         outbox.push_final(SseItem { id_len, ..stream_event(Bytes::new()) });
         node.metrics.subscriptions.fetch_add(channels.len() as i64, Ordering::Relaxed);
+        if !rest.is_empty() {
+            tokio::spawn(recover_rest(node, outbox, id, id_len, bounds, rest));
+        }
         Ok(stream)
     }
 

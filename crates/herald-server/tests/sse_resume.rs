@@ -805,6 +805,79 @@ async fn header_wins_over_query() {
     assert_eq!(offsets, [4, 5]);
 }
 
+/// A resume whose missed publications are far larger than the stream's queue: every one is
+/// delivered, in order, page by page as the stream drains, with live publications of the same
+/// channel after them and those of another channel flowing meanwhile; no reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_larger_than_the_queue_streams_every_missed_publication() {
+    let config = "[limits]\nmax_queue_bytes = 262144\n[namespaces.big]\nhistory_size = 100000\n";
+    let server = Server::start(config, &[]);
+    let mut api = server.api().await;
+    let chans = ["big:a", "big:b"];
+    let path = "/sse?channel=big:a&channel=big:b";
+    let mut c = SseClient::open(server.addr, path, None).await;
+    read_start(&mut c).await;
+    for ch in chans {
+        publish(&mut api, ch, json!({"i": 1})).await;
+        next_pub(&mut c).await;
+    }
+    let last = c.last_event_id.clone();
+    drop_all_streams(&server).await;
+    expect_disconnect(&mut c).await;
+    // Missed: 400 x 8 KB (3.2 MB, 25 pages of 128 KiB) on big:a, 50 small ones on big:b.
+    let pad = "q".repeat(8000);
+    for chunk in (2..=401u64).collect::<Vec<_>>().chunks(20) {
+        let batch: Vec<(String, Value)> =
+            chunk.iter().map(|i| ("big:a".to_string(), json!({"i": i, "pad": pad}))).collect();
+        api.batch(&batch).await.expect("batch");
+    }
+    for i in 2..=51 {
+        publish(&mut api, "big:b", json!({"i": i})).await;
+    }
+    let mut c = SseClient::open(server.addr, path, Some(&last)).await;
+    // Live publications while the recovery streams.
+    const LIVE: u64 = 100;
+    let pump = {
+        let mut api = server.api().await;
+        tokio::spawn(async move {
+            for i in 1..=LIVE {
+                let batch = vec![
+                    ("big:a".to_string(), json!({"i": 401 + i})),
+                    ("big:b".to_string(), json!({"i": 51 + i})),
+                ];
+                api.batch(&batch).await.expect("batch");
+            }
+        })
+    };
+    let mut next = BTreeMap::from([("big:a", 2u64), ("big:b", 2u64)]);
+    let end = BTreeMap::from([("big:a", 401 + LIVE), ("big:b", 51 + LIVE)]);
+    while next.iter().any(|(ch, n)| *n <= end[ch]) {
+        let item = c.next().await.expect("stream ended");
+        match &item {
+            Item::Comment(_) | Item::IdOnly(_) => continue,
+            Item::Event { event, .. } if event == "pub" => {}
+            other => panic!("only publications are due, got {other:?}"),
+        }
+        let p = as_pub(&item).expect("pub");
+        let n = next.get_mut(p.channel.as_str()).expect("a stream channel");
+        assert_eq!(p.offset, Some(*n), "{}: every publication once, in order", p.channel);
+        assert_eq!(p.data["i"], json!(*n));
+        // The id always holds the channel's position as delivered.
+        assert_eq!(
+            parse_id(&p.id, &chans)
+                .iter()
+                .find(|(ch, _)| *ch == p.channel)
+                .unwrap()
+                .1
+                .as_ref()
+                .map(|x| x.1),
+            Some(*n)
+        );
+        *n += 1;
+    }
+    pump.await.expect("pump");
+}
+
 #[tokio::test]
 async fn reset_when_history_was_trimmed() {
     let server = Server::start(CONFIG, &[]);
