@@ -11,7 +11,7 @@ use herald_protocol::{ChannelName, ErrorCode, StreamPosition};
 
 use crate::auth::TokenVerifier;
 use crate::hub::{Hub, Sink};
-use crate::metrics::Metrics;
+use crate::metrics::{LimitKind, Metrics};
 use crate::options::{ChannelOptions, Namespaces};
 
 /// Limits every connection and publication of the node obeys.
@@ -197,6 +197,17 @@ pub enum ConnectionLimit {
     /// `limits.max_connections_per_ip`.
     #[error("this address holds its maximum of connections")]
     Ip,
+}
+
+impl ConnectionLimit {
+    /// The limit as the metrics count it.
+    pub fn kind(self) -> LimitKind {
+        match self {
+            ConnectionLimit::Node => LimitKind::Connections,
+            ConnectionLimit::User => LimitKind::ConnectionsPerUser,
+            ConnectionLimit::Ip => LimitKind::ConnectionsPerIp,
+        }
+    }
 }
 
 struct Registered {

@@ -51,14 +51,6 @@ pub struct Session {
     refused: u32,
 }
 
-fn limit_kind(e: ConnectionLimit) -> LimitKind {
-    match e {
-        ConnectionLimit::Node => LimitKind::Connections,
-        ConnectionLimit::User => LimitKind::ConnectionsPerUser,
-        ConnectionLimit::Ip => LimitKind::ConnectionsPerIp,
-    }
-}
-
 impl Session {
     /// A session for a new connection, authenticated by `token` when the upgrade carried one.
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, token: Option<VerifiedToken>) -> Self {
@@ -88,7 +80,7 @@ impl Session {
         node.registry
             .register(self.id, self.user.as_deref(), self.expires_at, ip, sink, &node.limits)
             .inspect_err(|e| {
-                node.metrics.limit(limit_kind(*e));
+                node.metrics.limit(e.kind());
             })
     }
 
@@ -209,7 +201,7 @@ impl Session {
                     Ok(VerifiedToken { user, expires_at }) => {
                         let node = &self.node;
                         if let Err(e) = node.registry.set_user(self.id, &user, &node.limits) {
-                            node.metrics.limit(limit_kind(e));
+                            node.metrics.limit(e.kind());
                             return Err(CloseCode::LimitReached);
                         }
                         node.registry.set_expiry(self.id, expires_at);

@@ -375,17 +375,7 @@ impl SseStream {
         let id = node.next_connection_id();
         node.registry.register(id, user.as_deref(), expires_at, ip, sink(), &node.limits).map_err(
             |e| {
-                node.metrics.limit(match e {
-                    herald_core::node::ConnectionLimit::Node => {
-                        herald_core::metrics::LimitKind::Connections
-                    }
-                    herald_core::node::ConnectionLimit::User => {
-                        herald_core::metrics::LimitKind::ConnectionsPerUser
-                    }
-                    herald_core::node::ConnectionLimit::Ip => {
-                        herald_core::metrics::LimitKind::ConnectionsPerIp
-                    }
-                });
+                node.metrics.limit(e.kind());
                 ApiError::new(429, e.to_string())
             },
         )?;
