@@ -367,6 +367,17 @@ impl Client {
         self.call(id, finish(cmd)).await
     }
 
+    /// Replaces the connection's token with `token`, a new token for the same user, before the
+    /// current one expires (else the server closes with 4012). A bad token, or one for another
+    /// user, is [`ClientError::Reply`] 401 and leaves the connection as it was.
+    pub async fn refresh(&self, token: &str) -> Result<(), ClientError> {
+        let id = self.shared.next_id();
+        let mut cmd = command("refresh", id);
+        cmd.extend_from_slice(b",\"token\":");
+        write_json(&mut cmd, token);
+        self.call(id, finish(cmd)).await.map(drop)
+    }
+
     /// Sends any command JSON (without id handling) or raw text as one text frame; for
     /// protocol tests. Returns once queued (not written).
     pub async fn send_text(&self, text: &str) -> Result<(), ClientError> {

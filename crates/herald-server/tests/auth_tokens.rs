@@ -89,6 +89,9 @@ async fn expired_tokens_close_with_4012_unless_refreshed_for_the_same_user() {
     refreshed.subscribe("news", None).await.unwrap();
     let later = token(json!({"sub": "bob", "exp": now() + 600.0}));
     assert_eq!(refresh(&refreshed, 1_000_000, &later).await, Ok(json!({})));
+    // The client library's own call, once more with a still later token.
+    let latest = token(json!({"sub": "bob", "exp": now() + 700.0}));
+    refreshed.refresh(&latest).await.expect("refresh through herald-client");
 
     // Refreshed with another user's token, a forged one, an expired one: 401, and the
     // connection stays as it was (served now, closed at its original expiry).
