@@ -26,8 +26,9 @@ use crate::queue::{Item, Outbox, PushError};
 
 const SHARDS: usize = 128;
 
-/// Most publications buffered for one pending subscription before it counts as a slow consumer.
-const MAX_PENDING_PUBLICATIONS: usize = 16 * 1024;
+/// Most publications buffered for one pending subscription before it counts as a slow consumer
+/// (their bytes are bounded too: by the subscriber queue's hard cap, see [`Sink::hard_bytes`]).
+pub const MAX_PENDING_PUBLICATIONS: usize = 16 * 1024;
 
 /// One publication as an SSE stream queues it: the shared event bytes plus the position the
 /// stream's writer folds into the per-stream event id.
@@ -69,6 +70,15 @@ impl Sink {
         match self {
             Sink::Ws(o) => o.overflow(),
             Sink::Sse(o, _) => o.overflow(),
+        }
+    }
+
+    /// The hard cap of the subscriber's queue, in bytes: also the most a pending subscription
+    /// buffers in the hub.
+    pub fn hard_bytes(&self) -> usize {
+        match self {
+            Sink::Ws(o) => o.limits().hard_bytes,
+            Sink::Sse(o, _) => o.limits().hard_bytes,
         }
     }
 
@@ -194,6 +204,8 @@ struct Pending {
     id: u64,
     sink: Sink,
     buffered: Vec<Publication>,
+    /// Bytes of `data` in `buffered`.
+    buffered_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -268,7 +280,7 @@ impl Hub {
         if first {
             self.metrics.channels.fetch_add(1, Ordering::Relaxed);
         }
-        entry.pending.push(Pending { id, sink, buffered: Vec::new() });
+        entry.pending.push(Pending { id, sink, buffered: Vec::new(), buffered_bytes: 0 });
         first
     }
 
@@ -374,10 +386,21 @@ impl BrokerHandler for Hub {
         self.metrics.backlog_bytes.fetch_add(backlog as i64, Ordering::Relaxed);
         self.metrics.deliveries_out.fetch_add(entry.live.len() as u64, Ordering::Relaxed);
         for pending in &mut entry.pending {
-            if pending.buffered.len() >= MAX_PENDING_PUBLICATIONS {
-                pending.sink.overflow();
+            // A subscription pending for long (a large recovery read slowly) buffers a bounded
+            // amount; beyond it the connection is a slow consumer (4008) and recovers.
+            let bytes = pending.buffered_bytes.saturating_add(publication.data.len());
+            if pending.buffered.len() >= MAX_PENDING_PUBLICATIONS
+                || bytes > pending.sink.hard_bytes()
+            {
+                if pending.buffered_bytes != usize::MAX {
+                    // Once: the buffer is freed and nothing more is buffered for it.
+                    pending.buffered = Vec::new();
+                    pending.buffered_bytes = usize::MAX;
+                    pending.sink.overflow();
+                }
                 continue;
             }
+            pending.buffered_bytes = bytes;
             pending.buffered.push(publication.clone());
         }
     }
@@ -420,6 +443,24 @@ mod tests {
         assert!(!hub.unsubscribe(&c, 1));
         assert!(hub.unsubscribe(&c, 2));
         assert!(hub.channels().is_empty());
+    }
+
+    #[test]
+    fn a_pending_subscription_buffers_at_most_its_queue_cap() {
+        let hub = Hub::new(Arc::new(Metrics::default()));
+        let c = ChannelName::parse("c").unwrap();
+        let a = Arc::new(Outbox::new(1000, 1000, Arc::new(Metrics::default())));
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false);
+        let big = Publication { offset: None, epoch: None, data: Bytes::from(vec![b'1'; 400]) };
+        hub.handle_publication(&c, &big);
+        hub.handle_publication(&c, &big);
+        assert_eq!(a.state(), crate::queue::OutboxState::Open);
+        hub.handle_publication(&c, &big);
+        assert_eq!(
+            a.state(),
+            crate::queue::OutboxState::Overflowed,
+            "1,200 bytes over a 1,000 cap"
+        );
     }
 
     #[test]

@@ -138,9 +138,11 @@ struct Inner<T> {
     blocked: bool,
     /// Since when the writer has found the socket full without writing a byte.
     blocked_since: Option<Instant>,
-    /// The current grace period: when it started and what was pending then. `None` while the
-    /// connection is not behind.
-    behind: Option<(Instant, usize)>,
+    /// The current grace period: when it started, what was pending then and `written_total`
+    /// then. `None` while the connection is not behind.
+    behind: Option<(Instant, usize, u64)>,
+    /// Bytes the writer has written, ever.
+    written_total: u64,
     state: OutboxState,
     /// The server asked this connection to close with this code (e.g. `POST /api/disconnect`).
     close_request: Option<CloseCode>,
@@ -155,9 +157,18 @@ struct Inner<T> {
 }
 
 impl<T> Inner<T> {
-    /// Bytes the writer can drain now: pending, less what waits behind an open message.
-    fn drainable(&self) -> usize {
-        self.pending_bytes - self.held_bytes
+    /// Bytes the writer can drain now: pending, less what waits behind an open message (held
+    /// pushes, conflated values).
+    fn drainable(&self) -> usize
+    where
+        T: Item,
+    {
+        let waiting = if self.message_open {
+            self.held_bytes + self.conflated.iter().map(|(_, f)| f.wire_len()).sum::<usize>()
+        } else {
+            0
+        };
+        self.pending_bytes.saturating_sub(waiting)
     }
 }
 
@@ -209,6 +220,7 @@ impl<T: Item> Outbox<T> {
                 blocked: false,
                 blocked_since: None,
                 behind: None,
+                written_total: 0,
                 state: OutboxState::Open,
                 close_request: None,
                 message_open: false,
@@ -232,7 +244,7 @@ impl<T: Item> Outbox<T> {
     /// times it); returns true when it did.
     fn note_behind(&self, inner: &mut Inner<T>) -> bool {
         if inner.behind.is_none() && inner.is_behind(&self.limits) {
-            inner.behind = Some((Instant::now(), inner.pending_bytes));
+            inner.behind = Some((Instant::now(), inner.pending_bytes, inner.written_total));
             return true;
         }
         false
@@ -299,6 +311,18 @@ impl<T: Item> Outbox<T> {
         part: bool,
         fits: impl FnOnce(&Inner<T>, usize) -> bool,
     ) -> Result<usize, PushError> {
+        self.enqueue_part(frame, part, false, fits)
+    }
+
+    /// [`Outbox::enqueue`]; with `opens`, the frame opens a message in parts, in the same
+    /// critical section (no other push can come between it and the message being open).
+    fn enqueue_part(
+        &self,
+        frame: T,
+        part: bool,
+        opens: bool,
+        fits: impl FnOnce(&Inner<T>, usize) -> bool,
+    ) -> Result<usize, PushError> {
         let mut inner = self.inner.lock();
         inner.state.accepts()?;
         let len = frame.wire_len();
@@ -324,6 +348,7 @@ impl<T: Item> Outbox<T> {
         inner.pending_bytes += len;
         inner.queued_bytes += len;
         inner.frames.push_back(frame);
+        inner.message_open |= opens;
         let counted = if inner.blocked { 0 } else { len };
         let behind = self.note_behind(&mut inner);
         drop(inner);
@@ -338,8 +363,7 @@ impl<T: Item> Outbox<T> {
     /// reply ([`Outbox::push_reply`]).
     pub fn begin_message(&self, first: T) -> Result<(), PushError> {
         let max = self.limits.hard_bytes;
-        let counted = self.enqueue(first, true, |inner, _| inner.pending_bytes < max)?;
-        self.inner.lock().message_open = true;
+        let counted = self.enqueue_part(first, true, true, |inner, _| inner.pending_bytes < max)?;
         self.add_backlog(counted);
         Ok(())
     }
@@ -379,7 +403,7 @@ impl<T: Item> Outbox<T> {
         self.inner.lock().message_open
     }
 
-    /// Waits until what the writer can drain (not what is held behind an open message) is at
+    /// Waits until what the writer can drain (not what waits behind an open message) is at
     /// most half the soft bound, or the queue stops being open: a reply sent page by page
     /// reads its next page then, while the socket still has some to drain.
     pub async fn wait_page_room(&self) {
@@ -535,6 +559,7 @@ impl<T: Item> Outbox<T> {
     pub fn written(&self, n: usize) {
         let mut inner = self.inner.lock();
         inner.pending_bytes = inner.pending_bytes.saturating_sub(n);
+        inner.written_total += n as u64;
         if n > 0 {
             inner.blocked_since = None;
         }
@@ -592,7 +617,7 @@ impl<T: Item> Outbox<T> {
         if inner.state != OutboxState::Open {
             return None;
         }
-        let grace = inner.behind.map(|(since, _)| since + self.limits.grace);
+        let grace = inner.behind.map(|(since, ..)| since + self.limits.grace);
         let stalled = inner.blocked_since.map(|since| since + self.limits.write_timeout);
         match (grace, stalled) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -613,13 +638,20 @@ impl<T: Item> Outbox<T> {
             .blocked_since
             .is_some_and(|since| now.duration_since(since) >= self.limits.write_timeout);
         let mut slow = stalled;
-        if let Some((since, pending_then)) = inner.behind {
+        if let Some((since, pending_then, written_then)) = inner.behind {
             if now.duration_since(since) >= self.limits.grace {
-                if inner.pending_bytes >= pending_then {
-                    slow = true;
+                // Inside a message in parts what is held cannot drain before its end: progress
+                // is then the socket taking bytes at all (the hard cap bounds what is held).
+                let progress = if inner.message_open {
+                    inner.written_total > written_then
                 } else {
+                    inner.pending_bytes < pending_then
+                };
+                if progress {
                     // Draining, if slowly: judge it again over the next period.
-                    inner.behind = Some((now, inner.pending_bytes));
+                    inner.behind = Some((now, inner.pending_bytes, inner.written_total));
+                } else {
+                    slow = true;
                 }
             }
         }
@@ -904,5 +936,82 @@ mod tests {
         let waiter = tokio::spawn(async move { q2.notified().await });
         q.push(frame(1)).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    }
+    fn part_limits(soft_bytes: usize, grace: Duration) -> QueueLimits {
+        QueueLimits {
+            soft_bytes,
+            hard_bytes: 32 * soft_bytes,
+            soft_messages: 100_000,
+            hard_messages: 800_000,
+            grace,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// A conflated value pushed inside a message waits for its end: it must not count as
+    /// drainable, or the next page would wait for ever.
+    #[tokio::test]
+    async fn conflated_values_inside_a_message_do_not_block_its_pages() {
+        let q = Outbox::with_limits(
+            part_limits(1000, Duration::from_secs(3)),
+            Arc::new(Metrics::default()),
+        );
+        let c = ChannelName::parse("c").unwrap();
+        q.begin_message(frame(100)).unwrap();
+        q.push_conflated(&c, frame(600)).unwrap();
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        q.written(100);
+        tokio::time::timeout(Duration::from_secs(1), q.wait_page_room())
+            .await
+            .expect("room for the next page");
+    }
+
+    /// Inside a message, held traffic cannot drain before its end: a reader writing every part
+    /// as it comes is making progress, not slow.
+    #[test]
+    fn a_reader_draining_every_part_is_not_cut_while_held_traffic_grows() {
+        let grace = Duration::from_millis(1);
+        let q = Outbox::with_limits(part_limits(1000, grace), Arc::new(Metrics::default()));
+        q.begin_message(frame(400)).unwrap();
+        let mut taken = VecDeque::new();
+        for _ in 0..100 {
+            q.push(frame(100)).unwrap();
+            q.push_part(frame(400)).unwrap();
+            taken.clear();
+            q.take(&mut taken);
+            q.written(taken.iter().map(|f| f.len()).sum());
+            std::thread::sleep(grace * 2);
+            assert!(!q.check_progress(Instant::now()), "cut while draining every part");
+        }
+        // A reader that stops taking bytes is cut.
+        q.push_part(frame(400)).unwrap();
+        std::thread::sleep(grace * 2);
+        assert!(q.check_progress(Instant::now()), "no byte written for a grace period");
+    }
+
+    /// No push from another thread can land between a message's first part and the message
+    /// being open.
+    #[test]
+    fn nothing_comes_between_the_first_part_and_the_open_message() {
+        for _round in 0..300 {
+            let q = Arc::new(Outbox::new(1 << 30, 1 << 30, Arc::new(Metrics::default())));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (q2, s2) = (q.clone(), stop.clone());
+            let pusher = std::thread::spawn(move || {
+                while !s2.load(Ordering::Relaxed) {
+                    let _ = q2.push(frame(1));
+                }
+            });
+            while q.pending_bytes() == 0 {
+                std::hint::spin_loop();
+            }
+            q.begin_message(frame(7)).unwrap();
+            stop.store(true, Ordering::Relaxed);
+            pusher.join().unwrap();
+            let mut taken = VecDeque::new();
+            q.take(&mut taken);
+            assert_eq!(taken.back().map(|f| f.len()), Some(7), "a frame after the first part");
+        }
     }
 }

@@ -385,10 +385,14 @@ impl SseStream {
         // history page of each, then queue: retry advice, the reset event, recovered
         // publications, live. A recovery larger than a page goes on page by page beside the
         // writer ([`recover_rest`]).
+        // A page, with the id line each event gets, fills at most half the queue; so do the
+        // first pages queued at open, all channels together (`budget`).
+        let half = limits.max_queue_bytes / 2;
         let bounds = PageBounds {
-            max_publications: limits.max_history_page,
-            max_bytes: limits.max_history_page_bytes.min(limits.max_queue_bytes / 2),
+            max_publications: limits.max_history_page.min((half / (id_len + 64)).max(1)),
+            max_bytes: limits.max_history_page_bytes.min(half),
         };
+        let mut budget = half;
         let mut plans = Vec::with_capacity(channels.len());
         let mut rest = Vec::new();
         let mut reset = Vec::new();
@@ -447,16 +451,28 @@ impl SseStream {
                 (_, Some(p)) => stream.renderer.set(i, &Arc::from(p.epoch.as_str()), p.offset),
                 (_, None) => {}
             }
-            let items = if recovered {
+            let mut items = if recovered {
                 recovered_items(channel, &page.publications, id_len)
             } else {
                 Vec::new()
             };
-            let last = page.publications.last().and_then(|p| p.offset);
+            let bytes: usize = items.iter().map(|i| i.wire_len()).sum();
+            let mut last = page.publications.last().and_then(|p| p.offset);
+            if bytes > budget {
+                // Queued later, page by page, from the start.
+                items.clear();
+                last = query.since.as_ref().map(|s| s.offset);
+            } else {
+                budget -= bytes;
+            }
             match (page.position, last) {
-                (Some(top), Some(last)) if recovered && page.more => {
-                    rest.push(Rest { channel: channel.clone(), options, top, last });
-                    plans.push((None, items, false));
+                (Some(top), Some(last)) if recovered && (page.more || items.is_empty()) => {
+                    if last < top.offset {
+                        rest.push(Rest { channel: channel.clone(), options, top, last });
+                        plans.push((None, items, false));
+                    } else {
+                        plans.push((Some(top), items, true));
+                    }
                 }
                 (position, _) => plans.push((position, items, true)),
             }

@@ -878,6 +878,39 @@ async fn a_resume_larger_than_the_queue_streams_every_missed_publication() {
     pump.await.expect("pump");
 }
 
+/// Forty channels, each with more than a page to recover: the first pages queued at open share
+/// half the queue, the rest follows page by page; the stream opens (no 503) and delivers all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_channels_with_large_resumes_open_and_deliver_everything() {
+    let server = Server::start("[namespaces.big]\nhistory_size = 100000\n", &[]);
+    let mut api = server.api().await;
+    let names: Vec<String> = (0..40).map(|i| format!("big:c{i}")).collect();
+    let mut entries = Vec::new();
+    for ch in &names {
+        let batch: Vec<(String, Value)> = (1..=1001).map(|i| (ch.clone(), json!(i))).collect();
+        let r = api.batch(&batch).await.expect("batch");
+        let epoch = r["results"][0]["epoch"].as_str().unwrap().to_string();
+        entries.push(format!("{}0", tag(ch, &epoch)));
+    }
+    let id = format!("~{}", entries.join(";"));
+    let query: Vec<String> = names.iter().map(|c| format!("channel={c}")).collect();
+    let mut c = SseClient::open(server.addr, &format!("/sse?{}", query.join("&")), Some(&id)).await;
+    assert_eq!(c.status, 200, "resume refused: {:?}", c.headers);
+    let mut next: BTreeMap<String, u64> = names.iter().map(|n| (n.clone(), 1)).collect();
+    let mut left = 40 * 1001;
+    while left > 0 {
+        let item = c.next().await.expect("stream ended");
+        let Some(p) = as_pub(&item) else {
+            assert!(!matches!(&item, Item::Event { .. }), "only publications are due: {item:?}");
+            continue;
+        };
+        let n = next.get_mut(&p.channel).expect("a stream channel");
+        assert_eq!((p.offset, p.data), (Some(*n), json!(*n)), "{}: in order, once", p.channel);
+        *n += 1;
+        left -= 1;
+    }
+}
+
 #[tokio::test]
 async fn reset_when_history_was_trimmed() {
     let server = Server::start(CONFIG, &[]);
