@@ -35,7 +35,9 @@
 //! [`Outbox::begin_message`], [`Outbox::push_part`], [`Outbox::end_message`]. Nothing else may
 //! come between the parts (WebSocket forbids data frames inside a fragmented message), so while
 //! a message is open everything else pushed waits in a held queue, counted against the bounds
-//! like any pending byte, and follows the last part.
+//! like any pending byte, and follows the last part. What is held cannot drain before the
+//! message ends, so while a message is open the grace rule counts the socket taking bytes at
+//! all as progress; the hard cap bounds what is held.
 //!
 //! # Backlog: telling an overloaded node from a slow client
 //!
