@@ -24,4 +24,7 @@ pub struct App {
     pub shutdown_timeout: Duration,
     /// When the server started.
     pub started: Instant,
+    /// The runtime serving HTTP requests (see [`crate::config::Config::api_threads`]); `None`:
+    /// they are served on the current runtime.
+    pub api: Option<tokio::runtime::Handle>,
 }

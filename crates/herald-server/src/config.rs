@@ -65,6 +65,7 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("", "node_id", Kind::Str),
     ("", "shutdown_timeout_secs", int(0, 3600)),
     ("", "write_coalescing", Kind::Bool),
+    ("", "api_threads", int(0, 64)),
     ("limits", "max_message_bytes", int(16, BYTES_MAX)),
     ("limits", "max_body_bytes", int(64, BYTES_MAX)),
     ("limits", "max_publication_bytes", int(1, BYTES_MAX)),
@@ -206,6 +207,9 @@ pub struct Config {
     /// Write every frame queued for a connection in one vectored write (default); `false`
     /// writes one frame per system call, only to measure what coalescing gains.
     pub write_coalescing: bool,
+    /// Threads of the runtime serving HTTP requests (publishers, the API), apart from the
+    /// runtime that runs WebSocket and SSE connections; 0 serves everything on one runtime.
+    pub api_threads: usize,
     /// Limits.
     pub limits: Limits,
     /// One HTTP request body; beyond: 413.
@@ -584,6 +588,7 @@ impl Config {
                 get_int(t, &["shutdown_timeout_secs"]).unwrap_or(5) as u64,
             ),
             write_coalescing: get_bool(t, &["write_coalescing"]).unwrap_or(true),
+            api_threads: get_int(t, &["api_threads"]).unwrap_or(1) as usize,
             limits,
             max_body_bytes,
             socket_send_buffer,

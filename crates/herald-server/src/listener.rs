@@ -6,6 +6,13 @@
 //! at once. Then the first bytes are read (at most 9, within [`FIRST_BYTES_TIMEOUT`]): `GET /sse`
 //! followed by `?` or a space goes to [`crate::sse::serve_raw`], everything else to hyper
 //! through a [`Socket`] that replays those bytes. Nothing polls: each step awaits readiness.
+//!
+//! Plain HTTP requests (publishers, the API; everything but a WebSocket upgrade `GET /ws` and
+//! a raw event stream) are served on their own runtime ([`App::api`], `api_threads`): on the
+//! runtime of the connections, a publisher's next request waited behind every subscriber
+//! writer its last publication woke (tokio runs woken tasks in order), so each writer found
+//! only a few frames per write and the node paid a system call per subscriber per handful of
+//! publications (see `docs/architecture.md`, "Publishers and fan-out").
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,25 +150,78 @@ pub async fn run(listener: TcpListener, app: App) {
                 tracker.spawn(crate::sse::serve_raw(stream, prefix, permit, app2, deadline));
                 return;
             }
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                // A request head must arrive within this (slowloris connections are dropped).
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(Socket::new(stream, prefix, permit)), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "http connection ended with error");
-                    }
+            match app2.api.as_ref().filter(|_| !is_ws_request(&prefix)) {
+                Some(api) => {
+                    // Moved to the API runtime's reactor: deregistered here, registered there.
+                    let Ok(stream) = stream.into_std() else { return };
+                    let serve = async move {
+                        let Ok(stream) = TcpStream::from_std(stream) else { return };
+                        serve_http(stream, prefix, permit, service, shutdown, peer).await;
+                    };
+                    api.spawn(app2.tracker.track_future(serve));
                 }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-                }
+                None => serve_http(stream, prefix, permit, service, shutdown, peer).await,
             }
         });
+    }
+}
+
+/// True when `prefix`, a connection's first bytes, may start a WebSocket upgrade (`GET /ws`
+/// then a space or `?`): such connections stay on the connections' runtime.
+fn is_ws_request(prefix: &[u8]) -> bool {
+    const WS: &[u8] = b"GET /ws";
+    let n = prefix.len().min(WS.len());
+    prefix[..n] == WS[..n] && prefix.get(WS.len()).is_none_or(|b| *b == b' ' || *b == b'?')
+}
+
+/// Serves one HTTP/1.1 connection (with upgrades) until it ends or shutdown.
+async fn serve_http<S>(
+    stream: TcpStream,
+    prefix: Vec<u8>,
+    permit: Permit,
+    service: S,
+    shutdown: tokio_util::sync::CancellationToken,
+    peer: std::net::SocketAddr,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // A request head must arrive within this (slowloris connections are dropped).
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(Socket::new(stream, prefix, permit)), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "http connection ended with error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_upgrades_are_told_from_other_requests() {
+        for ws in [&b"GET /ws "[..], b"GET /ws?token=x", b"GET /w", b"GET /ws", b"GE"] {
+            assert!(is_ws_request(ws), "{}", String::from_utf8_lossy(ws));
+        }
+        for other in [&b"POST /api/publish"[..], b"GET /wsx", b"GET /metrics", b"PUT /ws "] {
+            assert!(!is_ws_request(other), "{}", String::from_utf8_lossy(other));
+        }
     }
 }

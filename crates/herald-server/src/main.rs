@@ -158,7 +158,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local = listener.local_addr()?;
+    // Plain HTTP requests get their own runtime (see `herald_server::listener`).
+    let api_runtime = match config.api_threads {
+        0 => None,
+        n => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .thread_name("herald-api")
+                .enable_all()
+                .build()
+                .context("cannot start the API runtime")?,
+        ),
+    };
     let app = App {
+        api: api_runtime.as_ref().map(|r| r.handle().clone()),
         node: node.clone(),
         shutdown_timeout: config.shutdown_timeout,
         config: Arc::new(config),
@@ -182,6 +195,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let deadline = app.shutdown_timeout + Duration::from_secs(1);
     if tokio::time::timeout(deadline, app.tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {deadline:?}");
+    }
+    if let Some(runtime) = api_runtime {
+        runtime.shutdown_background();
     }
     tracing::info!("stopped");
     Ok(())
