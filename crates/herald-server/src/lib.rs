@@ -7,11 +7,13 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+mod conn;
 pub mod error;
 pub mod listener;
 mod query;
 pub mod socket;
 pub mod sse;
+mod wire;
 pub mod ws;
 
 use std::sync::Arc;

@@ -14,12 +14,13 @@
 //!
 //! Streams are normally served on the raw socket (the listener recognises `GET /sse` from the
 //! first bytes it reads), so an idle stream holds no HTTP buffers; a `/sse` request arriving on a
-//! kept-alive HTTP connection is served through hyper with the same session and encoding. On
-//! both paths the `disconnect` event is the last thing written: nothing queued after it is
-//! rendered.
+//! kept-alive HTTP connection is served through hyper with the same session and encoding, its
+//! chunks written into a streaming body ([`crate::wire::BodyWire`]). Both paths run on the
+//! connection skeleton ([`crate::conn::Conn`]: writer, slow-consumer rule, close sequence); this
+//! module adds what is SSE's own ([`EventStream`]). On both paths the `disconnect` event is the
+//! last thing written: nothing queued after it is rendered.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use herald_broker::{HistoryQuery, PageBounds, Publication, PublishOptions};
 use herald_core::hub::{Sink, SseItem};
 use herald_core::queue::Item;
@@ -40,22 +41,21 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::app::App;
+use crate::conn::{Close, Conn, Transport, MAX_IOVECS};
 use crate::error::ApiError;
 use crate::query::percent_decode;
 use crate::socket::PeerAddr;
+use crate::wire::{BodyWire, Wire};
 
 /// Longest interval between `: ping` comments (the contract says at least every 30 s).
 const MAX_PING_INTERVAL: Duration = Duration::from_secs(25);
 /// Largest request head read on the raw path; beyond: 431.
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
-/// Most iovecs handed to one `writev`.
-const MAX_IOVECS: usize = 512;
 /// Most events rendered at once (an `id:` line and a body each: one `writev`'s worth).
 const RENDER_EVENTS: usize = MAX_IOVECS / 2;
-/// How long a stream may take to send its last event when it is closed by the server.
-const CLOSE_FLUSH: Duration = Duration::from_secs(5);
-/// How long the hyper path waits for a stalled client to take the next chunk.
-const HYPER_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Chunks (render batches) of a stream served through hyper that may wait for hyper to write
+/// them: that path's "socket buffer".
+const BODY_CHUNKS: usize = 4;
 /// Reconnection delay advised to browsers (`retry:`), in milliseconds.
 const RETRY_MS: u32 = 1000;
 
@@ -575,102 +575,113 @@ fn with_cors(mut response: Response) -> Response {
     response
 }
 
-/// `GET /sse` reached through hyper (a kept-alive HTTP connection): the same stream, written
-/// as a streaming body.
+/// `GET /sse` reached through hyper (a kept-alive HTTP connection): the same stream on the same
+/// skeleton, written into a streaming body ([`BodyWire`]) instead of the socket.
 pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Response {
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let request = SseRequest::parse(req.uri().query(), last);
     let ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-    let mut stream = match SseStream::open(&app, request, ip).await {
+    let stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
         Err(e) => return with_cors(e.into_response()),
     };
-    app.node.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    app.node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
-    let guard = app.tracker.token();
-    tokio::spawn(async move {
-        let _guard = guard;
-        let interval = app.node.ping_interval.min(MAX_PING_INTERVAL);
-        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
-        let mut items = VecDeque::new();
-        let mut chunks = VecDeque::new();
-        let mut closing = false;
-        'stream: loop {
-            // Everything queued, one batch (at most one write's worth of events) at a time.
-            loop {
-                stream.render_next(&mut items, &mut chunks);
-                if chunks.is_empty() {
-                    break;
-                }
-                let mut buf = Vec::with_capacity(chunks.iter().map(|(b, _)| b.len()).sum());
-                let mut accounted = 0;
-                for (bytes, queued) in chunks.drain(..) {
-                    buf.extend_from_slice(&bytes);
-                    accounted += queued;
-                }
-                let n = buf.len();
-                // A client that stops reading fills the body channel: give up on it after a
-                // while instead of holding the stream forever.
-                match tokio::time::timeout(HYPER_SEND_TIMEOUT, tx.send(Ok(Bytes::from(buf)))).await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break 'stream,
-                    Err(_) => {
-                        app.node.metrics.disconnect(CloseCode::SlowConsumer);
-                        break 'stream;
-                    }
-                }
-                stream.outbox.written(accounted);
-                app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            if closing || stream.renderer.ended {
-                break;
-            }
-            if let Some(code) = stream.outbox.pending_close() {
-                closing = true;
-                close_stream(&stream, code);
-                continue;
-            }
-            let check_at = stream.outbox.next_check().map(Instant::from_std);
-            tokio::select! {
-                _ = stream.outbox.notified() => {}
-                _ = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now)), if check_at.is_some() => {
-                    stream.outbox.check_progress(std::time::Instant::now());
-                }
-                _ = ping.tick() => {
-                    stream.outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
-                }
-                _ = tx.closed() => break,
-                _ = app.shutdown.cancelled() => {
-                    closing = true;
-                    close_stream(&stream, CloseCode::Shutdown);
-                }
-            }
-        }
-        stream.close().await;
-        app.node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-    });
-    let body = Body::from_stream(tokio_stream_from(rx));
-    let mut response = Response::new(body);
+    let (wire, body) = BodyWire::new(BODY_CHUNKS);
+    tokio::spawn(app.tracker.track_future(serve(&app, stream, wire, None)));
+    let mut response = Response::new(Body::from_stream(body));
     stream_headers(response.headers_mut());
     response
 }
 
-/// Adapts an mpsc receiver into a `Stream` for the response body.
-fn tokio_stream_from(
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, io::Error>>,
-) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> {
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+/// Serves an opened stream on `wire` until it ends, `head` (the response head on the raw path)
+/// first, then ends every subscription. Set up outside the returned future and closed in a
+/// boxed one, so that neither takes room in an idle stream's task.
+fn serve<W: Wire + 'static>(
+    app: &App,
+    stream: SseStream,
+    wire: W,
+    head: Option<&'static str>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let metrics = &app.node.metrics;
+    metrics.connections.fetch_add(1, Ordering::Relaxed);
+    metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(
+        stream = stream.id,
+        channels = stream.renderer.channels.len(),
+        "sse stream opened"
+    );
+    let interval = app.node.ping_interval.min(MAX_PING_INTERVAL);
+    let outbox = stream.outbox.clone();
+    let id = stream.id;
+    let events = EventStream { stream, items: VecDeque::new(), interval };
+    let mut conn = Conn::new(app, id, wire, outbox, events, MAX_IOVECS);
+    if let Some(head) = head {
+        conn.write_first((Bytes::from_static(head.as_bytes()), 0));
+    }
+    let first_ping = Instant::now() + interval;
+    async move {
+        conn.run(first_ping).await;
+        Box::pin(close(conn)).await;
+    }
 }
 
-/// Queues the `disconnect` event that ends a stream, after what is pending, except for a slow
-/// consumer (4008), whose pending events are dropped (it resumes from its last id).
-fn close_stream(stream: &SseStream, code: CloseCode) {
-    stream.app.node.metrics.disconnect(code);
-    let drop_pending = code == CloseCode::SlowConsumer;
-    let event = sse::encode_disconnect_event(code.as_u16(), code.reason(), code.reconnect());
-    stream.outbox.finish([stream_event(Bytes::from(event))], drop_pending);
+/// Ends a stream whose loop ended: its subscriptions, its counts.
+async fn close<W: Wire>(conn: Conn<W, EventStream>) {
+    let (wire, events) = conn.into_parts();
+    events.stream.close().await;
+    drop(wire);
+    events.stream.app.node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(stream = events.stream.id, "sse stream closed");
+}
+
+/// The SSE side of a stream (the writer and the close sequence are [`Conn`]'s): rendering
+/// queued items into wire chunks with the stream's `id:` lines, `: ping` comments, the
+/// `disconnect` event after which nothing is written.
+struct EventStream {
+    stream: SseStream,
+    /// Items taken from the outbox and not yet rendered.
+    items: VecDeque<SseItem>,
+    interval: Duration,
+}
+
+impl Transport for EventStream {
+    type Item = SseItem;
+    type Chunk = (Bytes, usize);
+    type Event = std::convert::Infallible;
+
+    /// Renders one batch (at most one write's worth of events) at a time.
+    fn refill(&mut self, _outbox: &Outbox<SseItem>, out: &mut VecDeque<(Bytes, usize)>) {
+        self.stream.render_next(&mut self.items, out);
+    }
+
+    /// Queues the `disconnect` event that ends a stream, after what is pending, except for a
+    /// slow consumer (4008), whose pending events are dropped (it resumes from its last id).
+    fn finish(&mut self, outbox: &Outbox<SseItem>, close: Close) {
+        let Close::Server(code) = close else {
+            // A client closes an event stream by going away: nothing to tell it.
+            outbox.finish([], close.drops_pending());
+            return;
+        };
+        let event = sse::encode_disconnect_event(code.as_u16(), code.reason(), code.reconnect());
+        outbox.finish([stream_event(Bytes::from(event))], close.drops_pending());
+    }
+
+    fn ping(&mut self, outbox: &Outbox<SseItem>, now: Instant) -> Result<Instant, CloseCode> {
+        outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
+        Ok(now + self.interval)
+    }
+
+    fn drop_taken(&mut self) -> usize {
+        self.items.drain(..).map(|i| i.wire_len()).sum()
+    }
+
+    fn event(&mut self) -> impl std::future::Future<Output = Self::Event> + Send {
+        std::future::pending()
+    }
+
+    /// The `disconnect` event is rendered: nothing follows it.
+    fn ended(&self) -> bool {
+        self.stream.renderer.ended
+    }
 }
 
 /// True when the first bytes of a request are `GET /sse` followed by `?` or a space.
@@ -724,164 +735,52 @@ async fn read_head(
 /// read: response head, then events until the client goes. The head must be complete by
 /// `head_deadline`. `permit` is the connection's place under the socket cap, held until the
 /// stream ends.
-pub(crate) async fn serve_raw(
-    mut stream: TcpStream,
+pub(crate) fn serve_raw(
+    stream: TcpStream,
     prefix: Vec<u8>,
     permit: crate::socket::Permit,
     app: App,
     head_deadline: Instant,
-) {
-    let _permit = permit;
-    // The set-up futures are boxed: inline they would sit in every idle stream's task.
-    let head =
-        tokio::time::timeout_at(head_deadline, Box::pin(read_head(&mut stream, prefix))).await;
+) -> impl std::future::Future<Output = ()> + Send {
+    // The set-up is boxed: inline it would sit in every idle stream's task.
+    let open = Box::pin(open_raw(stream, prefix, app, head_deadline));
+    async move {
+        let _permit = permit;
+        let Some(run) = open.await else { return };
+        run.await;
+    }
+}
+
+/// Reads the request head from the raw socket and opens the stream: the future serving it, or
+/// `None` when the request was refused (and answered) or did not come in time.
+async fn open_raw(
+    mut stream: TcpStream,
+    prefix: Vec<u8>,
+    app: App,
+    head_deadline: Instant,
+) -> Option<impl std::future::Future<Output = ()> + Send> {
+    let head = tokio::time::timeout_at(head_deadline, read_head(&mut stream, prefix)).await;
     let (path, last) = match head {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return Box::pin(write_error(&mut stream, e)).await,
-        Err(_) => return,
+        Ok(Err(e)) => {
+            write_error(&mut stream, e).await;
+            return None;
+        }
+        Err(_) => return None,
     };
     let query = path.split_once('?').map(|(_, q)| q);
     let request = SseRequest::parse(query, last);
     let ip = stream.peer_addr().ok().map(|a| a.ip());
-    let mut sse_stream = match Box::pin(SseStream::open(&app, request, ip)).await {
+    let sse_stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
-        Err(e) => return Box::pin(write_error(&mut stream, e)).await,
+        Err(e) => {
+            write_error(&mut stream, e).await;
+            return None;
+        }
     };
-    let metrics = app.node.metrics.clone();
-    metrics.connections.fetch_add(1, Ordering::Relaxed);
-    metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(
-        stream = sse_stream.id,
-        channels = sse_stream.renderer.channels.len(),
-        "sse stream opened"
-    );
     let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
                 access-control-allow-origin: *\r\nx-accel-buffering: no\r\nconnection: close\r\n\r\n";
-    let mut writer = RawWriter {
-        chunks: VecDeque::from([(Bytes::from_static(head.as_bytes()), 0)]),
-        items: VecDeque::new(),
-    };
-
-    let interval = app.node.ping_interval.min(MAX_PING_INTERVAL);
-    let ping = tokio::time::sleep(interval);
-    tokio::pin!(ping);
-    let mut close_by: Option<Instant> = None;
-    while let Ok(flushed) = writer.flush(&stream, &mut sse_stream) {
-        if flushed && sse_stream.renderer.ended {
-            // The disconnect event is out: nothing follows it.
-            break;
-        }
-        if close_by.is_some() && flushed && sse_stream.outbox.pending_bytes() == 0 {
-            break;
-        }
-        if close_by.is_none() {
-            if let Some(code) = sse_stream.outbox.pending_close() {
-                close_stream(&sse_stream, code);
-                close_by = Some(Instant::now() + CLOSE_FLUSH);
-                continue;
-            }
-        }
-        let blocked = !flushed;
-        let open = close_by.is_none();
-        let deadline = close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        // The slow-consumer rule (grace without progress, write timeout): see herald_core::queue.
-        let check_at = if open { sse_stream.outbox.next_check() } else { None };
-        let check_at = check_at.map(Instant::from_std).unwrap_or(deadline);
-        tokio::select! {
-            biased;
-            _ = app.shutdown.cancelled(), if open => {
-                close_stream(&sse_stream, CloseCode::Shutdown);
-                close_by = Some(Instant::now() + app.shutdown_timeout);
-            }
-            r = stream.readable() => {
-                if r.is_err() { break; }
-                // The client sends nothing on an event stream: data or EOF means it is gone
-                // (or misbehaving); read and discard, stop on EOF.
-                let mut buf = [0u8; 512];
-                match stream.try_read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
-                }
-            }
-            r = stream.writable(), if blocked => {
-                if r.is_err() { break; }
-                sse_stream.outbox.set_blocked(false);
-            }
-            // Also while blocked: an overflow or a close request must wake the writer.
-            _ = sse_stream.outbox.notified() => {}
-            _ = &mut ping, if open => {
-                sse_stream.outbox.push_final(stream_event(Bytes::from_static(sse::PING)));
-                ping.as_mut().reset(Instant::now() + interval);
-            }
-            _ = tokio::time::sleep_until(check_at), if open && check_at < deadline => {
-                sse_stream.outbox.check_progress(std::time::Instant::now());
-            }
-            _ = tokio::time::sleep_until(deadline), if !open => {
-                // The client did not take the last event in time: a reset says the stream is
-                // broken, where a FIN after a partial event would look like a clean end.
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                break;
-            }
-        }
-    }
-    Box::pin(sse_stream.close()).await;
-    metrics.connections.fetch_sub(1, Ordering::Relaxed);
-    tracing::debug!(stream = sse_stream.id, "sse stream closed");
-}
-
-/// The raw-socket writer of one stream.
-struct RawWriter {
-    /// Wire chunks not yet fully written, with the queue bytes each accounts for once written.
-    chunks: VecDeque<(Bytes, usize)>,
-    /// Items taken from the outbox and not yet rendered.
-    items: VecDeque<SseItem>,
-}
-
-impl RawWriter {
-    /// Writes what is queued, rendering one batch at a time; true when everything went out.
-    fn flush(&mut self, stream: &TcpStream, sse: &mut SseStream) -> io::Result<bool> {
-        loop {
-            if self.chunks.is_empty() {
-                sse.render_next(&mut self.items, &mut self.chunks);
-                if self.chunks.is_empty() {
-                    return Ok(true);
-                }
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (slot, (chunk, _)) in slices.iter_mut().zip(self.chunks.iter()) {
-                *slot = IoSlice::new(chunk);
-                count += 1;
-            }
-            match stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut n) => {
-                    sse.app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    let mut accounted = 0;
-                    while n > 0 {
-                        let Some((front, queued)) = self.chunks.front_mut() else { break };
-                        if n >= front.len() {
-                            n -= front.len();
-                            accounted += *queued;
-                            self.chunks.pop_front();
-                        } else {
-                            front.advance(n);
-                            n = 0;
-                        }
-                    }
-                    sse.outbox.written(accounted);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sse.outbox.set_blocked(true);
-                    return Ok(false);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
+    Some(serve(&app, sse_stream, stream, Some(head)))
 }
 
 /// Answers a refused raw `/sse` request with the JSON error and closes: the write side first,

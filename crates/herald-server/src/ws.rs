@@ -2,6 +2,11 @@
 //! commands, feeds the [`Session`], and writes everything queued in the connection's
 //! [`Outbox`] with vectored writes.
 //!
+//! The writer, the waiting and the close sequence are [`crate::conn::Conn`]'s, shared with SSE;
+//! this module adds what is WebSocket's own ([`WebSocket`]): the frame decoder, commands applied
+//! beside the writer, `ping` pushes and the client's silence (4011), the `disconnect` push and
+//! close frame.
+//!
 //! After the HTTP upgrade the raw [`TcpStream`] is taken back from hyper, so the connection
 //! owns no HTTP buffers. One task serves both directions: it waits for the socket to be readable,
 //! for frames in the outbox, for the socket to drain, or for the ping timer. While idle it holds
@@ -9,7 +14,7 @@
 //! kept), so an idle subscribed connection costs a few KB.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +22,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use bytes::{Buf, Bytes};
-use herald_core::{Outbox, Session};
+use bytes::Bytes;
+use herald_core::{Node, Outbox, Session};
 use herald_protocol::{push, ws, CloseCode};
 use http::{header, HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -26,20 +31,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::app::App;
+use crate::conn::{Close, Conn, Input, Transport, MAX_IOVECS, MAX_READS_PER_WAKE, READ_CHUNK};
 use crate::error::ApiError;
 use crate::query::query_param;
+use crate::wire::Wire;
 
 /// The subprotocol of the JSON protocol.
 pub const PROTOCOL_JSON: &str = "herald.json";
-
-/// Most iovecs handed to one `writev`.
-const MAX_IOVECS: usize = 512;
-/// Size of the stack buffer one read lands in.
-const READ_CHUNK: usize = 8192;
-/// Most reads per wake-up, so one chatty client cannot starve the others on its thread.
-const MAX_READS_PER_WAKE: usize = 16;
-/// How long a closing connection may take to flush its final frames (except on shutdown).
-const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -94,22 +92,17 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
                 return;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<crate::socket::Socket>>() {
-            Ok(parts) => parts,
-            Err(_) => {
-                tracing::error!("upgraded connection is not a listener Socket");
-                return;
-            }
-        };
+        let Some((stream, prefix, permit)) = take_apart(upgraded) else { return };
         // The socket's permit stays with the connection until it closes.
-        let (stream, mut prefix, _permit) = parts.io.into_inner().into_parts();
-        // Bytes read past the request head. Copied out: even an empty `Bytes` split from
-        // hyper's read buffer would keep that whole buffer alive for the connection's life.
-        prefix.extend_from_slice(&parts.read_buf);
-        drop(parts.read_buf);
+        let _permit = permit;
         let _guard = app.tracker.token();
-        let run = Connection::new(app, stream).run(prefix, auth);
-        tracing::trace!(bytes = std::mem::size_of_val(&run), "connection future size");
+        // Measured in a block of its own: a borrow of `run` alive at the `.await` would keep a
+        // second copy of the future in the task.
+        let run = {
+            let run = serve(app, stream, prefix, auth);
+            tracing::trace!(bytes = std::mem::size_of_val(&run), "connection future size");
+            run
+        };
         run.await;
     });
 
@@ -127,16 +120,23 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
     response
 }
 
-/// What a flush achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flushed {
-    /// Everything queued was written.
-    All,
-    /// The socket's send buffer is full.
-    Blocked,
+/// The raw stream of an upgraded connection, the bytes read past the request head and the
+/// socket's permit.
+fn take_apart(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Option<(TcpStream, Vec<u8>, crate::socket::Permit)> {
+    let Ok(parts) = upgraded.downcast::<TokioIo<crate::socket::Socket>>() else {
+        tracing::error!("upgraded connection is not a listener Socket");
+        return None;
+    };
+    let (stream, mut prefix, permit) = parts.io.into_inner().into_parts();
+    // Bytes read past the request head. Copied out: even an empty `Bytes` split from hyper's
+    // read buffer would keep that whole buffer alive for the connection's life.
+    prefix.extend_from_slice(&parts.read_buf);
+    Some((stream, prefix, permit))
 }
 
-/// What a read achieved.
+/// What a read found.
 enum ReadResult {
     /// Some bytes were read (and fed to the decoder).
     Data,
@@ -163,26 +163,23 @@ type CommandRun = std::pin::Pin<
     Box<dyn std::future::Future<Output = (Session, Vec<ws::Message>, Handled)> + Send>,
 >;
 
-/// How long the server keeps reading (and discarding) after its close frame and FIN went out,
-/// so a client still sending is not answered with a reset that destroys what it has not read.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// One WebSocket connection.
-struct Connection {
-    app: App,
-    stream: TcpStream,
-    outbox: Arc<Outbox>,
+/// The WebSocket side of a connection (the writer and the close sequence are
+/// [`crate::conn::Conn`]'s): decoding input, applying commands beside the writer, pings as
+/// JSON pushes and the client's silence.
+struct WebSocket {
+    node: Arc<Node>,
     decoder: ws::Decoder,
-    /// Frames taken from the outbox and not fully written; the first may be partly written.
-    writing: VecDeque<Bytes>,
+    /// Decoded messages not yet applied.
     messages: Vec<ws::Message>,
+    /// `None` while a command batch holds it.
+    session: Option<Session>,
+    /// The command batch running beside the writer.
+    command: Option<CommandRun>,
+    /// A decoder error found after some valid messages: applied once they are.
+    invalid: Option<CloseCode>,
     last_heard: Instant,
-    /// Why the server is closing (`None` while open or when the client closed first).
-    closing: Option<CloseCode>,
-    /// Set once closing starts: the final frames must be flushed by then.
-    close_by: Option<Instant>,
-    /// The client's side is closed (EOF read).
-    peer_done: bool,
+    interval: Duration,
+    next_ping: Instant,
 }
 
 /// Applies decoded messages in order; stops at the first that ends the connection.
@@ -221,288 +218,94 @@ async fn apply(
     (session, messages, handled)
 }
 
-impl Connection {
-    fn new(app: App, stream: TcpStream) -> Self {
-        let limits = &app.node.limits;
-        let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), app.node.metrics.clone()));
-        let decoder = ws::Decoder::new(ws::Role::Server, limits.max_message_bytes);
-        Connection {
-            app,
-            stream,
-            outbox,
-            decoder,
-            writing: VecDeque::new(),
-            messages: Vec::new(),
-            last_heard: Instant::now(),
-            closing: None,
-            close_by: None,
-            peer_done: false,
-        }
+/// Serves one upgraded connection until it closes. `auth` is the verdict on a query token.
+///
+/// The connection is set up here, outside the returned future, and closed in a boxed future:
+/// what only set-up and close need takes no room in the task of every idle connection.
+fn serve(
+    app: App,
+    stream: TcpStream,
+    prefix: Vec<u8>,
+    auth: Result<Option<herald_core::VerifiedToken>, CloseCode>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let node = app.node.clone();
+    node.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    let limits = &node.limits;
+    let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), node.metrics.clone()));
+    let user = auth.as_ref().ok().cloned().flatten();
+    let session = Session::new(node.clone(), outbox.clone(), user);
+    let conn_id = session.id();
+    tracing::debug!(conn = conn_id, "websocket connected");
+    let ip = stream.peer_addr().ok().map(|a| a.ip());
+    let registered = session.register(ip);
+    let interval = node.ping_interval;
+    let now = Instant::now();
+    let transport = WebSocket {
+        decoder: ws::Decoder::new(ws::Role::Server, limits.max_message_bytes),
+        node: node.clone(),
+        messages: Vec::new(),
+        session: Some(session),
+        command: None,
+        invalid: None,
+        last_heard: now,
+        interval,
+        next_ping: now + interval,
+    };
+    // Without coalescing (a benchmark baseline), one frame per write.
+    let iovecs = if app.config.write_coalescing { MAX_IOVECS } else { 1 };
+    let mut conn = Conn::new(&app, conn_id, stream, outbox, transport, iovecs);
+
+    if let Err(code) = auth {
+        conn.start_close(Close::Server(code));
+    } else if let Err(limit) = registered {
+        tracing::debug!(conn = conn_id, %limit, "connection refused by a limit");
+        conn.start_close(Close::Server(CloseCode::LimitReached));
+    } else if !prefix.is_empty() {
+        conn.transport_mut().feed(&prefix);
     }
-
-    async fn run(
-        mut self,
-        prefix: Vec<u8>,
-        auth: Result<Option<herald_core::VerifiedToken>, CloseCode>,
-    ) {
-        let node = self.app.node.clone();
-        node.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        node.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-        let user = auth.as_ref().ok().cloned().flatten();
-        let session = Session::new(node.clone(), self.outbox.clone(), user);
-        let conn_id = session.id();
-        tracing::debug!(conn = conn_id, "websocket connected");
-        let ip = self.stream.peer_addr().ok().map(|a| a.ip());
-        let registered = session.register(ip);
-        let mut session = Some(session);
-        let mut command: Option<CommandRun> = None;
-        // A decoder error found after some valid messages: applied once they are.
-        let mut invalid: Option<CloseCode> = None;
-
-        let interval = node.ping_interval;
-        let mut next_ping = Instant::now() + interval;
-        let ping = tokio::time::sleep_until(next_ping);
-        tokio::pin!(ping);
-        let shutdown = self.app.shutdown.clone();
-
-        if let Err(code) = auth {
-            self.start_close(code);
-        } else if let Err(limit) = registered {
-            tracing::debug!(conn = conn_id, %limit, "connection refused by a limit");
-            self.start_close(CloseCode::LimitReached);
-        } else if !prefix.is_empty() {
-            if let Err(e) = self.decoder.feed(&prefix, &mut self.messages) {
-                invalid = Some(ws_close_code(e));
-            }
-        }
-        drop(prefix);
-
-        loop {
-            // Apply what was read: commands run beside this loop, which keeps writing.
-            if command.is_none() && !self.messages.is_empty() && self.close_by.is_none() {
-                if let Some(s) = session.take() {
-                    let messages = std::mem::take(&mut self.messages);
-                    command = Some(Box::pin(apply(s, self.outbox.clone(), messages)));
-                }
-            }
-            if command.is_none() && self.messages.is_empty() {
-                if let Some(code) = invalid.take() {
-                    if code == CloseCode::MessageTooBig {
-                        node.metrics.limit(herald_core::metrics::LimitKind::MessageSize);
-                    }
-                    self.start_close(code);
-                }
-            }
-            let flushed = match self.flush() {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::debug!(conn = conn_id, error = %e, "write failed");
-                    break;
-                }
-            };
-            if self.close_by.is_some()
-                && flushed == Flushed::All
-                && self.outbox.pending_bytes() == 0
-                && command.is_none()
-            {
-                self.linger().await;
-                break;
-            }
-            if self.close_by.is_none() {
-                if let Some(code) = self.outbox.pending_close() {
-                    self.start_close(code);
-                    continue;
-                }
-            }
-            let blocked = flushed == Flushed::Blocked;
-            let open = self.close_by.is_none();
-            let reading = !self.peer_done && (command.is_none() || !open) && invalid.is_none();
-            let close_by =
-                self.close_by.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let check_at = if open { self.outbox.next_check() } else { None };
-            let check_at = check_at.map(Instant::from_std).unwrap_or(close_by);
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled(), if open => {
-                    self.start_close(CloseCode::Shutdown);
-                    self.close_by = Some(Instant::now() + self.app.shutdown_timeout);
-                }
-                done = async { command.as_mut().expect("guarded").await }, if command.is_some() => {
-                    command = None;
-                    let (s, messages, handled) = done;
-                    session = Some(s);
-                    // Give the vector's allocation back for the next read, but not a large one.
-                    let mut messages = messages;
-                    messages.clear();
-                    if messages.capacity() <= 2 && self.messages.is_empty() {
-                        self.messages = messages;
-                    }
-                    match handled {
-                        Handled::Done => {}
-                        Handled::Close(code) => self.start_close(code),
-                        Handled::ClientClosed => self.client_closed(),
-                    }
-                }
-                r = self.stream.readable(), if reading => {
-                    if r.is_err() { break; }
-                    if !open {
-                        // Closing: what the client still sends is read and dropped, so the
-                        // kernel does not answer it with a reset that loses our last frames.
-                        self.discard_input();
-                        continue;
-                    }
-                    match self.read() {
-                        ReadResult::Eof => break,
-                        ReadResult::Invalid(code) => {
-                            self.last_heard = Instant::now();
-                            invalid = Some(code);
-                        }
-                        ReadResult::Empty => {}
-                        ReadResult::Data => self.last_heard = Instant::now(),
-                    }
-                }
-                r = self.stream.writable(), if blocked => {
-                    if r.is_err() { break; }
-                    self.outbox.set_blocked(false);
-                }
-                // Also while blocked: an overflow or a close request must wake the writer.
-                _ = self.outbox.notified() => {}
-                _ = &mut ping, if open => {
-                    // Wakes at the next ping or when the client's silence reaches two
-                    // intervals, whichever comes first. Silence does not count while the
-                    // client's own command runs (its input is not read meanwhile).
-                    let now = Instant::now();
-                    let silent_until = self.last_heard + interval * 2;
-                    if now >= silent_until && command.is_none() {
-                        self.start_close(CloseCode::NoPong);
-                    } else {
-                        if now >= next_ping {
-                            let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
-                            self.outbox.push_final(frame);
-                            next_ping = now + interval;
-                        }
-                        if command.is_some() {
-                            self.last_heard = self.last_heard.max(now - interval);
-                        }
-                        ping.as_mut().reset(next_ping.min(self.last_heard + interval * 2 + Duration::from_millis(1)));
-                    }
-                }
-                _ = tokio::time::sleep_until(check_at), if open && check_at < close_by => {
-                    self.outbox.check_progress(std::time::Instant::now());
-                }
-                _ = tokio::time::sleep_until(close_by), if !open => {
-                    // The client did not take the final frames in time: a reset tells it the
-                    // stream is broken, where a FIN after a partial frame would look clean.
-                    tracing::debug!(conn = conn_id, "close flush timed out; resetting");
-                    let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
-                    break;
-                }
-            }
-        }
-
-        self.outbox.close();
-        if let Some(run) = command.take() {
-            // Let the command finish: it holds the session (and may hold a pending
-            // subscription the close must find). The queue is closed, so it ends promptly.
-            let (s, _, _) = run.await;
-            session = Some(s);
-        }
-        if let Some(mut session) = session {
-            Box::pin(session.close()).await;
-        }
-        drop(self.stream);
-        node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(conn = conn_id, code = ?self.closing, "websocket closed");
+    let first_ping = now + interval;
+    async move {
+        conn.run(first_ping).await;
+        Box::pin(close(conn)).await;
     }
+}
 
-    /// Queues the `disconnect` push and the close frame and bounds the time left to flush. What
-    /// is already queued goes out first (replies to the commands before a bad one, the drain
-    /// of a shutdown), except for a slow consumer (4008), whose pending publications are
-    /// dropped: it recovers them from history.
-    fn start_close(&mut self, code: CloseCode) {
-        if self.close_by.is_some() {
-            return;
-        }
-        self.closing = Some(code);
-        self.app.node.metrics.disconnect(code);
-        let drop_pending = code == CloseCode::SlowConsumer;
-        if drop_pending {
-            // Keep a partly written frame (cutting it would corrupt the stream), drop the rest.
-            let keep = usize::from(!self.writing.is_empty());
-            let dropped: usize = self.writing.drain(keep..).map(|b| b.len()).sum();
-            self.outbox.forget(dropped);
-        }
-        let close = ws::encode_close(ws::Role::Server, code.as_u16(), code.reason());
-        if self.outbox.message_open() {
-            // Inside a reply sent in parts only a control frame may follow: the close frame
-            // alone says why.
-            self.outbox.finish([close], drop_pending);
-        } else {
-            let disconnect = push::encode_disconnect(code);
-            let disconnect = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect);
-            self.outbox.finish([disconnect, close], drop_pending);
-        }
-        self.close_by = Some(Instant::now() + CLOSE_FLUSH);
+/// Ends a connection whose loop ended: its session's subscriptions, its counts.
+async fn close(conn: Conn<TcpStream, WebSocket>) {
+    let conn_id = conn.id();
+    let closing = conn.closing();
+    let (stream, mut transport) = conn.into_parts();
+    let mut session = transport.session.take();
+    if let Some(run) = transport.command.take() {
+        // Let the command finish: it holds the session (and may hold a pending
+        // subscription the close must find). The queue is closed, so it ends promptly.
+        let (s, _, _) = run.await;
+        session = Some(s);
     }
-
-    /// The client sent a close frame: answer with a normal close frame and end.
-    fn client_closed(&mut self) {
-        if self.close_by.is_some() {
-            return;
-        }
-        self.close_by = Some(Instant::now() + CLOSE_FLUSH);
-        self.outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")], true);
+    if let Some(mut session) = session {
+        session.close().await;
     }
+    drop(stream);
+    transport.node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(conn = conn_id, code = ?closing, "websocket closed");
+}
 
-    /// After the close frame: half-close (FIN), then read and drop what the client still
-    /// sends until it closes too or [`LINGER`] passes. Dropping the socket with unread input
-    /// would make the kernel send a reset, and a reset makes the client's kernel throw away
-    /// what it had received but the client had not read yet: the disconnect push and the
-    /// close frame.
-    async fn linger(&mut self) {
-        if self.peer_done {
-            return;
-        }
-        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
-        let deadline = Instant::now() + LINGER;
-        while !self.peer_done {
-            tokio::select! {
-                r = self.stream.readable() => {
-                    if r.is_err() { return; }
-                    self.discard_input();
-                }
-                _ = tokio::time::sleep_until(deadline) => return,
-            }
-        }
-    }
-
-    /// Reads and drops whatever input is there (bounded per call); notes EOF.
-    fn discard_input(&mut self) {
-        let mut buf = [0u8; READ_CHUNK];
-        for _ in 0..MAX_READS_PER_WAKE {
-            match self.stream.try_read(&mut buf) {
-                Ok(0) => {
-                    self.peer_done = true;
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.peer_done = true;
-                    return;
-                }
-            }
+impl WebSocket {
+    /// Feeds bytes read before the connection task started (they came with the upgrade).
+    fn feed(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.decoder.feed(bytes, &mut self.messages) {
+            self.invalid = Some(ws_close_code(e));
         }
     }
 
     /// Reads what the socket has (bounded) and feeds the decoder. Never awaits, so the read
     /// buffer lives on the stack only while reading.
-    fn read(&mut self) -> ReadResult {
+    fn read_input(&mut self, wire: &impl Wire) -> ReadResult {
         let mut buf = [0u8; READ_CHUNK];
         let mut got = false;
         for _ in 0..MAX_READS_PER_WAKE {
-            match self.stream.try_read(&mut buf) {
+            match wire.try_read(&mut buf) {
                 Ok(0) => return ReadResult::Eof,
                 Ok(n) => {
                     got = true;
@@ -524,51 +327,127 @@ impl Connection {
             ReadResult::Empty
         }
     }
+}
 
-    /// Writes as much of the queue as the socket takes, in vectored writes.
-    fn flush(&mut self) -> io::Result<Flushed> {
-        loop {
-            if self.writing.is_empty() {
-                self.outbox.take(&mut self.writing);
-                if self.writing.is_empty() {
-                    if self.writing.capacity() > 4 {
-                        self.writing = VecDeque::new();
-                    }
-                    return Ok(Flushed::All);
-                }
+impl Transport for WebSocket {
+    type Item = Bytes;
+    type Chunk = Bytes;
+    type Event = (Session, Vec<ws::Message>, Handled);
+
+    fn refill(&mut self, outbox: &Outbox, out: &mut VecDeque<Bytes>) {
+        outbox.take(out);
+    }
+
+    /// A server close: the `disconnect` push and the close frame, after what is already queued
+    /// (replies to the commands before a bad one, the drain of a shutdown), except for a slow
+    /// consumer (4008), whose pending publications are dropped: it recovers them from history.
+    /// A client close: a normal close frame.
+    fn finish(&mut self, outbox: &Outbox, close: Close) {
+        let drop_pending = close.drops_pending();
+        let code = match close {
+            Close::Server(code) => code,
+            Close::Peer => {
+                outbox.finish([ws::encode_close(ws::Role::Server, 1000, "")], drop_pending);
+                return;
             }
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            // Without coalescing (a benchmark baseline), one frame per write.
-            let limit = if self.app.config.write_coalescing { MAX_IOVECS } else { 1 };
-            for (slot, frame) in slices[..limit].iter_mut().zip(self.writing.iter()) {
-                *slot = IoSlice::new(frame);
-                count += 1;
-            }
-            match self.stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut n) => {
-                    self.outbox.written(n);
-                    self.app.node.metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    while n > 0 {
-                        let Some(front) = self.writing.front_mut() else { break };
-                        if n >= front.len() {
-                            n -= front.len();
-                            self.writing.pop_front();
-                        } else {
-                            front.advance(n);
-                            n = 0;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.outbox.set_blocked(true);
-                    return Ok(Flushed::Blocked);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        };
+        let close = ws::encode_close(ws::Role::Server, code.as_u16(), code.reason());
+        if outbox.message_open() {
+            // Inside a reply sent in parts only a control frame may follow: the close frame
+            // alone says why.
+            outbox.finish([close], drop_pending);
+        } else {
+            let disconnect = push::encode_disconnect(code);
+            let disconnect = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect);
+            outbox.finish([disconnect, close], drop_pending);
+        }
+    }
+
+    /// Wakes at the next ping or when the client's silence reaches two intervals, whichever
+    /// comes first. Silence does not count while the client's own command runs (its input is
+    /// not read meanwhile).
+    fn ping(&mut self, outbox: &Outbox, now: Instant) -> Result<Instant, CloseCode> {
+        let interval = self.interval;
+        let silent_until = self.last_heard + interval * 2;
+        if now >= silent_until && self.command.is_none() {
+            return Err(CloseCode::NoPong);
+        }
+        if now >= self.next_ping {
+            let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
+            outbox.push_final(frame);
+            self.next_ping = now + interval;
+        }
+        if self.command.is_some() {
+            self.last_heard = self.last_heard.max(now - interval);
+        }
+        Ok(self.next_ping.min(self.last_heard + interval * 2 + Duration::from_millis(1)))
+    }
+
+    /// Applies what was read: commands run beside the writer, which keeps writing. A decoder
+    /// error closes once the messages before it are applied.
+    fn prepare(&mut self, outbox: &Arc<Outbox>, open: bool) -> Option<Close> {
+        if self.command.is_none() && !self.messages.is_empty() && open {
+            if let Some(s) = self.session.take() {
+                let messages = std::mem::take(&mut self.messages);
+                self.command = Some(Box::pin(apply(s, outbox.clone(), messages)));
             }
         }
+        if self.command.is_none() && self.messages.is_empty() {
+            if let Some(code) = self.invalid.take() {
+                if code == CloseCode::MessageTooBig {
+                    self.node.metrics.limit(herald_core::metrics::LimitKind::MessageSize);
+                }
+                return Some(Close::Server(code));
+            }
+        }
+        None
+    }
+
+    /// Not while a command batch runs: the client's commands are applied in order, and TCP
+    /// holds the rest.
+    fn wants_input(&self) -> bool {
+        self.command.is_none() && self.invalid.is_none()
+    }
+
+    fn read(&mut self, wire: &impl Wire) -> Input {
+        match self.read_input(wire) {
+            ReadResult::Eof => return Input::Eof,
+            ReadResult::Invalid(code) => {
+                self.last_heard = Instant::now();
+                self.invalid = Some(code);
+            }
+            ReadResult::Empty => {}
+            ReadResult::Data => self.last_heard = Instant::now(),
+        }
+        Input::More
+    }
+
+    fn waiting(&self) -> bool {
+        self.command.is_some()
+    }
+
+    async fn event(&mut self) -> Self::Event {
+        self.command.as_mut().expect("awaited only while waiting").await
+    }
+
+    fn on_event(&mut self, (session, messages, handled): Self::Event) -> Option<Close> {
+        self.command = None;
+        self.session = Some(session);
+        // Give the vector's allocation back for the next read, but not a large one.
+        let mut messages = messages;
+        messages.clear();
+        if messages.capacity() <= 2 && self.messages.is_empty() {
+            self.messages = messages;
+        }
+        match handled {
+            Handled::Done => None,
+            Handled::Close(code) => Some(Close::Server(code)),
+            Handled::ClientClosed => Some(Close::Peer),
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.command.is_some()
     }
 }
 

@@ -3,7 +3,8 @@
 //! lines count against the queue bound), a stream holds at most
 //! `limits.max_channels_per_stream` channels, the raw request head is at most 16 KiB, and a flood
 //! of sockets that never finish their request is refused at accept beyond the socket cap while
-//! established clients go on being served.
+//! established clients go on being served. A stream served through hyper (on a kept-alive
+//! connection) follows the same writer rules as one on the raw socket.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, TIMEOUT};
+use common::{metric, metrics, Server, TIMEOUT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -225,6 +226,109 @@ async fn id_lines_count_against_the_queue_bound() {
     // What reached the client is bounded by the queue bound plus the kernel's buffers, not by
     // the 3,000 events with their ids.
     assert!(body.len() < 4 << 20, "{} bytes reached the client", body.len());
+}
+
+/// Undoes the chunked framing of a complete response body (`0` chunk included): the body bytes,
+/// and whether the terminating chunk arrived.
+fn unchunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    while let Some(p) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..p]).unwrap(), 16).unwrap();
+        raw = &raw[p + 2..];
+        if size == 0 {
+            return (body, true);
+        }
+        if raw.len() < size + 2 {
+            break;
+        }
+        body.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+    (body, false)
+}
+
+/// A stream on a kept-alive connection is written by hyper from a body channel. Its client does
+/// not read: the bytes queued to it leave the node backlog like a blocked socket's (before, they
+/// stayed in it and made every publisher wait and get 503), it is cut with 4008 by the
+/// slow-consumer rule, and the body then ends cleanly with the `disconnect` event.
+#[tokio::test]
+async fn a_never_reading_stream_served_through_hyper_is_judged_like_a_socket() {
+    let config = "[limits]\nmax_backlog_bytes = 262144\npublish_timeout_ms = 300\n\
+                  slow_consumer_grace_ms = 1000\nsocket_send_buffer_bytes = 4096\n";
+    let server = Server::start(config, &[]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let mut s = TcpStream::from_std(socket.into()).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (status, mut rest) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+    while rest.len() < b"ok\n".len() {
+        let mut chunk = [0u8; 256];
+        let n = s.read(&mut chunk).await.unwrap();
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(rest, b"ok\n", "nothing follows the /healthz body");
+    s.write_all(b"GET /sse?channel=hot HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (status, rest) = read_head(&mut s).await;
+    assert_eq!(status, 200);
+
+    // Not reading. 900 KB (under the 1 MiB queue bound): far more than the backlog bound, which
+    // would hold them if they counted.
+    let mut api = server.api().await;
+    let pad = "p".repeat(5000);
+    let publish = |i: u64| json!({"channel": "hot", "data": {"i": i, "pad": pad}}).to_string();
+    for i in 0..180 {
+        let (status, _, answer) =
+            api.request("POST", "/api/publish", Some(publish(i).as_bytes())).await.unwrap();
+        assert_eq!(status, 200, "publish {i}: {}", String::from_utf8_lossy(&answer));
+    }
+    let m = metrics(&server).await;
+    assert_eq!(metric(&m, "herald_publish_overloaded_total"), 0.0, "{m}");
+    assert!(metric(&m, "herald_backlog_bytes") < 65536.0, "{m}");
+
+    // Past the queue bound without progress: cut after the grace period.
+    for i in 180..300 {
+        let (status, _, _) =
+            api.request("POST", "/api/publish", Some(publish(i).as_bytes())).await.unwrap();
+        assert_eq!(status, 200, "publish {i}");
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while metric(&metrics(&server).await, "herald_disconnects_total{code=\"4008\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "the never-reader was not cut");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Reading now: a prefix of the publications, in order, then the disconnect event and the
+    // body's end; the connection stays usable.
+    let mut raw = rest;
+    let mut chunk = [0u8; 65536];
+    while !raw.ends_with(b"\r\n0\r\n\r\n") {
+        let n = tokio::time::timeout(TIMEOUT, s.read(&mut chunk)).await.expect("in time").unwrap();
+        assert!(n > 0, "the connection closed inside the body");
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let (body, ended) = unchunk(&raw);
+    assert!(ended, "the body ends with its last chunk");
+    let all = events(&body);
+    let last = all.last().expect("events");
+    assert_eq!(last.1.as_deref(), Some("disconnect"), "the stream ends with disconnect");
+    let data: Value = serde_json::from_str(last.2.as_deref().unwrap()).unwrap();
+    assert_eq!(data["code"], json!(4008), "{data}");
+    let pubs: Vec<u64> = all
+        .iter()
+        .filter(|e| e.1.as_deref() == Some("pub"))
+        .map(|e| {
+            serde_json::from_str::<Value>(e.2.as_deref().unwrap()).unwrap()["data"]["i"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(!pubs.is_empty() && pubs.len() < 300, "{} publications", pubs.len());
+    assert!(pubs.iter().enumerate().all(|(k, &i)| k as u64 == i), "in order, none skipped");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(read_head(&mut s).await.0, 200, "the connection serves the next request");
 }
 
 /// 200 sockets that send `GET /s` and nothing more, against `max_connections = 20` and
