@@ -480,6 +480,42 @@ pub fn encode_frame_into(role: Role, opcode: Opcode, payload: &[u8], out: &mut B
     encode_fragment_into(role, opcode, payload, true, out);
 }
 
+/// Whether a fragmented data message is still open after the whole frames in `frames` (an
+/// encoder's output, masked or not), given whether one was open before them: a data frame
+/// without FIN opens (or continues) one, a data frame with FIN ends it, a control frame leaves
+/// the state as it was. A trailing incomplete frame is not looked at.
+///
+/// A writer uses it to know whether only a control frame may follow what it has written.
+pub fn message_open_after(frames: &[u8], mut open: bool) -> bool {
+    let mut rest = frames;
+    while rest.len() >= 2 {
+        let (b0, b1) = (rest[0], rest[1]);
+        let (len, mut at) = match b1 & 0x7f {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as u64, 4),
+            127 if rest.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(n), 10)
+            }
+            126 | 127 => break,
+            n => (n as u64, 2),
+        };
+        if b1 & 0x80 != 0 {
+            at += 4;
+        }
+        let Some(end) = usize::try_from(len).ok().and_then(|l| l.checked_add(at)) else { break };
+        if end > rest.len() {
+            break;
+        }
+        if b0 & 0x08 == 0 {
+            // A data frame (continuation, text, binary).
+            open = b0 & 0x80 == 0;
+        }
+        rest = &rest[end..];
+    }
+    open
+}
+
 /// One frame of a fragmented message: `opcode` is the message's ([`Opcode::Text`] or
 /// [`Opcode::Binary`]) on its first fragment and [`Opcode::Continuation`] on the others; `fin`
 /// is set on the last. Control frames may go between fragments, data frames may not.
@@ -572,6 +608,29 @@ mod tests {
     use proptest::prelude::*;
 
     const LIMIT: usize = 1 << 20;
+
+    #[test]
+    fn message_open_after_follows_fin_of_data_frames_only() {
+        let first = encode_fragment(Role::Server, Opcode::Text, b"a", false);
+        let middle = encode_fragment(Role::Server, Opcode::Continuation, &[b'b'; 300], false);
+        let last = encode_fragment(Role::Server, Opcode::Continuation, &[b'c'; 70_000], true);
+        let ping = encode_frame(Role::Server, Opcode::Ping, b"p");
+        let whole = encode_frame(Role::Client, Opcode::Text, b"masked");
+        assert!(message_open_after(&first, false));
+        assert!(message_open_after(&middle, true));
+        assert!(message_open_after(&ping, true), "a control frame changes nothing");
+        assert!(!message_open_after(&ping, false));
+        assert!(!message_open_after(&last, true));
+        assert!(!message_open_after(&whole, false));
+        let mut several = Vec::new();
+        for f in [&first, &ping, &middle] {
+            several.extend_from_slice(f);
+        }
+        assert!(message_open_after(&several, false));
+        several.extend_from_slice(&last);
+        assert!(!message_open_after(&several, false));
+        assert!(message_open_after(&several[..several.len() - 1], false), "the tail is cut");
+    }
 
     /// A frame with explicit header bits, masked with a fixed key when `mask` is set.
     fn raw_frame(b0: u8, mask: bool, payload: &[u8]) -> Vec<u8> {

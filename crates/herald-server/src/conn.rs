@@ -89,27 +89,43 @@ pub(crate) trait Chunk: Send {
     fn written_part(&self, n: usize) -> usize;
     /// Queue bytes accounted when the rest of it was written (also what dropping it forgets).
     fn written_whole(&self) -> usize;
-    /// True when it ends a message: the chunks after it may be dropped without corrupting the
-    /// stream.
+    /// True when it ends a unit of the stream (a frame, an event): the chunks after it may be
+    /// dropped without corrupting the stream.
     fn ends_message(&self) -> bool;
+    /// True when, once it is written, the peer is inside a message that only the transport's
+    /// control frames may interrupt (a WebSocket message sent in fragments).
+    fn leaves_message_open(&self) -> bool {
+        false
+    }
 }
 
-/// A WebSocket frame: each byte written is a queue byte.
-impl Chunk for Bytes {
+/// A WebSocket frame (each byte written is a queue byte) and whether a fragmented message is
+/// open on the wire once it is written.
+pub(crate) struct WsFrame {
+    /// The frame's bytes still to write.
+    pub(crate) bytes: Bytes,
+    /// A data message is open after this frame (see [`herald_protocol::ws::message_open_after`]).
+    pub(crate) open_after: bool,
+}
+
+impl Chunk for WsFrame {
     fn bytes(&self) -> &[u8] {
-        self
+        &self.bytes
     }
     fn advance(&mut self, n: usize) {
-        Buf::advance(self, n);
+        Buf::advance(&mut self.bytes, n);
     }
     fn written_part(&self, n: usize) -> usize {
         n
     }
     fn written_whole(&self) -> usize {
-        self.len()
+        self.bytes.len()
     }
     fn ends_message(&self) -> bool {
         true
+    }
+    fn leaves_message_open(&self) -> bool {
+        self.open_after
     }
 }
 
@@ -148,8 +164,9 @@ pub(crate) trait Transport: Send {
     fn refill(&mut self, outbox: &Outbox<Self::Item>, out: &mut VecDeque<Self::Chunk>);
 
     /// Queues the final frames of `close` ([`Outbox::finish`], dropping what is pending when
-    /// [`Close::drops_pending`]).
-    fn finish(&mut self, outbox: &Outbox<Self::Item>, close: Close);
+    /// [`Close::drops_pending`]). `wire_open`: once the writer has written what it keeps, a
+    /// message is open on the wire ([`Chunk::leaves_message_open`]).
+    fn finish(&mut self, outbox: &Outbox<Self::Item>, close: Close, wire_open: bool);
 
     /// The ping timer fired at `now`: returns when it must fire next, or closes.
     fn ping(&mut self, outbox: &Outbox<Self::Item>, now: Instant) -> Result<Instant, CloseCode>;
@@ -231,6 +248,9 @@ pub(crate) struct Conn<W, T: Transport> {
     close_by: Option<Instant>,
     /// The peer's side is closed (EOF read).
     peer_done: bool,
+    /// A message is open on the wire after the last chunk written whole
+    /// ([`Chunk::leaves_message_open`]).
+    written_open: bool,
 }
 
 impl<W: Wire, T: Transport> Conn<W, T> {
@@ -257,6 +277,7 @@ impl<W: Wire, T: Transport> Conn<W, T> {
             closing: None,
             close_by: None,
             peer_done: false,
+            written_open: false,
         }
     }
 
@@ -306,7 +327,8 @@ impl<W: Wire, T: Transport> Conn<W, T> {
             let dropped: usize = self.out.drain(keep..).map(|c| c.written_whole()).sum();
             self.outbox.forget(dropped + self.transport.drop_taken());
         }
-        self.transport.finish(&self.outbox, close);
+        let wire_open = self.out.back().map_or(self.written_open, Chunk::leaves_message_open);
+        self.transport.finish(&self.outbox, close, wire_open);
         self.close_by = Some(Instant::now() + flush_for);
     }
 
@@ -427,6 +449,7 @@ impl<W: Wire, T: Transport> Conn<W, T> {
                         if n >= len {
                             n -= len;
                             accounted += front.written_whole();
+                            self.written_open = front.leaves_message_open();
                             self.out.pop_front();
                         } else {
                             accounted += front.written_part(n);

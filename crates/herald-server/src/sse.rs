@@ -655,7 +655,7 @@ impl Transport for EventStream {
 
     /// Queues the `disconnect` event that ends a stream, after what is pending, except for a
     /// slow consumer (4008), whose pending events are dropped (it resumes from its last id).
-    fn finish(&mut self, outbox: &Outbox<SseItem>, close: Close) {
+    fn finish(&mut self, outbox: &Outbox<SseItem>, close: Close, _wire_open: bool) {
         let Close::Server(code) = close else {
             // A client closes an event stream by going away: nothing to tell it.
             outbox.finish([], close.drops_pending());

@@ -31,7 +31,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::conn::{Close, Conn, Input, Transport, MAX_IOVECS, MAX_READS_PER_WAKE, READ_CHUNK};
+use crate::conn::{
+    Close, Conn, Input, Transport, WsFrame, MAX_IOVECS, MAX_READS_PER_WAKE, READ_CHUNK,
+};
 use crate::error::ApiError;
 use crate::query::query_param;
 use crate::wire::Wire;
@@ -177,6 +179,8 @@ struct WebSocket {
     command: Option<CommandRun>,
     /// A decoder error found after some valid messages: applied once they are.
     invalid: Option<CloseCode>,
+    /// A fragmented message is open after the last frame taken from the outbox.
+    taken_open: bool,
     last_heard: Instant,
     interval: Duration,
     next_ping: Instant,
@@ -248,6 +252,7 @@ fn serve(
         session: Some(session),
         command: None,
         invalid: None,
+        taken_open: false,
         last_heard: now,
         interval,
         next_ping: now + interval,
@@ -331,18 +336,27 @@ impl WebSocket {
 
 impl Transport for WebSocket {
     type Item = Bytes;
-    type Chunk = Bytes;
+    type Chunk = WsFrame;
     type Event = (Session, Vec<ws::Message>, Handled);
 
-    fn refill(&mut self, outbox: &Outbox, out: &mut VecDeque<Bytes>) {
-        outbox.take(out);
+    /// Takes the queued frames, noting after each whether a fragmented message is open.
+    fn refill(&mut self, outbox: &Outbox, out: &mut VecDeque<WsFrame>) {
+        let mut taken = VecDeque::new();
+        outbox.take(&mut taken);
+        let mut open = self.taken_open;
+        out.extend(taken.into_iter().map(|bytes| {
+            open = ws::message_open_after(&bytes, open);
+            WsFrame { bytes, open_after: open }
+        }));
+        self.taken_open = open;
     }
 
     /// A server close: the `disconnect` push and the close frame, after what is already queued
     /// (replies to the commands before a bad one, the drain of a shutdown), except for a slow
     /// consumer (4008), whose pending publications are dropped: it recovers them from history.
-    /// A client close: a normal close frame.
-    fn finish(&mut self, outbox: &Outbox, close: Close) {
+    /// A client close: a normal close frame. While a message sent in fragments is open, only
+    /// a control frame may follow: the close frame alone says why.
+    fn finish(&mut self, outbox: &Outbox, close: Close, wire_open: bool) {
         let drop_pending = close.drops_pending();
         let code = match close {
             Close::Server(code) => code,
@@ -352,9 +366,10 @@ impl Transport for WebSocket {
             }
         };
         let close = ws::encode_close(ws::Role::Server, code.as_u16(), code.reason());
-        if outbox.message_open() {
-            // Inside a reply sent in parts only a control frame may follow: the close frame
-            // alone says why.
+        // What the peer will have read before the final frames: what the writer keeps, and
+        // unless dropped, what the outbox still holds.
+        let open = if drop_pending { wire_open } else { outbox.message_open() };
+        if open || outbox.message_open() {
             outbox.finish([close], drop_pending);
         } else {
             let disconnect = push::encode_disconnect(code);

@@ -121,7 +121,10 @@ async fn a_reader_survives_a_burst_far_larger_than_its_queue() {
     // client that reads is only momentarily behind and is never cut; one that never reads is.
     let config = "[limits]\nsocket_send_buffer_bytes = 65536\nslow_consumer_grace_ms = 1000\n";
     let server = Server::start(config, &[]);
-    let (client, mut events) = server.client().await;
+    // A small event channel: while the reader pauses, its client stops reading the socket.
+    let options = herald_client::ConnectOptions { event_capacity: 16, ..Default::default() };
+    let (client, mut events, _) =
+        herald_client::Client::connect(&server.ws_url(), options).await.unwrap();
     client.subscribe("burst", None).await.unwrap();
     let _stalled = ws_never_reader(&server, "burst");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -129,17 +132,26 @@ async fn a_reader_survives_a_burst_far_larger_than_its_queue() {
     let pad = "b".repeat(10_000);
     const BATCHES: u64 = 6;
     const PER_BATCH: u64 = 200;
+    // The reader pauses until the first batch (2 MB, twice its queue bound) is accepted, so it
+    // is certainly behind once; then it reads everything.
+    let (first_batch_done, first_batch) = tokio::sync::oneshot::channel::<()>();
     let reader = tokio::spawn(async move {
+        let _ = first_batch.await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         read_all(&mut events, "burst", BATCHES * PER_BATCH).await;
         events
     });
     let mut api = server.api().await;
+    let mut first_batch_done = Some(first_batch_done);
     for b in 0..BATCHES {
         let batch: Vec<(String, Value)> = (0..PER_BATCH)
             .map(|k| ("burst".to_string(), json!({"i": b * PER_BATCH + k, "pad": pad})))
             .collect();
         let answer = api.batch(&batch).await.unwrap();
         assert!(answer["results"].as_array().unwrap().iter().all(|r| r.get("error").is_none()));
+        if let Some(done) = first_batch_done.take() {
+            let _ = done.send(());
+        }
     }
     let mut events = tokio::time::timeout(TIMEOUT * 3, reader).await.unwrap().unwrap();
     // Still connected: a publication after the burst arrives.

@@ -412,3 +412,36 @@ async fn several_large_recoveries_in_one_frame_are_all_complete() {
     assert!(!sub.recovered, "another epoch");
     assert_eq!(sub.publications.len(), 1000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_just_after_a_streamed_recovery_ends_never_breaks_the_framing() {
+    // Recoveries of several sizes to a reader that reads nothing, with live traffic held
+    // behind them: the cut (4008) lands before, inside, or just after the reply's last part was
+    // queued. Whatever the peer received must stay valid WebSocket framing: the test decoder
+    // refuses a data frame (the `disconnect` push) inside an unfinished fragmented message.
+    let config = "[limits]\nmax_queue_bytes = 262144\nslow_consumer_grace_ms = 300\n\
+                  [namespaces.big]\nhistory_size = 100000\n";
+    let server = Server::start(config, &[]);
+    let mut api = server.api().await;
+    let pad = "y".repeat(8000);
+    for pages in [2u64, 3, 4, 6, 8, 12, 16, 24] {
+        let channel = format!("big:r{pages}");
+        let epoch = fill(&mut api, &channel, 1, pages * 16, 8000).await;
+        let mut raw = common::RawWs::connect(&server, 4096);
+        raw.send(&json!({"op": "subscribe", "id": 1, "channel": "big:other"}).to_string());
+        raw.send(
+            &json!({"op": "subscribe", "id": 2, "channel": channel,
+                    "since": {"offset": 0, "epoch": epoch}})
+            .to_string(),
+        );
+        for i in 0..60 {
+            api.publish("big:other", &json!({"i": i, "pad": pad})).await.expect("publish");
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let (_, code) =
+            tokio::task::spawn_blocking(move || raw.read_until(Duration::from_secs(10), |_| false))
+                .await
+                .unwrap_or_else(|e| panic!("{pages} pages: the stream broke its framing: {e}"));
+        assert_eq!(code, Some(4008), "{pages} pages: cut as a slow consumer");
+    }
+}
