@@ -101,9 +101,10 @@ def main():
 
     hostile_tables(rows, out)
     alloc_tables(rows, out)
+    publisher_tables(rows, load(sys.argv[2]) if len(sys.argv) > 2 else [], out)
 
     # Everything else, one row per run.
-    special = lambda r: r.get("label", "").startswith(("hostile:", "alloc ", "alloc:"))
+    special = lambda r: r.get("label", "").startswith(("hostile:", "alloc ", "alloc:", "pub:"))
     rest = [r for r in rows if not (special(r) or r["scenario"] == "idle" or (r["scenario"] == "fanout" and r.get("label") in ("herald ws", "reference ws")))]
     if rest:
         out += ["### Other runs", "",
@@ -162,6 +163,39 @@ def hostile_tables(rows, out):
             bursty = f"{k['delivered']:,}, {k['gaps']}" if kind == "bursty" else "-"
             out.append(f"| {i} | {kind} | {k['clients']} | {k['cut_4008']} | {json.dumps(k['endings'])} | {ended} | {bursty} | {tl} |")
             tl = ""
+    out.append("")
+
+
+def publisher_tables(rows, depths, out):
+    """Runs labelled `pub: SHAPE: SERVER` (scripts/bench publishers); `depths` holds the mean
+    messages per writer flush of each Herald run."""
+    rs = [r for r in rows if r.get("label", "").startswith("pub:")]
+    if not rs:
+        return
+    shape = lambda r: r["label"].split(": ")[1]
+    server = lambda r: r["label"].split(": ")[2]
+    keys = list(dict.fromkeys((shape(r), r["connections"]) for r in rs))
+    servers = ["herald", "herald api_threads=0", "reference"]
+    m = lambda xs, f: med([f(r) for r in xs])
+    reply = lambda r, q: (r.get("publish_reply_us") or {}).get(q)
+    out += ["### Publishers: shapes at saturation (one channel, 100-byte publications; medians of the runs)", "",
+            "`herald`: the default (plain HTTP on its own runtime, `api_threads = 1`); `api_threads=0`: every "
+            "connection on one runtime (before). Reply: how long a publisher waited for each answer. "
+            "Frames/flush: mean messages a subscriber's writer took per vectored write.", "",
+            "| publishers | subscribers | server | runs | deliveries/s | vs reference | vs api_threads=0 | publications/s | e2e p50 ms | e2e p99 ms | reply p50 ms | reply p99 ms | frames/flush | lost | 503s |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for sh, n in keys:
+        group = {sv: [r for r in rs if shape(r) == sh and r["connections"] == n and server(r) == sv] for sv in servers}
+        d = {sv: m(g, lambda r: r["deliveries_per_sec"]) for sv, g in group.items()}
+        for sv, g in group.items():
+            if not g:
+                continue
+            fl = med([x["frames_per_flush"] for x in depths if x["label"] == f"pub: {sh}: {sv}" and x.get("connections") == n])
+            out.append(f"| {sh} | {n:,} | {sv} | {len(g)} | {fmt(d[sv])} | {ratio(d[sv], d['reference']) if sv != 'reference' else '-'} | "
+                       f"{ratio(d[sv], d['herald api_threads=0']) if sv == 'herald' else '-'} | {fmt(m(g, lambda r: r['publications_per_sec']))} | "
+                       f"{ms(m(g, lambda r: r['latency_us']['p50']))} | {ms(m(g, lambda r: r['latency_us']['p99']))} | "
+                       f"{ms(m(g, lambda r: reply(r, 'p50')))} | {ms(m(g, lambda r: reply(r, 'p99')))} | {fmt(fl, 1)} | "
+                       f"{sum(r['lost'] for r in g)} | {sum(r.get('publish_503s', 0) for r in g)} |")
     out.append("")
 
 

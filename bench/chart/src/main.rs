@@ -12,6 +12,12 @@
 //!   one line per (target, label).
 //! - `throughput.png`: fan-out runs at rate 0 (as fast as possible); deliveries/s per
 //!   connection count, one bar per (target, label): Herald next to the reference server.
+//! - `deliveries-vs-publishers.png`: the publisher sweep of `scripts/bench publishers` (labels
+//!   `pub: N http: SERVER` or `pub: sweep N http: SERVER`, 2,000 subscribers, rate 0); x = HTTP
+//!   publisher connections, each posting one publication per request (log), y = deliveries/s,
+//!   one line per server (the mean of its runs at each x).
+//!
+//! Runs labelled `pub: ...` appear only in the last chart.
 //!
 //! A chart without data is skipped with a note on stderr. Text is rendered with DejaVu Sans
 //! (Debian package `fonts-dejavu-core`), loaded at run time.
@@ -83,6 +89,19 @@ struct Run {
 }
 
 impl Run {
+    /// A run of `scripts/bench publishers` (label `pub: SHAPE: SERVER`).
+    fn is_publishers(&self) -> bool {
+        self.label.starts_with("pub: ")
+    }
+
+    /// For a publisher-sweep run (`pub: [sweep ]N http: SERVER`): N and SERVER.
+    fn http_publishers(&self) -> Option<(f64, String)> {
+        let rest = self.label.strip_prefix("pub: ")?;
+        let (shape, server) = rest.split_once(": ")?;
+        let n = shape.strip_prefix("sweep ").unwrap_or(shape).strip_suffix(" http")?;
+        Some((n.parse::<u32>().ok()? as f64, server.to_string()))
+    }
+
     /// The series name: the label, or the target when there is no label.
     fn name(&self) -> String {
         if self.label.is_empty() {
@@ -157,10 +176,11 @@ type ChartFn = fn(&[Run], &Path) -> Result<bool>;
 /// Draws every chart that has data; returns the files written.
 fn render_all(runs: &[Run], out_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
-    let charts: [(&str, ChartFn); 3] = [
+    let charts: [(&str, ChartFn); 4] = [
         ("latency-vs-rate.png", latency_vs_rate),
         ("memory-vs-connections.png", memory_vs_connections),
         ("throughput.png", throughput),
+        ("deliveries-vs-publishers.png", deliveries_vs_publishers),
     ];
     for (file, draw) in charts {
         let path = out_dir.join(file);
@@ -261,14 +281,16 @@ fn ms(v: f64) -> String {
 /// `latency-vs-rate.png`; false when there is no fan-out run at a fixed rate.
 fn latency_vs_rate(runs: &[Run], path: &Path) -> Result<bool> {
     let series = group(
-        runs.iter().filter(|r| r.scenario == "fanout" && r.rate_offered > 0.0).filter_map(|r| {
-            let lat = r.latency_us.as_ref()?;
-            // Log axis: a zero latency (no sample) is drawn at 1 µs.
-            let p50 = (lat.p50 / 1000.0).max(0.001);
-            let p99 = (lat.p99 / 1000.0).max(0.001);
-            let name = SeriesKey { name: r.name(), connections: r.connections as u64 };
-            Some((name, r.rate_offered * r.connections, vec![p50, p99]))
-        }),
+        runs.iter()
+            .filter(|r| r.scenario == "fanout" && r.rate_offered > 0.0 && !r.is_publishers())
+            .filter_map(|r| {
+                let lat = r.latency_us.as_ref()?;
+                // Log axis: a zero latency (no sample) is drawn at 1 µs.
+                let p50 = (lat.p50 / 1000.0).max(0.001);
+                let p99 = (lat.p99 / 1000.0).max(0.001);
+                let name = SeriesKey { name: r.name(), connections: r.connections as u64 };
+                Some((name, r.rate_offered * r.connections, vec![p50, p99]))
+            }),
     );
     let points = || series.values().flatten();
     let (Some(x_range), Some(y_range)) = (
@@ -384,7 +406,10 @@ fn throughput(runs: &[Run], path: &Path) -> Result<bool> {
     let series = group(
         runs.iter()
             .filter(|r| {
-                r.scenario == "fanout" && r.rate_offered <= 0.0 && r.deliveries_per_sec > 0.0
+                r.scenario == "fanout"
+                    && r.rate_offered <= 0.0
+                    && r.deliveries_per_sec > 0.0
+                    && !r.is_publishers()
             })
             .map(|r| (key(r.name()), r.connections, vec![r.deliveries_per_sec])),
     );
@@ -460,6 +485,64 @@ fn throughput(runs: &[Run], path: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// `deliveries-vs-publishers.png`; false when there is no publisher-sweep run.
+fn deliveries_vs_publishers(runs: &[Run], path: &Path) -> Result<bool> {
+    let series = group(
+        runs.iter().filter(|r| r.connections == 2000.0 && r.rate_offered <= 0.0).filter_map(|r| {
+            let (n, server) = r.http_publishers()?;
+            Some((key(server), n, vec![r.deliveries_per_sec]))
+        }),
+    );
+    let points = || series.values().flatten();
+    let Some(x_range) = log_range(points().map(|p| p.0), 1.3) else {
+        return Ok(false);
+    };
+    let y_max = points().map(|p| p.1[0]).fold(0.0f64, f64::max).max(1.0) * 1.15;
+
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Deliveries/s vs HTTP publishers (one publication per request, 2,000 subscribers)",
+            ("sans-serif", 26),
+        )
+        .margin(20)
+        .x_label_area_size(60)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range.log_scale(), 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("publisher connections")
+        .y_desc("deliveries/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| si(*v))
+        .axis_desc_style(("sans-serif", 20))
+        .label_style(("sans-serif", 16))
+        .draw()?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let line: Vec<(f64, f64)> = points.iter().map(|(x, ys)| (*x, ys[0])).collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
+            .label(name.to_string())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(2)));
+        chart.draw_series(line.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+        let value_style = ("sans-serif", 15).into_font().color(&color);
+        chart.draw_series(line.iter().map(|&(x, y)| {
+            EmptyElement::at((x, y)) + Text::new(si(y), (8, -20), value_style.clone())
+        }))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,7 +561,7 @@ mod tests {
     }
 
     #[test]
-    fn renders_the_three_charts() {
+    fn renders_the_four_charts() {
         let dir = tempfile::tempdir().unwrap();
         let mut lines = Vec::new();
         for (target, label, factor) in
@@ -510,6 +593,21 @@ mod tests {
                 }
             }
         }
+        for n in [1u64, 2, 4, 8, 16] {
+            for (target, server, dps) in
+                [("herald", "herald", 1e6 * n as f64), ("reference", "reference", 2e6)]
+            {
+                let shape = if n == 8 { "8 http".to_string() } else { format!("sweep {n} http") };
+                lines.push(line(
+                    "fanout",
+                    target,
+                    &format!("pub: {shape}: {server}"),
+                    2000,
+                    0.0,
+                    &format!(r#""deliveries_per_sec":{dps}"#),
+                ));
+            }
+        }
         lines.push(String::new());
         lines.push(
             r#"{"scenario":"ingest","target":"herald","label":"x","extra_field":[1,2]}"#.into(),
@@ -519,10 +617,16 @@ mod tests {
 
         register_font().unwrap();
         let runs = read_runs(&input).unwrap();
-        assert_eq!(runs.len(), 2 * (3 + 3 + 6) + 1);
+        assert_eq!(runs.len(), 2 * (3 + 3 + 6) + 10 + 1);
+        assert_eq!(runs.iter().filter_map(Run::http_publishers).count(), 10);
         let written = render_all(&runs, dir.path()).unwrap();
-        assert_eq!(written.len(), 3);
-        for name in ["latency-vs-rate.png", "memory-vs-connections.png", "throughput.png"] {
+        assert_eq!(written.len(), 4);
+        for name in [
+            "latency-vs-rate.png",
+            "memory-vs-connections.png",
+            "throughput.png",
+            "deliveries-vs-publishers.png",
+        ] {
             let path = dir.path().join(name);
             let size = std::fs::metadata(&path).unwrap().len();
             assert!(size > 10_000, "{name}: only {size} bytes");

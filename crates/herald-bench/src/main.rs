@@ -77,8 +77,8 @@ enum Command {
     /// N clients each on --per-client of --channels channels chosen by Zipf(--zipf)
     /// popularity; publications spread over channels with the same weights.
     Spread(Args),
-    /// Publications/s accepted through /api/batch (--mode batch) or WebSocket `publish`
-    /// (--mode ws), over --channels channels; with --connections > 0 each channel gets
+    /// Publications/s accepted through /api/batch (--publish-mode http-batch) or WebSocket `publish`
+    /// (--publish-mode ws), over --channels channels; with --connections > 0 each channel gets
     /// connections/channels subscribers and deliveries are counted too.
     Ingest(Args),
     /// Internal: one worker process (JSON lines on stdin/stdout).
@@ -86,16 +86,26 @@ enum Command {
     Worker,
 }
 
-/// How `ingest` publishes.
+/// How publishers publish (`--publish-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
-    /// `POST /api/batch` with --batch publications each, --publishers connections.
-    Batch,
+    /// HTTP, --publishers keep-alive connections, one request at a time on each, one
+    /// publication per `POST /api/publish` (the reference server: `/publish`); --batch is
+    /// ignored.
+    HttpSingle,
+    /// As http-single, with --batch publications per `POST /api/batch` (--batch 1:
+    /// `/api/publish`).
+    #[value(alias = "batch")]
+    HttpBatch,
     /// WebSocket `publish` commands, --batch in flight per connection, --publishers
     /// connections. The channels' namespace must allow client publish
     /// (e.g. `--set namespaces.bench.client_publish=true` with the default prefix `bench:`).
     Ws,
 }
+
+/// The drain ends when no delivery was reported for this long: a saturated worker reports its
+/// progress late, and a server far above saturation holds seconds of deliveries in its queues.
+const DRAIN_STALL: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args, Debug, Clone)]
 struct Args {
@@ -149,7 +159,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     payload: usize,
     /// Publications per HTTP request (batch; 1 = /api/publish), or WebSocket `publish`
-    /// commands in flight per connection (ingest --mode ws). At a fixed --rate, the most sent
+    /// commands in flight per connection (ingest --publish-mode ws). At a fixed --rate, the most sent
     /// at once when publications are due.
     #[arg(long, default_value_t = 100)]
     batch: usize,
@@ -168,18 +178,20 @@ struct Args {
     /// found through /proc/net/tcp and /proc/*/fd).
     #[arg(long)]
     server_pid: Option<u32>,
-    /// How ingest publishes.
-    #[arg(long, value_enum, default_value = "batch")]
+    /// How publishers publish (fanout, spread and ingest): over HTTP (`/api/publish` with
+    /// --batch 1, `/api/batch` beyond) or WebSocket `publish` commands (--batch in flight).
+    #[arg(long = "publish-mode", alias = "mode", value_enum, default_value = "http-batch")]
     mode: Mode,
     /// Prefix of channel names; its namespace (`bench`) must exist on the server, and allow
-    /// client publish for ingest --mode ws.
+    /// client publish for ingest --publish-mode ws.
     #[arg(long, default_value = "bench:")]
     channel_prefix: String,
     /// Connections each worker opens at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// Longest wait, in seconds, for in-flight publications after publishing stops.
-    #[arg(long, default_value_t = 5.0)]
+    /// Longest wait, in seconds, for in-flight publications after publishing stops (it also
+    /// stops once no delivery was reported for 5 s).
+    #[arg(long, default_value_t = 15.0)]
     drain: f64,
     /// A free text copied into the results (e.g. the build or the machine).
     #[arg(long, default_value = "")]
@@ -497,8 +509,8 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     if args.target == Target::Reference && matches!(scenario, Scenario::Spread) {
         bail!("the reference server has no channels: spread needs --target herald");
     }
-    if args.target == Target::Reference && scenario == Scenario::Ingest && args.mode == Mode::Ws {
-        bail!("the reference server reads no commands: ingest --mode ws needs --target herald");
+    if args.target == Target::Reference && args.mode == Mode::Ws {
+        bail!("the reference server reads no commands: --publish-mode ws needs --target herald");
     }
     if scenario == Scenario::Idle && connections == 0 {
         bail!("idle needs --connections > 0");
@@ -684,7 +696,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
             api_key: args.api_key.clone(),
             prefix: args.channel_prefix.clone(),
             payload: args.payload,
-            batch: args.batch.max(1),
+            batch: if args.mode == Mode::HttpSingle { 1 } else { args.batch.max(1) },
             rate: args.rate / publishers as f64,
             chooser,
             channels,
@@ -696,7 +708,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         let mut tasks = Vec::new();
         for w in 0..publishers {
             let (cfg, counters) = (Arc::clone(&cfg), Arc::clone(&counters));
-            tasks.push(if scenario == Scenario::Ingest && args.mode == Mode::Ws {
+            tasks.push(if args.mode == Mode::Ws {
                 tokio::spawn(publish::ws_publisher(w as u32, cfg, counters))
             } else {
                 tokio::spawn(publish::http_publisher(w as u32, cfg, counters))
@@ -716,7 +728,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
             let d = fleet.delivered();
             if d != last.1 {
                 last = (Instant::now(), d);
-            } else if last.0.elapsed() > Duration::from_secs(2) {
+            } else if last.0.elapsed() > DRAIN_STALL {
                 break;
             }
         }

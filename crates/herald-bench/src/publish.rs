@@ -52,7 +52,7 @@ pub(crate) struct PubConfig {
 }
 
 /// Counters of every publisher of a run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PubCounters {
     pub(crate) published: AtomicU64,
     pub(crate) measured: AtomicU64,
@@ -60,6 +60,22 @@ pub(crate) struct PubCounters {
     pub(crate) status_503: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) first_error: Mutex<Option<String>>,
+    /// Microseconds from sending a request to its answer, for requests sent after the warmup.
+    pub(crate) replies: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for PubCounters {
+    fn default() -> Self {
+        PubCounters {
+            published: AtomicU64::new(0),
+            measured: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            status_503: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            replies: Mutex::new(crate::worker::new_histogram()),
+        }
+    }
 }
 
 impl PubCounters {
@@ -70,6 +86,18 @@ impl PubCounters {
                 eprintln!("publish error: {why}");
                 *first = Some(why);
             }
+        }
+    }
+
+    /// Records how long the answer to a request sent at `t` (unix nanos) took.
+    fn answered(&self, cfg: &PubConfig, t: u64) {
+        if t < cfg.measure_start {
+            return;
+        }
+        let us = (plan::unix_nanos().saturating_sub(t) / 1000)
+            .clamp(crate::worker::HIST_LOW, crate::worker::HIST_HIGH);
+        if let Ok(mut h) = self.replies.lock() {
+            let _ = h.record(us);
         }
     }
 
@@ -189,7 +217,11 @@ pub(crate) async fn http_publisher(w: u32, cfg: Arc<PubConfig>, counters: Arc<Pu
         sent += n as u64;
         let give_up = cfg.end + Duration::from_secs(5);
         loop {
-            match api.request("POST", path, Some(&body)).await {
+            let answer = api.request("POST", path, Some(&body)).await;
+            if answer.is_ok() {
+                counters.answered(&cfg, t);
+            }
+            match answer {
                 Ok((200..=299, _, answer)) => {
                     if path == "/api/batch" && memchr::memmem::find(&answer, b"\"error\"").is_some()
                     {
@@ -292,6 +324,7 @@ async fn ws_publish(w: u32, cfg: &PubConfig, counters: &PubCounters) -> anyhow::
     loop {
         for (id, error) in answers.drain(..) {
             let Some((c, t)) = in_flight.remove(&id) else { continue };
+            counters.answered(cfg, t);
             match error {
                 None => counters.accepted(cfg, t, std::iter::once(c)),
                 Some(code) => {

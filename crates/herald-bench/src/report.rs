@@ -24,6 +24,21 @@ pub(crate) struct Latency {
     pub(crate) count: u64,
 }
 
+impl Latency {
+    /// The percentiles of `hist`.
+    pub(crate) fn of(hist: &hdrhistogram::Histogram<u64>) -> Latency {
+        Latency {
+            p50: hist.value_at_quantile(0.5),
+            p90: hist.value_at_quantile(0.9),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+            mean: (hist.mean() * 10.0).round() / 10.0,
+            count: hist.len(),
+        }
+    }
+}
+
 /// What was asked of the run.
 #[derive(Debug, Clone)]
 pub(crate) struct Offered {
@@ -88,6 +103,10 @@ pub(crate) struct Report {
     pub(crate) publish_503s: u64,
     pub(crate) publish_errors: u64,
     pub(crate) latency_us: Latency,
+    /// How long a publisher waited for each answer (HTTP response, `publish` reply) of the
+    /// publications sent after the warmup; `count` counts requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) publish_reply_us: Option<Latency>,
     pub(crate) server_pid: Option<u32>,
     pub(crate) server_rss_before: Option<u64>,
     pub(crate) server_rss_after: Option<u64>,
@@ -192,15 +211,12 @@ impl Report {
             self.deliveries_per_sec = measured as f64 / span;
         }
         if !hist.is_empty() {
-            self.latency_us = Latency {
-                p50: hist.value_at_quantile(0.5),
-                p90: hist.value_at_quantile(0.9),
-                p99: hist.value_at_quantile(0.99),
-                p999: hist.value_at_quantile(0.999),
-                max: hist.max(),
-                mean: (hist.mean() * 10.0).round() / 10.0,
-                count: hist.len(),
-            };
+            self.latency_us = Latency::of(&hist);
+        }
+        if let Ok(replies) = counters.replies.lock() {
+            if !replies.is_empty() {
+                self.publish_reply_us = Some(Latency::of(&replies));
+            }
         }
         if let (Some(before), Some(after)) = (self.server_rss_before, self.server_rss_after) {
             if self.connections_ready > 0 {
