@@ -352,3 +352,46 @@ async fn the_first_pub_of_a_new_epoch_names_it() {
     let h: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(h["epoch"], json!(known));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_own_publish_waits_keeps_draining_and_is_not_cut() {
+    // The node is saturated (three never-readers hold more than its backlog bound), so a
+    // publish waits for capacity. The client publishing meanwhile has 2 MB queued to it, far
+    // over its queue bound: its connection keeps draining while its own publish waits, so it is
+    // not judged slow. (Before, its writer stopped during its publish and it was cut with the
+    // never-readers.)
+    let config = "[limits]\nmax_queue_bytes = 65536\nslow_consumer_grace_ms = 1000\n\
+                  max_backlog_bytes = 1048576\npublish_timeout_ms = 5000\n\
+                  socket_send_buffer_bytes = 65536\n[namespaces.pub]\nclient_publish = true\n";
+    let server = Server::start(config, &[]);
+    let (client, mut events) = server.client().await;
+    client.subscribe("pub:hot", None).await.unwrap();
+    let _stalled: Vec<StdTcpStream> = (0..3).map(|_| ws_never_reader(&server, "pub:hot")).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let pad = "s".repeat(10_000);
+    let mut api = server.api().await;
+    const COUNT: u64 = 200; // 2 MB
+    let batch: Vec<(String, Value)> =
+        (0..COUNT).map(|i| ("pub:hot".to_string(), json!({"i": i, "pad": pad}))).collect();
+    api.batch(&batch).await.unwrap();
+    // Its own publication, sent while 2 MB are queued to it and the node is saturated.
+    let publish = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = client.publish("pub:hot", &json!({"i": COUNT})).await;
+        (client, r, started.elapsed())
+    });
+    read_all(&mut events, "pub:hot", COUNT + 1).await;
+    let (client, answer, waited) = tokio::time::timeout(TIMEOUT, publish).await.unwrap().unwrap();
+    assert!(answer.is_ok(), "its publish was accepted: {answer:?}");
+    eprintln!("the client's publish waited {waited:?}");
+    let cut = wait_metric(&server, "herald_disconnects_total{code=\"4008\"}", 3.0, TIMEOUT).await;
+    assert_eq!(cut, 3.0, "the three never-readers were cut");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&metrics(&server).await, "herald_disconnects_total{code=\"4008\"}"),
+        3.0,
+        "and not the publishing reader"
+    );
+    assert!(client.history("pub:hot", None, Some(0)).await.is_ok(), "still connected");
+}
