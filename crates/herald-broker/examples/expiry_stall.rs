@@ -19,6 +19,9 @@ struct Discard;
 
 impl BrokerHandler for Discard {
     fn handle_publication(&self, _: &ChannelName, _: &Publication) {}
+    fn has_subscribers(&self, _: &ChannelName) -> bool {
+        false
+    }
 }
 
 fn main() {

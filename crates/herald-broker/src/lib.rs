@@ -26,6 +26,7 @@
 
 pub mod history;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use bytes::Bytes;
 use herald_protocol::{ChannelName, StreamPosition};
 
 pub use memory::MemoryBroker;
+pub use redis::RedisBroker;
 
 /// One publication as the broker delivers it.
 #[derive(Debug, Clone)]
@@ -145,6 +147,10 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// A publication of `channel`. Called in offset order per channel, never concurrently for the
     /// same channel. Must not block: it only queues bytes.
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication);
+
+    /// True while this node has local subscribers of `channel` (live or joining). A broker that
+    /// subscribes remotely asks it to bring its subscription in line with the hub's.
+    fn has_subscribers(&self, channel: &ChannelName) -> bool;
 }
 
 /// Carries publications between publishers and the nodes that have subscribers.
@@ -165,11 +171,17 @@ pub trait Broker: Send + Sync + 'static {
         options: &PublishOptions,
     ) -> Result<Option<StreamPosition>, BrokerError>;
 
-    /// This node now has subscribers of `channel`: deliver its publications here. Creates no
+    /// A subscriber of `channel` joins this node: returns once every publication of `channel`
+    /// from now on reaches this node's handler. Called for every joining subscriber (not only
+    /// the first), after the hub registered it, so that its history read cannot miss a
+    /// publication that the node's remote subscription, still being set up, would. Creates no
     /// stream state.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
-    /// This node no longer has subscribers of `channel`.
+    /// The last local subscriber of `channel` left (the hub says so). A backend that subscribes
+    /// remotely reconciles with [`BrokerHandler::has_subscribers`] in the order of the calls,
+    /// so a subscribe and an unsubscribe racing each other leave the node subscribed exactly
+    /// when the hub has subscribers.
     async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
     /// Reads the channel's history: its current position (offset of its newest publication, 0

@@ -418,6 +418,9 @@ mod tests {
         fn handle_publication(&self, channel: &ChannelName, p: &Publication) {
             self.0.lock().push((channel.to_string(), p.offset, p.data.clone()));
         }
+        fn has_subscribers(&self, _: &ChannelName) -> bool {
+            true
+        }
     }
 
     fn opts(size: usize) -> PublishOptions {
@@ -518,6 +521,9 @@ mod void_tests {
 
     impl BrokerHandler for Sink {
         fn handle_publication(&self, _: &ChannelName, _: &Publication) {}
+        fn has_subscribers(&self, _: &ChannelName) -> bool {
+            true
+        }
     }
 
     const TTL: Duration = Duration::from_millis(1000);

@@ -179,6 +179,13 @@ impl<'a> Encoded<'a> {
         };
         if new_epoch {
             sub.epoch = self.publication.epoch.clone();
+        } else if self.publication.offset.is_some_and(|o| o <= sub.after) {
+            // Already sent: a networked broker's history read can see a publication before
+            // its pub/sub message reaches this node, so the subscribe reply held it.
+            return Ok(0);
+        }
+        if let Some(offset) = self.publication.offset {
+            sub.after = offset;
         }
         match (&sub.sink, conflate) {
             (Sink::Ws(o), false) => o.push_shared(self.ws(new_epoch)).map(|n| n as isize),
@@ -189,13 +196,16 @@ impl<'a> Encoded<'a> {
     }
 }
 
-/// A live subscriber of one channel: the connection's id, its queue, and the epoch its
-/// publications were last in (the one its subscribe reply announced, then the newest pushed).
+/// A live subscriber of one channel: the connection's id, its queue, and the position it has
+/// (its subscribe reply's, then the newest pushed): publications of that epoch up to that
+/// offset are not pushed again.
 #[derive(Debug, Clone)]
 struct Subscriber {
     id: u64,
     sink: Sink,
     epoch: Option<Arc<str>>,
+    /// Offset of the newest publication of `epoch` the subscriber has (0: none).
+    after: u64,
 }
 
 /// A subscriber whose subscribe reply is not queued yet.
@@ -312,6 +322,7 @@ impl Hub {
             id,
             sink: pending.sink,
             epoch: after.map(|p| Arc::from(p.epoch.as_str())),
+            after: after.map_or(0, |p| p.offset),
         };
         for publication in &pending.buffered {
             let newer = match (after, publication.offset) {
@@ -369,6 +380,10 @@ impl Hub {
 }
 
 impl BrokerHandler for Hub {
+    fn has_subscribers(&self, channel: &ChannelName) -> bool {
+        self.shard(channel).lock().get(channel).is_some_and(|e| e.len() > 0)
+    }
+
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication) {
         let mut channels = self.shard(channel).lock();
         let Some(entry) = channels.get_mut(channel) else {
@@ -480,5 +495,29 @@ mod tests {
         let text = |f: &Bytes| String::from_utf8_lossy(f).to_string();
         assert!(text(&frames[1]).contains("\"offset\":6"));
         assert!(text(&frames[2]).contains("\"offset\":7"));
+    }
+
+    #[test]
+    fn a_publication_the_reply_already_held_is_not_pushed_again() {
+        // A networked broker: the history read saw offsets up to 7 before their pub/sub
+        // messages reached the node; they arrive after the subscriber went live.
+        let hub = Hub::new(Arc::new(Metrics::default()));
+        let c = ChannelName::parse("c").unwrap();
+        let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false);
+        hub.handle_publication(&c, &publication(Some(5), "5"));
+        let pos = StreamPosition { offset: 7, epoch: "e".into() };
+        hub.activate(&c, 1, Some(&pos), |_| a.push(Bytes::from_static(b"reply"))).unwrap();
+        for o in [6, 7, 8] {
+            hub.handle_publication(&c, &publication(Some(o), "x"));
+        }
+        let other =
+            Publication { offset: Some(1), epoch: Some(Arc::from("f")), data: Bytes::new() };
+        hub.handle_publication(&c, &other);
+        let text: Vec<String> =
+            drain(&a).iter().map(|f| String::from_utf8_lossy(f).to_string()).collect();
+        assert_eq!(text.len(), 3, "{text:?}");
+        assert!(text[1].contains("\"offset\":8"), "{text:?}");
+        assert!(text[2].contains("\"offset\":1"), "a new epoch starts again: {text:?}");
     }
 }

@@ -311,11 +311,12 @@ impl Session {
             ));
         }
         let conflate = options.conflate;
-        if node.hub.subscribe_pending(&channel, self.id, Sink::Ws(self.outbox.clone()), conflate) {
-            if let Err(e) = node.broker.subscribe(&channel).await {
-                self.abandon(&channel).await;
-                return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
-            }
+        // Every joining subscriber waits until the node receives the channel (the broker call
+        // returns at once when it already does).
+        node.hub.subscribe_pending(&channel, self.id, Sink::Ws(self.outbox.clone()), conflate);
+        if let Err(e) = node.broker.subscribe(&channel).await {
+            self.abandon(&channel).await;
+            return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
         }
         // With `since`: everything after it that history has; without: only the position.
         let query = HistoryQuery { limit: if since.is_some() { None } else { Some(0) }, since };

@@ -18,7 +18,7 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use herald_broker::{Broker, MemoryBroker};
+use herald_broker::{Broker, MemoryBroker, RedisBroker};
 use herald_core::node::AuthSettings;
 use herald_core::{Node, TokenVerifier};
 
@@ -28,7 +28,9 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The configured broker is not available in this build.
-    #[error("config key `broker`: {0:?} is not supported yet (use \"memory\")")]
+    #[error(
+        "config key `broker`: {0:?} is not supported (use \"memory\" or \"redis://HOST:PORT\")"
+    )]
     UnsupportedBroker(String),
     /// The broker refused to start.
     #[error("broker failed to start: {0}")]
@@ -43,6 +45,7 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
             spawn_stream_expiry(memory.clone(), config.namespace_options());
             memory
         }
+        url if url.starts_with("redis://") => Arc::new(RedisBroker::new(url)?),
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
     let verifier = config.auth.hmac_secret.as_ref().map(|s| {

@@ -399,11 +399,12 @@ impl SseStream {
         for (i, channel) in channels.iter().enumerate() {
             let conflate = channel_options[i].conflate;
             let options = channel_options[i].publish_options();
-            if node.hub.subscribe_pending(channel, id, sink(), conflate) {
-                if let Err(e) = node.broker.subscribe(channel).await {
-                    stream.abandon_all().await;
-                    return Err(ApiError::new(503, e.to_string()));
-                }
+            // Every joining subscriber waits until the node receives the channel (the broker
+            // call returns at once when it already does).
+            node.hub.subscribe_pending(channel, id, sink(), conflate);
+            if let Err(e) = node.broker.subscribe(channel).await {
+                stream.abandon_all().await;
+                return Err(ApiError::new(503, e.to_string()));
             }
             let mentioned: Mentioned = match &resume {
                 EventId::Named(map) => map.get(channel.as_str()).cloned(),

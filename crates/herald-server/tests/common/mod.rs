@@ -271,3 +271,61 @@ pub async fn metrics(server: &Server) -> String {
     let (_, _, body) = server.api().await.request("GET", "/metrics", None).await.unwrap();
     String::from_utf8_lossy(&body).into_owned()
 }
+
+/// A `redis-server` on a free loopback port, stopped on drop. `None` (with a note) when
+/// `redis-server` is not installed, unless `HERALD_REQUIRE_REDIS` is set: then it panics.
+pub struct RedisServer {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> Option<RedisServer> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("HERALD_REQUIRE_REDIS").is_err(),
+                "redis-server is required (HERALD_REQUIRE_REDIS is set) but not on the PATH"
+            );
+            eprintln!("redis-server not found: test skipped");
+            return None;
+        }
+        let port = free_addr().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(RedisServer { child, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `GET /readyz` answers 200 (the broker is connected), at most `limit`.
+pub async fn wait_ready(server: &Server, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut api = server.api().await;
+    loop {
+        let (status, _, _) = api.request("GET", "/readyz", None).await.unwrap();
+        if status == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {} not ready", server.addr);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

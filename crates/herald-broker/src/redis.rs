@@ -1,0 +1,579 @@
+//! The Redis broker: several nodes share channels through one Redis (`broker =
+//! "redis://[user:pass@]HOST:PORT[/DB]"`).
+//!
+//! What lives in Redis, per channel `C` (every key of a channel carries the hash tag `{C}`, so a
+//! channel's keys share one slot):
+//! - `herald:{C}:s`, a hash: the stream's epoch `e`, its newest offset `o` and its creation time
+//!   `c` (Redis `TIME`, milliseconds). It expires after `history_ttl` without a publication; the
+//!   next publication then starts a new epoch.
+//! - `herald:{C}:h`, a list: the retained publications' data, oldest first. Offsets are
+//!   contiguous, so the entry of offset `n` sits at index `n - (o - len + 1)`.
+//! - `herald:instance`: an id created once per Redis data set; void epochs (positions read
+//!   while a channel had no stream, see [`crate::history::VoidEpoch`]) carry it, so a position
+//!   read before Redis lost its data is never judged complete afterwards.
+//!
+//! Publishing a channel with history runs one Lua script ([`PUBLISH_SCRIPT`]): it creates the
+//! stream when missing, assigns the next offset, appends and trims the history, renews the TTL
+//! and publishes on the channel's pub/sub channel `herald:{C}`, atomically. Every node therefore
+//! sees offsets in order, and a history read ([`READ_SCRIPT`], also one script) is consistent
+//! with the pub/sub stream. Channels without history are a plain `PUBLISH`. Scripts run with
+//! `EVALSHA` (loaded on first use) on one multiplexed connection, so many publications are in
+//! flight at once.
+//!
+//! Pub/sub: one dedicated connection per node, subscribed only to the channels its clients use.
+//! Subscriptions are reconciled by one task in the order they are asked for: each
+//! [`Broker::subscribe`] / [`Broker::unsubscribe`] makes the task compare what Redis has with
+//! what the hub wants *now* ([`BrokerHandler::has_subscribers`]), so concurrent first-subscribe
+//! and last-unsubscribe calls can never leave the node unsubscribed while it has subscribers.
+//! A subscribe call returns once Redis confirmed the subscription: publications from then on
+//! reach the node, which the subscribe-then-read-history protocol of the hub relies on.
+//!
+//! Message format on pub/sub: `h<offset> <epoch> <data>` for a channel with history, `n<data>`
+//! without.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::{Script, Value};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_protocol::{ChannelName, StreamPosition};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::history::{self, VoidEpoch};
+use crate::{
+    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, Publication, PublishOptions,
+};
+
+/// Assigns the next offset, appends to history, renews the TTL and publishes, atomically.
+///
+/// KEYS: stream hash, history list. ARGV: data, history size, TTL (ms), a fresh epoch (used
+/// when the stream is new), the pub/sub channel. Returns `{offset, epoch}`.
+pub const PUBLISH_SCRIPT: &str = r#"
+local size = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'c', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+if size > 0 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('LTRIM', KEYS[2], -size, -1)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PUBLISH', ARGV[5], 'h' .. offset .. ' ' .. epoch .. ' ' .. ARGV[1])
+return {offset, epoch}
+"#;
+
+/// Reads a channel's position and the history a query asks for, atomically.
+///
+/// KEYS: stream hash, history list, the instance key. ARGV: mode (`n` newest, `s` after a
+/// position, `v` after a void position), the position's epoch, its offset, the limit (-1: none),
+/// for `v` the void read's time (ms) and the TTL (ms), a fresh instance id (set when Redis has
+/// none), and for `v` the instance the void position was read from (another one is judged like
+/// any other epoch). Returns `{now, instance}` without a stream, else `{now, instance, epoch, top,
+/// complete, first offset, data...}`.
+pub const READ_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local instance = redis.call('GET', KEYS[3])
+if not instance then
+  instance = ARGV[7]
+  redis.call('SET', KEYS[3], instance)
+end
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c')
+if not m[1] then
+  return {now, instance}
+end
+local epoch, top, created = m[1], tonumber(m[2]), tonumber(m[3])
+local len = redis.call('LLEN', KEYS[2])
+local oldest = top - len + 1
+local limit = tonumber(ARGV[4])
+local mode, since_epoch = ARGV[1], ARGV[2]
+if mode == 'v' and ARGV[8] ~= instance then
+  mode, since_epoch = 's', ''
+end
+if mode == 'v' then
+  local at, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+  if at <= created and created + 1 <= at + ttl then
+    mode, since_epoch = 's', epoch
+  else
+    mode, since_epoch = 's', ''
+  end
+end
+local start, complete = 0, 0
+if mode == 'n' then
+  local count = len
+  if limit >= 0 and limit < len then count = limit end
+  start = len - count
+else
+  local off = tonumber(ARGV[3])
+  local reaches = since_epoch == epoch and off <= top and
+    ((len > 0 and off >= oldest - 1) or (len == 0 and off == top))
+  if reaches then
+    complete = 1
+    if len > 0 then start = off + 1 - oldest end
+  end
+end
+local stop = len - 1
+if mode ~= 'n' and limit >= 0 then stop = math.min(stop, start + limit - 1) end
+local out = {now, instance, epoch, top, complete, oldest + start}
+if start <= stop then
+  local items = redis.call('LRANGE', KEYS[2], start, stop)
+  for i = 1, #items do out[#out + 1] = items[i] end
+end
+return out
+"#;
+
+/// The key holding the Redis data set's instance id.
+const INSTANCE_KEY: &str = "herald:instance";
+/// Longest wait between two attempts to reach Redis.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A request to the pub/sub task: reconcile `channel`, then answer.
+struct SubOp {
+    channel: ChannelName,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// The Redis broker (see the module docs).
+pub struct RedisBroker {
+    client: ::redis::Client,
+    /// The URL without its password, for logs.
+    display_url: String,
+    /// The command connection (reconnects by itself once established).
+    conn: Arc<OnceLock<ConnectionManager>>,
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+    ops: mpsc::UnboundedSender<SubOp>,
+    ops_rx: Mutex<Option<mpsc::UnboundedReceiver<SubOp>>>,
+    /// The pub/sub connection is up and subscribed to what the hub wants.
+    pubsub_ready: Arc<AtomicBool>,
+    publish_script: Script,
+    read_script: Script,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("url", &self.display_url).finish()
+    }
+}
+
+impl RedisBroker {
+    /// A broker for the Redis at `url` (`redis://[user:pass@]HOST:PORT[/DB]`); nothing is
+    /// connected before [`Broker::start`].
+    pub fn new(url: &str) -> Result<RedisBroker, BrokerError> {
+        let client = ::redis::Client::open(url)
+            .map_err(|e| BrokerError::Backend(format!("bad redis URL: {e}")))?;
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        Ok(RedisBroker {
+            client,
+            display_url: without_password(url),
+            conn: Arc::new(OnceLock::new()),
+            handler: OnceLock::new(),
+            ops,
+            ops_rx: Mutex::new(Some(ops_rx)),
+            pubsub_ready: Arc::new(AtomicBool::new(false)),
+            publish_script: Script::new(PUBLISH_SCRIPT),
+            read_script: Script::new(READ_SCRIPT),
+        })
+    }
+
+    fn conn(&self) -> Result<ConnectionManager, BrokerError> {
+        self.conn.get().cloned().ok_or(BrokerError::Unavailable("redis is not connected"))
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn backend(e: ::redis::RedisError) -> BrokerError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        BrokerError::Unavailable("redis is not reachable")
+    } else {
+        BrokerError::Backend(e.to_string())
+    }
+}
+
+fn stream_key(channel: &ChannelName) -> String {
+    format!("herald:{{{channel}}}:s")
+}
+
+fn history_key(channel: &ChannelName) -> String {
+    format!("herald:{{{channel}}}:h")
+}
+
+/// The pub/sub channel of a Herald channel.
+fn pubsub_channel(channel: &ChannelName) -> String {
+    format!("herald:{{{channel}}}")
+}
+
+/// The Herald channel of a pub/sub channel name.
+fn channel_of(pubsub: &str) -> Option<ChannelName> {
+    let name = pubsub.strip_prefix("herald:{")?.strip_suffix('}')?;
+    ChannelName::parse(name).ok()
+}
+
+/// Decodes a pub/sub message (see the module docs).
+fn decode_message(payload: &[u8]) -> Option<Publication> {
+    match payload.split_first()? {
+        (b'n', data) => {
+            Some(Publication { offset: None, epoch: None, data: Bytes::copy_from_slice(data) })
+        }
+        (b'h', rest) => {
+            let sp = rest.iter().position(|&b| b == b' ')?;
+            let offset: u64 = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+            let rest = &rest[sp + 1..];
+            let sp = rest.iter().position(|&b| b == b' ')?;
+            let epoch = std::str::from_utf8(&rest[..sp]).ok()?;
+            Some(Publication {
+                offset: Some(offset),
+                epoch: Some(Arc::from(epoch)),
+                data: Bytes::copy_from_slice(&rest[sp + 1..]),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn bad_reply(what: &str) -> BrokerError {
+    BrokerError::Backend(format!("unexpected reply from redis to {what}"))
+}
+
+/// Keeps the command connection: tries until the first connection succeeds (the manager then
+/// reconnects by itself).
+async fn connect_commands(client: ::redis::Client, slot: Arc<OnceLock<ConnectionManager>>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match client.get_connection_manager().await {
+            Ok(conn) => {
+                let _ = slot.set(conn);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to redis; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The pub/sub task: one connection, subscribed to what the hub wants, delivering messages in
+/// order; reconnects (and resubscribes) when the connection is lost.
+async fn run_pubsub(
+    client: ::redis::Client,
+    handler: Arc<dyn BrokerHandler>,
+    mut ops: mpsc::UnboundedReceiver<SubOp>,
+    ready: Arc<AtomicBool>,
+) {
+    let mut subscribed: HashSet<ChannelName> = HashSet::new();
+    let mut backoff = Duration::from_millis(50);
+    let mut connected_before = false;
+    loop {
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the redis pub/sub connection; retrying");
+                // Answer waiting subscribers: they get 503 and may retry.
+                while let Ok(op) = ops.try_recv() {
+                    let _ = op.done.send(Err(BrokerError::Unavailable("redis is not reachable")));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let (mut sink, mut stream) = pubsub.split();
+        // Resubscribe what the hub still wants.
+        let wanted: Vec<ChannelName> =
+            subscribed.drain().filter(|c| handler.has_subscribers(c)).collect();
+        let mut failed = false;
+        for channel in wanted {
+            if sink.subscribe(pubsub_channel(&channel)).await.is_err() {
+                failed = true;
+                break;
+            }
+            subscribed.insert(channel);
+        }
+        if failed {
+            continue;
+        }
+        if connected_before {
+            tracing::warn!(
+                channels = subscribed.len(),
+                "redis pub/sub reconnected; publications sent meanwhile were not delivered"
+            );
+        }
+        connected_before = true;
+        ready.store(true, Ordering::Release);
+        loop {
+            tokio::select! {
+                biased;
+                msg = stream.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
+                    match decode_message(msg.get_payload_bytes()) {
+                        Some(p) => handler.handle_publication(&channel, &p),
+                        None => tracing::warn!(%channel, "undecodable message on redis pub/sub"),
+                    }
+                }
+                op = ops.recv() => {
+                    let Some(op) = op else { return };
+                    let want = handler.has_subscribers(&op.channel);
+                    let have = subscribed.contains(&op.channel);
+                    let name = pubsub_channel(&op.channel);
+                    let result = match (want, have) {
+                        (true, false) => sink.subscribe(&name).await.map(|()| {
+                            subscribed.insert(op.channel.clone());
+                        }),
+                        (false, true) => sink.unsubscribe(&name).await.map(|()| {
+                            subscribed.remove(&op.channel);
+                        }),
+                        _ => Ok(()),
+                    };
+                    let lost = result.is_err();
+                    let _ = op.done.send(result.map_err(backend));
+                    if lost {
+                        break;
+                    }
+                }
+            }
+        }
+        ready.store(false, Ordering::Release);
+        tracing::warn!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+#[async_trait::async_trait]
+impl Broker for RedisBroker {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    /// Connects in the background: the node starts (and answers `/readyz` 503) while Redis is
+    /// unreachable.
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<(), BrokerError> {
+        self.handler
+            .set(handler.clone())
+            .map_err(|_| BrokerError::Backend("already started".into()))?;
+        let ops =
+            self.ops_rx.lock().take().ok_or(BrokerError::Backend("already started".into()))?;
+        tracing::info!(url = %self.display_url, "connecting to redis");
+        tokio::spawn(connect_commands(self.client.clone(), self.conn.clone()));
+        tokio::spawn(run_pubsub(self.client.clone(), handler, ops, self.pubsub_ready.clone()));
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        data: Bytes,
+        options: &PublishOptions,
+    ) -> Result<Option<StreamPosition>, BrokerError> {
+        let mut conn = self.conn()?;
+        if options.history_size == 0 {
+            let mut message = Vec::with_capacity(data.len() + 1);
+            message.push(b'n');
+            message.extend_from_slice(&data);
+            ::redis::cmd("PUBLISH")
+                .arg(pubsub_channel(channel))
+                .arg(message)
+                .exec_async(&mut conn)
+                .await
+                .map_err(backend)?;
+            return Ok(None);
+        }
+        let ttl_ms = u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let reply: Value = self
+            .publish_script
+            .key(stream_key(channel))
+            .key(history_key(channel))
+            .arg(data.as_ref())
+            .arg(options.history_size)
+            .arg(ttl_ms)
+            .arg(history::new_instance_id().as_ref())
+            .arg(pubsub_channel(channel))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let Value::Array(items) = reply else { return Err(bad_reply("publish")) };
+        match items.as_slice() {
+            [offset, epoch] => Ok(Some(StreamPosition {
+                offset: as_u64(offset).ok_or_else(|| bad_reply("publish"))?,
+                epoch: as_string(epoch).ok_or_else(|| bad_reply("publish"))?,
+            })),
+            _ => Err(bad_reply("publish")),
+        }
+    }
+
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        self.reconcile(channel).await
+    }
+
+    async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        self.reconcile(channel).await
+    }
+
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        options: &PublishOptions,
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, BrokerError> {
+        if options.history_size == 0 {
+            return Ok(HistoryPage::default());
+        }
+        let mut conn = self.conn()?;
+        let ttl_ms = u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX);
+        let fresh_instance = history::new_instance_id();
+        let void = query.since.as_ref().and_then(|s| VoidEpoch::parse(&s.epoch));
+        let (mode, epoch, offset, at, void_instance) = match (&query.since, &void) {
+            (None, _) => ("n", "", 0, 0, ""),
+            (Some(s), Some(v)) => ("v", "", s.offset, v.at_ms, v.instance),
+            (Some(s), None) => ("s", s.epoch.as_str(), s.offset, 0, ""),
+        };
+        let limit: i64 = query.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let reply: Value = self
+            .read_script
+            .key(stream_key(channel))
+            .key(history_key(channel))
+            .key(INSTANCE_KEY)
+            .arg(mode)
+            .arg(epoch)
+            .arg(offset)
+            .arg(limit)
+            .arg(at)
+            .arg(ttl_ms)
+            .arg(fresh_instance.as_ref())
+            .arg(void_instance)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let Value::Array(items) = reply else { return Err(bad_reply("history")) };
+        let now = items.first().and_then(as_u64).ok_or_else(|| bad_reply("history"))?;
+        let instance = items.get(1).and_then(as_string).ok_or_else(|| bad_reply("history"))?;
+        // A void position counts only if it was read from this Redis data set.
+        let void = void.filter(|v| v.instance == instance);
+        if items.len() == 2 {
+            // No stream: position 0 of a void epoch of this read.
+            let complete = void.is_some_and(|v| v.covers(now, options.history_ttl))
+                && query.since.as_ref().is_some_and(|s| s.offset == 0);
+            let epoch = VoidEpoch { instance: &instance, at_ms: now }.encode();
+            return Ok(HistoryPage {
+                position: Some(StreamPosition { offset: 0, epoch }),
+                publications: Vec::new(),
+                complete,
+                more: false,
+            });
+        }
+        let field = |i: usize| items.get(i).ok_or_else(|| bad_reply("history"));
+        let epoch: Arc<str> = Arc::from(as_string(field(2)?).ok_or_else(|| bad_reply("history"))?);
+        let top = as_u64(field(3)?).ok_or_else(|| bad_reply("history"))?;
+        let complete = as_u64(field(4)?) == Some(1);
+        let first = as_u64(field(5)?).ok_or_else(|| bad_reply("history"))?;
+        let mut publications = Vec::with_capacity(items.len().saturating_sub(6));
+        for (k, item) in items[6..].iter().enumerate() {
+            let Value::BulkString(data) = item else { return Err(bad_reply("history")) };
+            publications.push(Publication {
+                offset: Some(first + k as u64),
+                epoch: Some(epoch.clone()),
+                data: Bytes::copy_from_slice(data),
+            });
+        }
+        Ok(HistoryPage {
+            position: Some(StreamPosition { offset: top, epoch: epoch.to_string() }),
+            publications,
+            complete: complete && query.since.is_some(),
+            more: false,
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.conn.get().is_some() && self.pubsub_ready.load(Ordering::Acquire)
+    }
+}
+
+impl RedisBroker {
+    /// Asks the pub/sub task to bring `channel`'s subscription in line with the hub and waits
+    /// until it has.
+    async fn reconcile(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let (done, answer) = oneshot::channel();
+        self.ops
+            .send(SubOp { channel: channel.clone(), done })
+            .map_err(|_| BrokerError::Unavailable("the redis broker is not started"))?;
+        answer.await.map_err(|_| BrokerError::Unavailable("the redis broker stopped"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_their_format() {
+        let p = decode_message(b"h42 abcd1234 {\"a\": 1}").unwrap();
+        assert_eq!((p.offset, p.epoch.as_deref()), (Some(42), Some("abcd1234")));
+        assert_eq!(&p.data[..], b"{\"a\": 1}");
+        let p = decode_message(b"n[1, 2]").unwrap();
+        assert_eq!((p.offset, p.epoch), (None, None));
+        assert_eq!(&p.data[..], b"[1, 2]");
+        for bad in [&b""[..], b"x1", b"h", b"hx e d", b"h1 e"] {
+            assert!(decode_message(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn channel_names_map_to_hash_tagged_keys_and_back() {
+        let c = ChannelName::parse("market:btc/usd#u1,u2").unwrap();
+        assert_eq!(stream_key(&c), "herald:{market:btc/usd#u1,u2}:s");
+        assert_eq!(history_key(&c), "herald:{market:btc/usd#u1,u2}:h");
+        assert_eq!(channel_of(&pubsub_channel(&c)), Some(c));
+        assert_eq!(channel_of("other"), None);
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(without_password("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(without_password("redis://h:1"), "redis://h:1");
+        assert_eq!(without_password("redis://u@h:1"), "redis://u@h:1");
+    }
+}

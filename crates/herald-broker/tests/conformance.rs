@@ -1,0 +1,375 @@
+//! One broker conformance suite, run against every backend: the memory broker, and Redis (a
+//! real `redis-server` started on a free loopback port). Each case states a guarantee of the
+//! `Broker` trait (offsets, ordering, history, void positions, expiry, subscriptions) and checks
+//! it the same way on every backend.
+//!
+//! Redis cases need `redis-server` on the PATH (`scripts/test` installs it); without it they are
+//! skipped with a note, unless `HERALD_REQUIRE_REDIS=1`, which makes them fail.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald_broker::{
+    Broker, BrokerHandler, HistoryQuery, MemoryBroker, Publication, PublishOptions, RedisBroker,
+};
+use herald_protocol::{ChannelName, StreamPosition};
+use parking_lot::Mutex;
+
+/// One delivery: channel, offset, epoch, data.
+type Delivery = (String, Option<u64>, Option<String>, Bytes);
+
+/// A started backend: its name, the broker, its recorder, and the Redis process it uses.
+type Backend = (&'static str, Arc<dyn Broker>, Arc<Recorder>, Option<RedisServer>);
+
+/// Records what the broker delivers; says it has subscribers of the channels in `wanted`.
+#[derive(Default)]
+struct Recorder {
+    got: Mutex<Vec<Delivery>>,
+    wanted: Mutex<HashSet<String>>,
+}
+
+impl BrokerHandler for Recorder {
+    fn handle_publication(&self, channel: &ChannelName, p: &Publication) {
+        self.got.lock().push((
+            channel.to_string(),
+            p.offset,
+            p.epoch.as_deref().map(str::to_string),
+            p.data.clone(),
+        ));
+    }
+    fn has_subscribers(&self, channel: &ChannelName) -> bool {
+        self.wanted.lock().contains(channel.as_str())
+    }
+}
+
+impl Recorder {
+    fn of(&self, channel: &str) -> Vec<(Option<u64>, Bytes)> {
+        self.got.lock().iter().filter(|g| g.0 == channel).map(|g| (g.1, g.3.clone())).collect()
+    }
+
+    /// Waits until `channel` has `n` deliveries (or 5 s passed).
+    async fn wait_for(&self, channel: &str, n: usize) -> Vec<(Option<u64>, Bytes)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.of(channel);
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A `redis-server` on a free port, stopped on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_server() -> Option<RedisServer> {
+    let found = Command::new("redis-server").arg("--version").output().is_ok();
+    if !found {
+        assert!(
+            std::env::var("HERALD_REQUIRE_REDIS").is_err(),
+            "redis-server is required (HERALD_REQUIRE_REDIS is set) but not on the PATH"
+        );
+        eprintln!("redis-server not found: Redis conformance cases skipped");
+        return None;
+    }
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "no", "--protected-mode", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(RedisServer { child, port })
+}
+
+/// A started broker of each backend, with its recorder (and the Redis process it uses).
+async fn backends() -> Vec<Backend> {
+    let mut out: Vec<Backend> = Vec::new();
+    let memory = Arc::new(MemoryBroker::new());
+    let rec = Arc::new(Recorder::default());
+    memory.start(rec.clone()).await.unwrap();
+    out.push(("memory", memory, rec, None));
+    if let Some(server) = redis_server() {
+        let broker =
+            Arc::new(RedisBroker::new(&format!("redis://127.0.0.1:{}", server.port)).unwrap());
+        let rec = Arc::new(Recorder::default());
+        broker.start(rec.clone()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !broker.is_ready() {
+            assert!(Instant::now() < deadline, "the redis broker did not get ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.push(("redis", broker, rec, Some(server)));
+    }
+    out
+}
+
+fn ch(name: &str) -> ChannelName {
+    ChannelName::parse(name).unwrap()
+}
+
+fn opts(size: usize) -> PublishOptions {
+    PublishOptions { history_size: size, history_ttl: Duration::from_secs(60) }
+}
+
+fn since(offset: u64, epoch: &str, limit: Option<usize>) -> HistoryQuery {
+    HistoryQuery { since: Some(StreamPosition { offset, epoch: epoch.into() }), limit }
+}
+
+async fn subscribe(broker: &Arc<dyn Broker>, rec: &Recorder, channel: &str) {
+    rec.wanted.lock().insert(channel.to_string());
+    broker.subscribe(&ch(channel)).await.unwrap();
+}
+
+fn offsets(page: &herald_broker::HistoryPage) -> Vec<u64> {
+    page.publications.iter().filter_map(|p| p.offset).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_contiguous_per_channel_and_delivered_in_order() {
+    for (name, broker, rec, _server) in backends().await {
+        subscribe(&broker, &rec, "c:a").await;
+        subscribe(&broker, &rec, "c:n").await;
+        let mut epoch = None;
+        for i in 1..=50u64 {
+            let p = broker.publish(&ch("c:a"), Bytes::from(format!("{i}")), &opts(10)).await;
+            let p = p.unwrap().unwrap();
+            assert_eq!(p.offset, i, "{name}");
+            assert_eq!(epoch.get_or_insert(p.epoch.clone()), &p.epoch, "{name}: one epoch");
+        }
+        let other = broker.publish(&ch("c:b"), Bytes::from("x"), &opts(10)).await.unwrap();
+        assert_eq!(other.unwrap().offset, 1, "{name}: offsets are per channel");
+        for i in 0..5 {
+            let p = broker.publish(&ch("c:n"), Bytes::from(format!("{i}")), &opts(0)).await;
+            assert_eq!(p.unwrap(), None, "{name}: no history, no offset");
+        }
+        let got = rec.wait_for("c:a", 50).await;
+        let want: Vec<(Option<u64>, Bytes)> =
+            (1..=50u64).map(|i| (Some(i), Bytes::from(format!("{i}")))).collect();
+        assert_eq!(got, want, "{name}: every publication, in offset order");
+        let got = rec.wait_for("c:n", 5).await;
+        assert_eq!(got.len(), 5, "{name}");
+        assert!(got.iter().all(|g| g.0.is_none()), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_get_distinct_contiguous_offsets() {
+    for (name, broker, rec, _server) in backends().await {
+        subscribe(&broker, &rec, "c:race").await;
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let broker = broker.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..100 {
+                    let data = Bytes::from(format!("{w}-{i}"));
+                    let p = broker.publish(&ch("c:race"), data, &opts(1000)).await.unwrap();
+                    mine.push(p.unwrap().offset);
+                }
+                mine
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            let mine = t.await.unwrap();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "{name}: a publisher's own increase");
+            all.extend(mine);
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=400).collect::<Vec<u64>>(), "{name}: no gap, no duplicate");
+        let got = rec.wait_for("c:race", 400).await;
+        let delivered: Vec<u64> = got.iter().filter_map(|g| g.0).collect();
+        assert_eq!(delivered, (1..=400).collect::<Vec<u64>>(), "{name}: delivered in order");
+        let page = broker.history(&ch("c:race"), &opts(1000), &HistoryQuery::default()).await;
+        assert_eq!(offsets(&page.unwrap()), (1..=400).collect::<Vec<u64>>(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_answers_newest_since_and_limits_and_says_when_it_is_complete() {
+    for (name, broker, _rec, _server) in backends().await {
+        let c = ch("h:a");
+        let mut epoch = String::new();
+        for i in 1..=8u64 {
+            epoch = broker
+                .publish(&c, Bytes::from(format!("{i}")), &opts(5))
+                .await
+                .unwrap()
+                .unwrap()
+                .epoch;
+        }
+        let o = opts(5);
+        let page = broker.history(&c, &o, &HistoryQuery::default()).await.unwrap();
+        assert_eq!(page.position, Some(StreamPosition { offset: 8, epoch: epoch.clone() }));
+        assert_eq!(offsets(&page), [4, 5, 6, 7, 8], "{name}: what history keeps");
+        assert_eq!(&page.publications[0].data[..], b"4", "{name}");
+        assert!(!page.complete, "{name}: without since, never complete");
+        let q = HistoryQuery { since: None, limit: Some(2) };
+        assert_eq!(offsets(&broker.history(&c, &o, &q).await.unwrap()), [7, 8], "{name}");
+        let q = HistoryQuery { since: None, limit: Some(0) };
+        let page = broker.history(&c, &o, &q).await.unwrap();
+        assert!(page.publications.is_empty() && page.position.unwrap().offset == 8, "{name}");
+        // After a position history reaches: complete, limit from the oldest.
+        let page = broker.history(&c, &o, &since(5, &epoch, None)).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![6, 7, 8], true), "{name}");
+        let page = broker.history(&c, &o, &since(3, &epoch, Some(2))).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![4, 5], true), "{name}: 3 is the edge");
+        let page = broker.history(&c, &o, &since(8, &epoch, None)).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![], true), "{name}: up to date");
+        // Trimmed, another epoch, or ahead of the stream: what history has, not complete.
+        for (q, what) in [
+            (since(2, &epoch, None), "trimmed"),
+            (since(5, "another", None), "another epoch"),
+            (since(9, &epoch, None), "ahead"),
+        ] {
+            let page = broker.history(&c, &o, &q).await.unwrap();
+            assert_eq!(
+                (offsets(&page), page.complete),
+                (vec![4, 5, 6, 7, 8], false),
+                "{name}: {what}"
+            );
+        }
+        let page = broker.history(&c, &o, &since(2, "another", Some(2))).await.unwrap();
+        assert_eq!(offsets(&page), [4, 5], "{name}: the oldest first, limited");
+        // A channel without history has no position.
+        let page = broker.history(&c, &opts(0), &HistoryQuery::default()).await.unwrap();
+        assert!(page.position.is_none() && page.publications.is_empty(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_read_before_the_first_publication_recovers_exactly() {
+    for (name, broker, _rec, _server) in backends().await {
+        let c = ch("v:a");
+        let o = opts(100);
+        let read = broker.history(&c, &o, &HistoryQuery::default()).await.unwrap();
+        let void = read.position.clone().unwrap();
+        assert_eq!(void.offset, 0, "{name}");
+        // Reads create no stream: a second read is void too, with a time of its own.
+        let again = broker.history(&c, &o, &HistoryQuery::default()).await.unwrap();
+        assert_eq!(again.position.unwrap().offset, 0, "{name}");
+        let page = broker.history(&c, &o, &since(0, &void.epoch, None)).await.unwrap();
+        assert!(page.complete && page.publications.is_empty(), "{name}: nothing since");
+        for i in 1..=3 {
+            broker.publish(&c, Bytes::from(format!("{i}")), &o).await.unwrap();
+        }
+        let page = broker.history(&c, &o, &since(0, &void.epoch, None)).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![1, 2, 3], true), "{name}: all since");
+        let page = broker.history(&c, &o, &since(2, &void.epoch, None)).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![3], true), "{name}: seen two");
+        // A void position of another instance proves nothing.
+        let forged = format!("V{}{}", "zzzzzzzz", &void.epoch[9..]);
+        let page = broker.history(&c, &o, &since(0, &forged, None)).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![1, 2, 3], false), "{name}: forged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_expires_and_starts_a_new_epoch() {
+    for (name, broker, _rec, _server) in backends().await {
+        let c = ch("t:a");
+        let o = PublishOptions { history_size: 10, history_ttl: Duration::from_millis(300) };
+        let first = broker.publish(&c, Bytes::from("1"), &o).await.unwrap().unwrap();
+        broker.publish(&c, Bytes::from("2"), &o).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let next = broker.publish(&c, Bytes::from("3"), &o).await.unwrap().unwrap();
+        assert_eq!(next.offset, 1, "{name}: offsets restart");
+        assert_ne!(next.epoch, first.epoch, "{name}: in a new epoch");
+        let page = broker.history(&c, &o, &since(2, &first.epoch, None)).await.unwrap();
+        assert_eq!((offsets(&page), page.complete), (vec![1], false), "{name}: the old is gone");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_receives_exactly_the_channels_it_has_subscribers_of() {
+    for (name, broker, rec, _server) in backends().await {
+        if name == "memory" {
+            // One node: every publication reaches its hub, which drops channels nobody holds.
+            continue;
+        }
+        broker.publish(&ch("s:a"), Bytes::from("before"), &opts(0)).await.unwrap();
+        subscribe(&broker, &rec, "s:a").await;
+        broker.publish(&ch("s:a"), Bytes::from("during"), &opts(0)).await.unwrap();
+        broker.publish(&ch("s:b"), Bytes::from("never"), &opts(0)).await.unwrap();
+        assert_eq!(rec.wait_for("s:a", 1).await.len(), 1, "{name}");
+        rec.wanted.lock().remove("s:a");
+        broker.unsubscribe(&ch("s:a")).await.unwrap();
+        broker.publish(&ch("s:a"), Bytes::from("after"), &opts(0)).await.unwrap();
+        // A subscription of another channel, confirmed after the last publish: by then "after"
+        // would have arrived if the node still were subscribed.
+        subscribe(&broker, &rec, "s:c").await;
+        broker.publish(&ch("s:c"), Bytes::from("marker"), &opts(0)).await.unwrap();
+        rec.wait_for("s:c", 1).await;
+        let got: Vec<Bytes> = rec.of("s:a").into_iter().map(|g| g.1).collect();
+        assert_eq!(got, [Bytes::from("during")], "{name}");
+        assert!(rec.of("s:b").is_empty(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_subscribes_and_unsubscribes_end_as_the_hub_wants() {
+    for (name, broker, rec, _server) in backends().await {
+        if name == "memory" {
+            continue;
+        }
+        // Many concurrent join/leave calls, the hub's wish flipping between them; the last wish
+        // (set before the last call) is "subscribed" for even rounds and "not" for odd ones.
+        for round in 0..20u32 {
+            let channel = format!("r:{round}");
+            let mut calls = Vec::new();
+            for k in 0..10u32 {
+                let want = if k == 9 { round % 2 == 0 } else { k % 2 == 0 };
+                if want {
+                    rec.wanted.lock().insert(channel.clone());
+                } else {
+                    rec.wanted.lock().remove(&channel);
+                }
+                let broker = broker.clone();
+                let c = ch(&channel);
+                calls.push(tokio::spawn(async move {
+                    if k % 2 == 0 {
+                        broker.subscribe(&c).await
+                    } else {
+                        broker.unsubscribe(&c).await
+                    }
+                }));
+            }
+            for c in calls {
+                c.await.unwrap().unwrap();
+            }
+        }
+        let marker = ch("r:marker");
+        subscribe(&broker, &rec, "r:marker").await;
+        for round in 0..20u32 {
+            broker.publish(&ch(&format!("r:{round}")), Bytes::from("p"), &opts(0)).await.unwrap();
+        }
+        broker.publish(&marker, Bytes::from("end"), &opts(0)).await.unwrap();
+        rec.wait_for("r:marker", 1).await;
+        for round in 0..20u32 {
+            let got = rec.of(&format!("r:{round}")).len();
+            assert_eq!(got, usize::from(round % 2 == 0), "{name}: round {round}");
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Several nodes on one Redis behave as one server: a publication sent to any node reaches
+//! every subscriber on every node in offset order, exactly once, over WebSocket and SSE; a
+//! client recovers on another node what it missed on the first; and subscribers joining on
+//! other nodes while a publisher runs get the reply plus the live stream with no gap and no
+//! duplicate. Real processes: `redis-server` and three `herald` nodes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RedisServer, Server, TIMEOUT};
+use herald_client::StreamPosition;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(redis: &RedisServer) -> String {
+    format!("broker = \"{}\"\n[namespaces.h]\nhistory_size = 1000\n", redis.url())
+}
+
+async fn nodes(redis: &RedisServer, n: usize) -> Vec<Server> {
+    let config = config(redis);
+    let nodes: Vec<Server> = (0..n).map(|_| Server::start(&config, &[])).collect();
+    for node in &nodes {
+        common::wait_ready(node, TIMEOUT).await;
+    }
+    nodes
+}
+
+/// Reads `count` `pub` events of an SSE stream (raw socket); returns their (offset, data).
+async fn sse_pubs(addr: std::net::SocketAddr, path: &str, count: usize) -> Vec<(u64, Value)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while out.len() < count {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("SSE events in time")
+            .unwrap();
+        assert!(n > 0, "the stream ended after {} events", out.len());
+        text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            if block.contains("event: pub\n") {
+                let line = block.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                let v: Value = serde_json::from_str(line).unwrap();
+                out.push((v["offset"].as_u64().unwrap(), v["data"].clone()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_on_any_node_reaches_every_subscriber_on_every_node_in_order() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (cb, mut eb) = b.client().await;
+    let (cc, mut ec) = c.client().await;
+    cb.subscribe("h:x", None).await.unwrap();
+    cc.subscribe("h:x", None).await.unwrap();
+    let sse = tokio::spawn(sse_pubs(c.addr, "/sse?channel=h:x", 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 100 single publications on A, then 100 in batches on B.
+    let mut api_a = a.api().await;
+    for i in 1..=100 {
+        api_a.publish("h:x", &json!(i)).await.unwrap();
+    }
+    let mut api_b = b.api().await;
+    for chunk in (101..=200).collect::<Vec<i32>>().chunks(25) {
+        let batch: Vec<(String, Value)> =
+            chunk.iter().map(|i| ("h:x".to_string(), json!(i))).collect();
+        api_b.batch(&batch).await.unwrap();
+    }
+    for (name, events) in [("B", &mut eb), ("C", &mut ec)] {
+        for i in 1..=200u64 {
+            let (channel, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+            assert_eq!((channel.as_str(), offset, data), ("h:x", Some(i), json!(i)), "node {name}");
+        }
+    }
+    let got = tokio::time::timeout(TIMEOUT * 2, sse).await.unwrap().unwrap();
+    let want: Vec<(u64, Value)> = (1..=200u64).map(|i| (i, json!(i))).collect();
+    assert_eq!(got, want, "the SSE stream on C");
+    // Nothing more: no duplicate arrives.
+    assert!(eb.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate on B");
+    drop((cb, cc));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_another_node_what_it_missed() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut api = a.api().await;
+    let (client, mut events) = b.client().await;
+    let sub = client.subscribe("h:r", None).await.unwrap();
+    let epoch = sub.epoch.clone().unwrap();
+    for i in 1..=5 {
+        api.publish("h:r", &json!(i)).await.unwrap();
+    }
+    for i in 1..=5u64 {
+        assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(i));
+    }
+    client.close().await;
+    for i in 6..=9 {
+        api.publish("h:r", &json!(i)).await.unwrap();
+    }
+    // Node B's history read said epoch E at offset 0 (a void epoch: nothing was published
+    // yet); the first publication made the stream whose epoch the pubs carry.
+    let (_, _, body) = api.request("GET", "/api/history?channel=h:r&limit=0", None).await.unwrap();
+    let h: Value = serde_json::from_slice(&body).unwrap();
+    let stream_epoch = h["epoch"].as_str().unwrap().to_string();
+    let cases =
+        [(stream_epoch.as_str(), "stream epoch"), (epoch.as_str(), "void epoch of the first read")];
+    for (k, (since_epoch, what)) in cases.into_iter().enumerate() {
+        let (client, mut events) = c.client().await;
+        let pos = StreamPosition { offset: 5, epoch: since_epoch.to_string() };
+        let sub = client.subscribe("h:r", Some(pos)).await.unwrap();
+        assert!(sub.recovered, "{what}: history on Redis holds 6..9");
+        // 6..9, and the live publication of the case before.
+        let got: Vec<Option<u64>> = sub.publications.iter().map(|p| p.0).collect();
+        let want: Vec<Option<u64>> = (6..=9 + k as u64).map(Some).collect();
+        assert_eq!(got, want, "{what}");
+        api.publish("h:r", &json!("live")).await.unwrap();
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        assert_eq!(data, json!("live"), "{what}");
+        assert!(offset.unwrap() >= 10, "{what}");
+        client.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_joining_other_nodes_while_one_publishes_miss_nothing() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut api = a.api().await;
+    let first = api.publish("h:race", &json!(1)).await.unwrap();
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    const TOTAL: u64 = 400;
+    let pump = {
+        let base = a.http_base();
+        tokio::spawn(async move {
+            let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+            for i in 2..=TOTAL {
+                api.publish("h:race", &json!(i)).await.unwrap();
+            }
+        })
+    };
+    let mut joiners = Vec::new();
+    for k in 0..8u64 {
+        let url = if k % 2 == 0 { b.ws_url() } else { c.ws_url() };
+        let epoch = epoch.clone();
+        joiners.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(15 * k)).await;
+            let (client, mut events, _) =
+                herald_client::Client::connect(&url, Default::default()).await.unwrap();
+            let pos = StreamPosition { offset: 1, epoch };
+            let sub = client.subscribe("h:race", Some(pos)).await.unwrap();
+            assert!(sub.recovered, "joiner {k}");
+            let mut seen: Vec<u64> = sub.publications.iter().filter_map(|p| p.0).collect();
+            while seen.last().copied().unwrap_or(1) < TOTAL {
+                let (_, offset, _) = events.next_pub(TIMEOUT).await.unwrap();
+                seen.push(offset.unwrap());
+            }
+            assert_eq!(seen, (2..=TOTAL).collect::<Vec<u64>>(), "joiner {k}: reply then live");
+            client.close().await;
+        }));
+    }
+    pump.await.unwrap();
+    for j in joiners {
+        tokio::time::timeout(TIMEOUT * 2, j).await.unwrap().unwrap();
+    }
+}
