@@ -43,6 +43,9 @@ pub struct Session {
     expires_at: Option<std::time::SystemTime>,
     /// Some command was handled (a later `connect` is refused).
     started: bool,
+    /// The client used op `publish` (the transport may then serve it where publishers are
+    /// served).
+    published: bool,
     subscriptions: Vec<ChannelName>,
     /// Command rate bucket: tokens left, last refill.
     tokens: f32,
@@ -65,11 +68,17 @@ impl Session {
             expires_at: token.as_ref().and_then(|t| t.expires_at),
             user: token.map(|t| t.user),
             started: false,
+            published: false,
             subscriptions: Vec::new(),
             tokens,
             refilled: std::time::Instant::now(),
             refused: 0,
         }
+    }
+
+    /// True once the client published (op `publish`, allowed by its namespace).
+    pub fn has_published(&self) -> bool {
+        self.published
     }
 
     /// Registers the connection (from `ip`) with the node, enforcing the connection limits;
@@ -461,6 +470,7 @@ impl Session {
                 format!("{channel} is limited to other users"),
             );
         }
+        self.published = true;
         match self.node.publish(channel, data).await {
             Ok(position) => Reply::Ok(push::encode_reply_ok(
                 id,

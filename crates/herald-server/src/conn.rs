@@ -70,6 +70,16 @@ impl Close {
     }
 }
 
+/// How [`Conn::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunEnd {
+    /// The connection ended (its outbox is closed).
+    Closed,
+    /// The transport asked to go on elsewhere ([`Transport::wants_move`]): nothing is lost,
+    /// [`Conn::run`] may be called again (on another runtime, after [`Conn::map_wire`]).
+    Move,
+}
+
 /// What reading the peer found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Input {
@@ -217,6 +227,12 @@ pub(crate) trait Transport: Send {
     fn ended(&self) -> bool {
         false
     }
+
+    /// True when the connection should go on on another runtime (checked after each of the
+    /// transport's own events, while open and with nothing of the transport's in flight).
+    fn wants_move(&self) -> bool {
+        false
+    }
 }
 
 /// What a flush achieved.
@@ -251,6 +267,39 @@ pub(crate) struct Conn<W, T: Transport> {
     /// A message is open on the wire after the last chunk written whole
     /// ([`Chunk::leaves_message_open`]).
     written_open: bool,
+}
+
+impl<W, T: Transport> Conn<W, T> {
+    /// The same connection on another wire (the same socket, registered elsewhere), after
+    /// [`RunEnd::Move`]. When `f` fails the connection ends: its outbox is closed and the
+    /// transport comes back with the error, for the caller to end its session.
+    pub(crate) fn map_wire<W2, E>(
+        self,
+        f: impl FnOnce(W) -> Result<W2, E>,
+    ) -> Result<Conn<W2, T>, (E, T)> {
+        let wire = match f(self.wire) {
+            Ok(w) => w,
+            Err(e) => {
+                self.outbox.close();
+                return Err((e, self.transport));
+            }
+        };
+        Ok(Conn {
+            wire,
+            transport: self.transport,
+            outbox: self.outbox,
+            metrics: self.metrics,
+            shutdown: self.shutdown,
+            shutdown_timeout: self.shutdown_timeout,
+            id: self.id,
+            out: self.out,
+            iovecs: self.iovecs,
+            closing: self.closing,
+            close_by: self.close_by,
+            peer_done: self.peer_done,
+            written_open: self.written_open,
+        })
+    }
 }
 
 impl<W: Wire, T: Transport> Conn<W, T> {
@@ -332,9 +381,9 @@ impl<W: Wire, T: Transport> Conn<W, T> {
         self.close_by = Some(Instant::now() + flush_for);
     }
 
-    /// Serves the connection until it ends; the first ping is due at `first_ping`. The outbox
-    /// is closed on return.
-    pub(crate) async fn run(&mut self, first_ping: Instant) {
+    /// Serves the connection until it ends ([`RunEnd::Closed`]: the outbox is closed) or the
+    /// transport asks to move ([`RunEnd::Move`]); the first ping is due at `first_ping`.
+    pub(crate) async fn run(&mut self, first_ping: Instant) -> RunEnd {
         let ping = tokio::time::sleep_until(first_ping);
         tokio::pin!(ping);
         let shutdown = self.shutdown.clone();
@@ -381,6 +430,8 @@ impl<W: Wire, T: Transport> Conn<W, T> {
                 event = self.transport.event(), if waiting => {
                     if let Some(close) = self.transport.on_event(event) {
                         self.start_close(close);
+                    } else if self.transport.wants_move() && self.close_by.is_none() {
+                        return RunEnd::Move;
                     }
                 }
                 r = self.wire.readable(), if reading => {
@@ -418,6 +469,7 @@ impl<W: Wire, T: Transport> Conn<W, T> {
             }
         }
         self.outbox.close();
+        RunEnd::Closed
     }
 
     /// Writes as much of the queue as the wire takes, in vectored writes.

@@ -620,7 +620,7 @@ fn serve<W: Wire + 'static>(
     }
     let first_ping = Instant::now() + interval;
     async move {
-        conn.run(first_ping).await;
+        let _ = conn.run(first_ping).await; // SSE never asks to move
         Box::pin(close(conn)).await;
     }
 }

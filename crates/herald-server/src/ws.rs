@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::conn::{
-    Close, Conn, Input, Transport, WsFrame, MAX_IOVECS, MAX_READS_PER_WAKE, READ_CHUNK,
+    Close, Conn, Input, RunEnd, Transport, WsFrame, MAX_IOVECS, MAX_READS_PER_WAKE, READ_CHUNK,
 };
 use crate::error::ApiError;
 use crate::query::query_param;
@@ -181,6 +181,9 @@ struct WebSocket {
     invalid: Option<CloseCode>,
     /// A fragmented message is open after the last frame taken from the outbox.
     taken_open: bool,
+    /// The connection may move to the API runtime once its client publishes (there is one,
+    /// and the connection is not on it yet).
+    may_move: bool,
     last_heard: Instant,
     interval: Duration,
     next_ping: Instant,
@@ -253,6 +256,7 @@ fn serve(
         command: None,
         invalid: None,
         taken_open: false,
+        may_move: app.api.is_some(),
         last_heard: now,
         interval,
         next_ping: now + interval,
@@ -270,17 +274,58 @@ fn serve(
         conn.transport_mut().feed(&prefix);
     }
     let first_ping = now + interval;
+    let api = app.api.clone();
     async move {
-        conn.run(first_ping).await;
+        if conn.run(first_ping).await == RunEnd::Move {
+            if let Some(api) = api {
+                Box::pin(move_to(conn, api)).await;
+                return;
+            }
+        }
         Box::pin(close(conn)).await;
     }
+}
+
+/// Serves the rest of a connection whose client publishes on the API runtime, where publishers
+/// are served: its next command is read as soon as it arrives, not after a round of the
+/// subscriber writers its last publication woke (see docs/architecture.md, "Publishers and
+/// fan-out"). The socket is moved between reactors; the calling task waits for it to end.
+async fn move_to(mut conn: Conn<TcpStream, WebSocket>, api: tokio::runtime::Handle) {
+    conn.transport_mut().may_move = false;
+    let id = conn.id();
+    let conn = match conn.map_wire(TcpStream::into_std) {
+        Ok(conn) => conn,
+        Err((e, transport)) => {
+            tracing::debug!(conn = id, error = %e, "cannot move the connection");
+            return end_session(transport, id, None).await;
+        }
+    };
+    tracing::debug!(conn = id, "publishing client: served on the API runtime");
+    let moved = api.spawn(async move {
+        let mut conn = match conn.map_wire(TcpStream::from_std) {
+            Ok(conn) => conn,
+            Err((e, transport)) => {
+                tracing::debug!(conn = id, error = %e, "cannot move the connection");
+                return end_session(transport, id, None).await;
+            }
+        };
+        conn.run(Instant::now()).await;
+        close(conn).await;
+    });
+    let _ = moved.await;
 }
 
 /// Ends a connection whose loop ended: its session's subscriptions, its counts.
 async fn close(conn: Conn<TcpStream, WebSocket>) {
     let conn_id = conn.id();
     let closing = conn.closing();
-    let (stream, mut transport) = conn.into_parts();
+    let (stream, transport) = conn.into_parts();
+    end_session(transport, conn_id, closing).await;
+    drop(stream);
+}
+
+/// Ends the session of a connection that ended (or could not go on).
+async fn end_session(mut transport: WebSocket, conn_id: u64, closing: Option<CloseCode>) {
     let mut session = transport.session.take();
     if let Some(run) = transport.command.take() {
         // Let the command finish: it holds the session (and may hold a pending
@@ -291,7 +336,6 @@ async fn close(conn: Conn<TcpStream, WebSocket>) {
     if let Some(mut session) = session {
         session.close().await;
     }
-    drop(stream);
     transport.node.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(conn = conn_id, code = ?closing, "websocket closed");
 }
@@ -463,6 +507,13 @@ impl Transport for WebSocket {
 
     fn busy(&self) -> bool {
         self.command.is_some()
+    }
+
+    /// Once the client published, when there is an API runtime to move to.
+    fn wants_move(&self) -> bool {
+        self.may_move
+            && self.command.is_none()
+            && self.session.as_ref().is_some_and(Session::has_published)
     }
 }
 

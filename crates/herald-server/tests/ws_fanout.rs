@@ -191,3 +191,49 @@ async fn several_commands_in_one_frame_get_every_reply() {
     api.publish("a", &json!("x")).await.expect("publish");
     assert_eq!(events.next_pub(TIMEOUT).await.expect("pub").2, json!("x"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishing_client_moves_to_the_api_runtime_and_loses_nothing() {
+    // A client that publishes is served on the API runtime from its first publish on (one
+    // publication per round trip is then not paced by the subscriber writers); its
+    // subscriptions, queue and order are kept across the move.
+    let config = "[namespaces.p]\nclient_publish = true\n";
+    for (flags, moves) in [(&[][..], true), (&["--set", "api_threads=0"][..], false)] {
+        let server = Server::start(config, flags);
+        let (client, mut events) = server.client().await;
+        client.subscribe("p:a", None).await.unwrap();
+        let mut api = server.api().await;
+        for i in 0..50 {
+            api.publish("p:a", &json!(i)).await.unwrap();
+            if i == 20 {
+                client.publish("p:a", &json!("mine")).await.unwrap();
+            }
+        }
+        for i in 0..50 {
+            let (_, _, data) = events.next_pub(TIMEOUT).await.unwrap();
+            assert_eq!(data, json!(i), "{flags:?}");
+            if i == 20 {
+                let (_, _, data) = events.next_pub(TIMEOUT).await.unwrap();
+                assert_eq!(data, json!("mine"), "{flags:?}");
+            }
+        }
+        for i in 0..20 {
+            client.publish("p:a", &json!({"own": i})).await.unwrap();
+            let (_, _, data) = events.next_pub(TIMEOUT).await.unwrap();
+            assert_eq!(data, json!({"own": i}), "{flags:?}");
+        }
+        client.subscribe("p:b", None).await.unwrap();
+        api.publish("p:b", &json!("b")).await.unwrap();
+        assert_eq!(events.next_pub(TIMEOUT).await.unwrap().2, json!("b"));
+        client.close().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let log = server.log();
+        assert_eq!(log.contains("served on the API runtime"), moves, "{flags:?}");
+        let (_, _, body) = api.request("GET", "/api/channels", None).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["channels"],
+            json!([]),
+            "the moved connection's close unsubscribed it"
+        );
+    }
+}
