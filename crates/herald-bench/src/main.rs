@@ -174,6 +174,11 @@ struct Args {
     /// 20,000 connections per address).
     #[arg(long)]
     source_ips: Option<String>,
+    /// Run the subscriber worker processes at this nice value (0..=19): on a machine where
+    /// they share a CPU with this process, the publishers' reply times then measure the
+    /// server, not the subscribers' share of that CPU.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    worker_nice: u8,
     /// The server's process id, for its RSS (default: the process listening on --url's port,
     /// found through /proc/net/tcp and /proc/*/fd).
     #[arg(long)]
@@ -358,14 +363,23 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn spawn(plans: Vec<Plan>, connections: usize) -> anyhow::Result<Fleet> {
+    async fn spawn(plans: Vec<Plan>, connections: usize, nice: u8) -> anyhow::Result<Fleet> {
         let exe = std::env::current_exe().context("finding this executable")?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut stdins = Vec::new();
         let mut children = Vec::new();
         let n = plans.len();
         for (i, plan) in plans.into_iter().enumerate() {
-            let mut child = tokio::process::Command::new(&exe)
+            // With a nice value, through nice(1): the workers then yield the shared load CPU
+            // to this process, whose publishers time their replies.
+            let mut command = if nice > 0 {
+                let mut c = tokio::process::Command::new("nice");
+                c.arg("-n").arg(nice.to_string()).arg(&exe);
+                c
+            } else {
+                tokio::process::Command::new(&exe)
+            };
+            let mut child = command
                 .arg("worker")
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -591,7 +605,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         args.transport.name(),
         server_pid.map_or("unknown".into(), |p| p.to_string())
     );
-    let mut fleet = Fleet::spawn(plans, connections).await?;
+    let mut fleet = Fleet::spawn(plans, connections, args.worker_nice).await?;
     while !fleet.all_ready() {
         fleet.step(Instant::now() + Duration::from_secs(3600)).await?;
     }

@@ -151,6 +151,11 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// True while this node has local subscribers of `channel` (live or joining). A broker that
     /// subscribes remotely asks it to bring its subscription in line with the hub's.
     fn has_subscribers(&self, channel: &ChannelName) -> bool;
+
+    /// Publications of `channel` were lost on their way to this node and history cannot fill
+    /// the gap: the channel's local subscribers must recover by themselves. Default: nothing
+    /// (a backend that cannot lose never calls it).
+    fn channel_lost(&self, _channel: &ChannelName) {}
 }
 
 /// Carries publications between publishers and the nodes that have subscribers.

@@ -31,7 +31,7 @@
 //! Message format on pub/sub: `h<offset> <epoch> <data>` for a channel with history, `n<data>`
 //! without.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -158,7 +158,14 @@ pub struct RedisBroker {
     /// The pub/sub connection is up and subscribed to what the hub wants.
     pubsub_ready: Arc<AtomicBool>,
     publish_script: Script,
-    read_script: Script,
+    reader: Reader,
+}
+
+/// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
+#[derive(Clone)]
+struct Reader {
+    conn: Arc<OnceLock<ConnectionManager>>,
+    script: Script,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -174,16 +181,17 @@ impl RedisBroker {
         let client = ::redis::Client::open(url)
             .map_err(|e| BrokerError::Backend(format!("bad redis URL: {e}")))?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(OnceLock::new());
         Ok(RedisBroker {
             client,
             display_url: without_password(url),
-            conn: Arc::new(OnceLock::new()),
+            reader: Reader { conn: conn.clone(), script: Script::new(READ_SCRIPT) },
+            conn,
             handler: OnceLock::new(),
             ops,
             ops_rx: Mutex::new(Some(ops_rx)),
             pubsub_ready: Arc::new(AtomicBool::new(false)),
             publish_script: Script::new(PUBLISH_SCRIPT),
-            read_script: Script::new(READ_SCRIPT),
         })
     }
 
@@ -296,17 +304,153 @@ async fn connect_commands(client: ::redis::Client, slot: Arc<OnceLock<Connection
     }
 }
 
-/// The pub/sub task: one connection, subscribed to what the hub wants, delivering messages in
-/// order; reconnects (and resubscribes) when the connection is lost.
+/// Most publications one catch-up read delivers; a longer gap ends the channel's subscriptions
+/// (the clients recover by themselves, page by page).
+const MAX_CATCH_UP: usize = 10_000;
+
+/// What the pub/sub task knows of each subscribed channel: the position of the newest
+/// publication handed to the hub (offset 0 in a void epoch before the first).
+type Positions = HashMap<ChannelName, (Arc<str>, u64)>;
+
+/// The pub/sub side of the node: the channels it is subscribed to, the position of each, and
+/// what it needs to read the gaps from history.
+struct Follower {
+    handler: Arc<dyn BrokerHandler>,
+    reader: Reader,
+    subscribed: HashSet<ChannelName>,
+    positions: Positions,
+}
+
+impl Follower {
+    /// The channel's current position, read before subscribing: whatever is published between
+    /// this read and the subscription's confirmation is then a gap the next message reveals.
+    async fn baseline(&mut self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let query = HistoryQuery { since: None, limit: Some(0) };
+        let page = self.reader.read(channel, Duration::from_secs(1), &query).await?;
+        if let Some(pos) = page.position {
+            self.positions.insert(channel.clone(), (Arc::from(pos.epoch.as_str()), pos.offset));
+        }
+        Ok(())
+    }
+
+    /// Hands a message to the hub, first filling any gap before it from history; drops what
+    /// was already handed over.
+    async fn deliver(&mut self, channel: ChannelName, p: Publication) {
+        if let (Some(offset), Some(epoch)) = (p.offset, p.epoch.clone()) {
+            let from = match self.positions.get(&channel) {
+                Some((seen, top)) if **seen == *epoch => {
+                    if offset <= *top {
+                        return; // already handed over by a catch-up read
+                    }
+                    Some(*top)
+                }
+                // A new epoch since the last position: it starts at offset 1.
+                Some(_) => Some(0),
+                None => None,
+            };
+            if let Some(from) = from.filter(|&from| offset > from + 1) {
+                let missing = usize::try_from(offset - 1 - from).unwrap_or(usize::MAX);
+                self.catch_up(&channel, &epoch, from, Some(missing)).await;
+            }
+            self.positions.insert(channel.clone(), (epoch, offset));
+        }
+        self.handler.handle_publication(&channel, &p);
+    }
+
+    /// Reads what the node missed of `channel` after `(from, epoch)` (at most `limit`) and hands
+    /// it to the hub; when history cannot fill the gap, the channel's local subscribers are
+    /// told to recover by themselves ([`BrokerHandler::channel_lost`]).
+    async fn catch_up(
+        &mut self,
+        channel: &ChannelName,
+        epoch: &Arc<str>,
+        from: u64,
+        limit: Option<usize>,
+    ) {
+        // A gap of known length must be filled exactly; after a reconnect, whatever is there
+        // (at most MAX_CATCH_UP).
+        let (ask, exact) = match limit {
+            Some(l) if l <= MAX_CATCH_UP => (l, true),
+            Some(_) => return self.lose(channel),
+            None => (MAX_CATCH_UP + 1, false),
+        };
+        let query = HistoryQuery {
+            since: Some(StreamPosition { offset: from, epoch: epoch.to_string() }),
+            limit: Some(ask),
+        };
+        let page = match self.reader.read(channel, Duration::from_secs(1), &query).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "cannot read the gap from redis");
+                return self.lose(channel);
+            }
+        };
+        let n = page.publications.len();
+        if !page.complete || (exact && n != ask) || (!exact && n > MAX_CATCH_UP) {
+            tracing::warn!(%channel, from, "a gap history cannot fill: subscribers must recover");
+            return self.lose(channel);
+        }
+        if n == 0 {
+            return;
+        }
+        tracing::info!(%channel, publications = page.publications.len(), "caught up from redis history");
+        for p in &page.publications {
+            if let (Some(offset), Some(e)) = (p.offset, &p.epoch) {
+                self.positions.insert(channel.clone(), (e.clone(), offset));
+            }
+            self.handler.handle_publication(channel, p);
+        }
+    }
+
+    /// The channel's gap cannot be filled: its subscribers recover by themselves, and its
+    /// position is unknown until the next message.
+    fn lose(&mut self, channel: &ChannelName) {
+        self.positions.remove(channel);
+        self.handler.channel_lost(channel);
+    }
+
+    /// Subscribes or unsubscribes `channel` as the hub wants now.
+    async fn reconcile(
+        &mut self,
+        sink: &mut ::redis::aio::PubSubSink,
+        channel: &ChannelName,
+    ) -> Result<(), ::redis::RedisError> {
+        let want = self.handler.has_subscribers(channel);
+        let have = self.subscribed.contains(channel);
+        let name = pubsub_channel(channel);
+        match (want, have) {
+            (true, false) => {
+                if self.baseline(channel).await.is_err() {
+                    // Not subscribed; the caller's subscriber gets 503.
+                    return Err(::redis::RedisError::from((
+                        ::redis::ErrorKind::Io,
+                        "cannot read the channel's position",
+                    )));
+                }
+                sink.subscribe(&name).await?;
+                self.subscribed.insert(channel.clone());
+            }
+            (false, true) => {
+                sink.unsubscribe(&name).await?;
+                self.subscribed.remove(channel);
+                self.positions.remove(channel);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The pub/sub task: one connection, subscribed to what the hub wants, handing messages over in
+/// order; reconnects when the connection is lost, resubscribes, and catches each channel up
+/// from history.
 async fn run_pubsub(
     client: ::redis::Client,
-    handler: Arc<dyn BrokerHandler>,
+    mut follower: Follower,
     mut ops: mpsc::UnboundedReceiver<SubOp>,
     ready: Arc<AtomicBool>,
 ) {
-    let mut subscribed: HashSet<ChannelName> = HashSet::new();
     let mut backoff = Duration::from_millis(50);
-    let mut connected_before = false;
     loop {
         let pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
@@ -323,27 +467,46 @@ async fn run_pubsub(
         };
         backoff = Duration::from_millis(50);
         let (mut sink, mut stream) = pubsub.split();
-        // Resubscribe what the hub still wants.
-        let wanted: Vec<ChannelName> =
-            subscribed.drain().filter(|c| handler.has_subscribers(c)).collect();
+        // Resubscribe what the hub still wants, then catch each channel up: what was
+        // published while the connection was down is in history.
+        let wanted: Vec<ChannelName> = std::mem::take(&mut follower.subscribed)
+            .into_iter()
+            .filter(|c| follower.handler.has_subscribers(c))
+            .collect();
         let mut failed = false;
-        for channel in wanted {
-            if sink.subscribe(pubsub_channel(&channel)).await.is_err() {
+        for channel in &wanted {
+            if sink.subscribe(pubsub_channel(channel)).await.is_err() {
                 failed = true;
                 break;
             }
-            subscribed.insert(channel);
+            follower.subscribed.insert(channel.clone());
         }
         if failed {
+            follower.subscribed.extend(wanted);
             continue;
         }
-        if connected_before {
-            tracing::warn!(
-                channels = subscribed.len(),
-                "redis pub/sub reconnected; publications sent meanwhile were not delivered"
-            );
+        follower.positions.retain(|c, _| follower.subscribed.contains(c));
+        let behind: Vec<(ChannelName, Arc<str>, u64)> =
+            follower.positions.iter().map(|(c, (e, o))| (c.clone(), e.clone(), *o)).collect();
+        for (channel, epoch, from) in behind {
+            if VoidEpoch::parse(&epoch).is_none() {
+                follower.catch_up(&channel, &epoch, from, None).await;
+                continue;
+            }
+            // Nothing seen yet: a stream that exists now was created after the baseline read,
+            // all of it is due.
+            let newest = HistoryQuery { since: None, limit: Some(0) };
+            match follower.reader.read(&channel, Duration::from_secs(1), &newest).await {
+                Ok(page) => {
+                    let stream = page.position.filter(|p| VoidEpoch::parse(&p.epoch).is_none());
+                    if let Some(pos) = stream {
+                        let epoch: Arc<str> = Arc::from(pos.epoch.as_str());
+                        follower.catch_up(&channel, &epoch, 0, None).await;
+                    }
+                }
+                Err(_) => follower.lose(&channel),
+            }
         }
-        connected_before = true;
         ready.store(true, Ordering::Release);
         loop {
             tokio::select! {
@@ -352,25 +515,14 @@ async fn run_pubsub(
                     let Some(msg) = msg else { break };
                     let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
                     match decode_message(msg.get_payload_bytes()) {
-                        Some(p) => handler.handle_publication(&channel, &p),
+                        Some(p) => follower.deliver(channel, p).await,
                         None => tracing::warn!(%channel, "undecodable message on redis pub/sub"),
                     }
                 }
                 op = ops.recv() => {
                     let Some(op) = op else { return };
-                    let want = handler.has_subscribers(&op.channel);
-                    let have = subscribed.contains(&op.channel);
-                    let name = pubsub_channel(&op.channel);
-                    let result = match (want, have) {
-                        (true, false) => sink.subscribe(&name).await.map(|()| {
-                            subscribed.insert(op.channel.clone());
-                        }),
-                        (false, true) => sink.unsubscribe(&name).await.map(|()| {
-                            subscribed.remove(&op.channel);
-                        }),
-                        _ => Ok(()),
-                    };
-                    let lost = result.is_err();
+                    let result = follower.reconcile(&mut sink, &op.channel).await;
+                    let lost = result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped());
                     let _ = op.done.send(result.map_err(backend));
                     if lost {
                         break;
@@ -399,7 +551,13 @@ impl Broker for RedisBroker {
             self.ops_rx.lock().take().ok_or(BrokerError::Backend("already started".into()))?;
         tracing::info!(url = %self.display_url, "connecting to redis");
         tokio::spawn(connect_commands(self.client.clone(), self.conn.clone()));
-        tokio::spawn(run_pubsub(self.client.clone(), handler, ops, self.pubsub_ready.clone()));
+        let follower = Follower {
+            handler,
+            reader: self.reader.clone(),
+            subscribed: HashSet::new(),
+            positions: HashMap::new(),
+        };
+        tokio::spawn(run_pubsub(self.client.clone(), follower, ops, self.pubsub_ready.clone()));
         Ok(())
     }
 
@@ -462,8 +620,26 @@ impl Broker for RedisBroker {
         if options.history_size == 0 {
             return Ok(HistoryPage::default());
         }
-        let mut conn = self.conn()?;
-        let ttl_ms = u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX);
+        self.reader.read(channel, options.history_ttl, query).await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.conn.get().is_some() && self.pubsub_ready.load(Ordering::Acquire)
+    }
+}
+
+impl Reader {
+    /// The channel's position and the history `query` asks for (see [`Broker::history`]);
+    /// `ttl` is the channel's, for positions read while it had no stream.
+    async fn read(
+        &self,
+        channel: &ChannelName,
+        ttl: Duration,
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, BrokerError> {
+        let mut conn =
+            self.conn.get().cloned().ok_or(BrokerError::Unavailable("redis is not connected"))?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let fresh_instance = history::new_instance_id();
         let void = query.since.as_ref().and_then(|s| VoidEpoch::parse(&s.epoch));
         let (mode, epoch, offset, at, void_instance) = match (&query.since, &void) {
@@ -473,7 +649,7 @@ impl Broker for RedisBroker {
         };
         let limit: i64 = query.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let reply: Value = self
-            .read_script
+            .script
             .key(stream_key(channel))
             .key(history_key(channel))
             .key(INSTANCE_KEY)
@@ -495,7 +671,7 @@ impl Broker for RedisBroker {
         let void = void.filter(|v| v.instance == instance);
         if items.len() == 2 {
             // No stream: position 0 of a void epoch of this read.
-            let complete = void.is_some_and(|v| v.covers(now, options.history_ttl))
+            let complete = void.is_some_and(|v| v.covers(now, ttl))
                 && query.since.as_ref().is_some_and(|s| s.offset == 0);
             let epoch = VoidEpoch { instance: &instance, at_ms: now }.encode();
             return Ok(HistoryPage {
@@ -525,10 +701,6 @@ impl Broker for RedisBroker {
             complete: complete && query.since.is_some(),
             more: false,
         })
-    }
-
-    fn is_ready(&self) -> bool {
-        self.conn.get().is_some() && self.pubsub_ready.load(Ordering::Acquire)
     }
 }
 

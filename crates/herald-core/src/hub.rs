@@ -384,6 +384,21 @@ impl BrokerHandler for Hub {
         self.shard(channel).lock().get(channel).is_some_and(|e| e.len() > 0)
     }
 
+    /// Cuts the channel's local subscribers with 4008 (reconnect): each recovers from its own
+    /// position, or learns that it cannot (`recovered: false`).
+    fn channel_lost(&self, channel: &ChannelName) {
+        let channels = self.shard(channel).lock();
+        let Some(entry) = channels.get(channel) else { return };
+        self.metrics.broker_channels_lost.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%channel, subscribers = entry.len(), "publications lost: subscribers recover");
+        for sub in &entry.live {
+            sub.sink.request_close(herald_protocol::CloseCode::SlowConsumer);
+        }
+        for pending in &entry.pending {
+            pending.sink.request_close(herald_protocol::CloseCode::SlowConsumer);
+        }
+    }
+
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication) {
         let mut channels = self.shard(channel).lock();
         let Some(entry) = channels.get_mut(channel) else {

@@ -103,6 +103,9 @@ pub struct Metrics {
     pub limit_hits: [AtomicU64; 12],
     /// Connections that went behind their soft queue bound and caught up within the grace.
     pub slow_recoveries: AtomicU64,
+    /// Times the broker could not fill a gap in a channel's publications from history and the
+    /// channel's local subscribers were told to recover (4008).
+    pub broker_channels_lost: AtomicU64,
     /// Bytes of publication frames alive in connection queues, each shared frame counted once.
     pub shared_frame_bytes: AtomicI64,
     /// Pending publications replaced by a newer one on conflated channels.
@@ -200,6 +203,12 @@ impl Metrics {
             "counter",
             "Publications refused with 503 while the node's backlog stayed above its limit.",
             c(&self.publish_overloaded).to_string(),
+        );
+        metric(
+            "herald_broker_channels_lost_total",
+            "counter",
+            "Gaps the broker could not fill from history: the channel's subscribers on this node were cut with 4008 to recover.",
+            c(&self.broker_channels_lost).to_string(),
         );
         metric(
             "herald_slow_recoveries_total",

@@ -178,3 +178,112 @@ async fn subscribers_joining_other_nodes_while_one_publishes_miss_nothing() {
         tokio::time::timeout(TIMEOUT * 2, j).await.unwrap().unwrap();
     }
 }
+
+/// Sends one inline command to Redis and returns its first reply line.
+fn redis_command(redis: &RedisServer, command: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    s.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pubsub_connection_is_caught_up_from_history() {
+    // Redis drops the nodes' pub/sub connections three times while a publisher runs: what was
+    // published meanwhile reaches the subscribers from history, in order, once.
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (client, mut events) = b.client().await;
+    client.subscribe("h:k", None).await.unwrap();
+    const TOTAL: u64 = 600;
+    let pump = {
+        let base = a.http_base();
+        tokio::spawn(async move {
+            let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+            for i in 1..=TOTAL {
+                api.publish("h:k", &json!(i)).await.unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed = redis_command(&redis, "CLIENT KILL TYPE pubsub");
+        assert!(killed.starts_with(':'), "{killed}");
+    }
+    pump.await.unwrap();
+    for i in 1..=TOTAL {
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        assert_eq!((offset, data), (Some(i), json!(i)), "in order, none missing, none twice");
+    }
+    assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
+    let m = common::metrics(b).await;
+    assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
+    assert!(b.log().contains("caught up from redis history"), "a gap was filled");
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_tells_subscribers_and_the_node_serves_on() {
+    // Redis dies and comes back without its data: the node does not crash, /readyz goes 503
+    // and back, the subscriber is cut with 4008 (its history is gone: it must recover), and
+    // publishing works again in a new epoch.
+    let Some(mut redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (client, mut events) = b.client().await;
+    let sub = client.subscribe("h:z", None).await.unwrap();
+    let mut api = a.api().await;
+    let first = api.publish("h:z", &json!(1)).await.unwrap();
+    assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(1));
+    let port = redis.port;
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let mut api_b = b.api().await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let (status, _, _) = api_b.request("GET", "/readyz", None).await.unwrap();
+        if status == 503 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "/readyz stayed 200 with redis down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _, _) =
+        api.request("POST", "/api/publish", Some(br#"{"channel":"h:z","data":2}"#)).await.unwrap();
+    assert_eq!(status, 503, "publishing without redis is refused");
+    redis.child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "no", "--protected-mode", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for node in [a, b] {
+        common::wait_ready(node, TIMEOUT * 2).await;
+    }
+    // Its channel's history is gone: the subscriber is told to recover.
+    let mut code = None;
+    while let Some(event) = tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap() {
+        if let herald_client::Event::Disconnect { code: c, reconnect, .. } = event {
+            assert!(reconnect);
+            code = Some(c);
+        }
+    }
+    assert_eq!(code, Some(4008));
+    // It reconnects and recovers: another epoch, `recovered: false`, then live again.
+    let (client, mut events) = b.client().await;
+    let pos = StreamPosition { offset: 1, epoch: first["epoch"].as_str().unwrap().to_string() };
+    let again = client.subscribe("h:z", Some(pos)).await.unwrap();
+    assert!(!again.recovered, "the history was lost with redis");
+    let r = api.publish("h:z", &json!(3)).await.unwrap();
+    assert_ne!(r["epoch"], first["epoch"], "a new epoch");
+    let (_, _, data) = events.next_pub(TIMEOUT).await.unwrap();
+    assert_eq!(data, json!(3));
+    assert_eq!(common::metric(&common::metrics(b).await, "herald_broker_channels_lost_total"), 1.0);
+    drop(sub);
+}
