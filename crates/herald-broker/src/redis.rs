@@ -138,6 +138,13 @@ return out
 const INSTANCE_KEY: &str = "herald:instance";
 /// Longest wait between two attempts to reach Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait for Redis to answer a command or accept a connection: a frozen Redis makes a
+/// publish fail with 503 after this, never hang.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the pub/sub task sends itself a probe through pub/sub...
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// ...and how long a probe may take to come back before the connection counts as wedged.
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// A request to the pub/sub task: reconcile `channel`, then answer.
 struct SubOp {
@@ -290,7 +297,10 @@ fn bad_reply(what: &str) -> BrokerError {
 async fn connect_commands(client: ::redis::Client, slot: Arc<OnceLock<ConnectionManager>>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match client.get_connection_manager().await {
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_connection_timeout(Some(REDIS_TIMEOUT));
+        match client.get_connection_manager_with_config(config).await {
             Ok(conn) => {
                 let _ = slot.set(conn);
                 return;
@@ -427,17 +437,27 @@ impl Follower {
                         "cannot read the channel's position",
                     )));
                 }
-                sink.subscribe(&name).await?;
+                within(sink.subscribe(&name)).await?;
                 self.subscribed.insert(channel.clone());
             }
             (false, true) => {
-                sink.unsubscribe(&name).await?;
+                within(sink.unsubscribe(&name)).await?;
                 self.subscribed.remove(channel);
                 self.positions.remove(channel);
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// `call`, or an I/O error once [`REDIS_TIMEOUT`] passed.
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, ::redis::RedisError>>,
+) -> Result<T, ::redis::RedisError> {
+    match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(::redis::RedisError::from((::redis::ErrorKind::Io, "redis did not answer"))),
     }
 }
 
@@ -450,9 +470,11 @@ async fn run_pubsub(
     mut ops: mpsc::UnboundedReceiver<SubOp>,
     ready: Arc<AtomicBool>,
 ) {
+    // This node's own probe channel (outside the `herald:{C}` space of Herald channels).
+    let probe = format!("herald:probe:{}", history::new_instance_id());
     let mut backoff = Duration::from_millis(50);
     loop {
-        let pubsub = match client.get_async_pubsub().await {
+        let pubsub = match within(client.get_async_pubsub()).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open the redis pub/sub connection; retrying");
@@ -473,9 +495,10 @@ async fn run_pubsub(
             .into_iter()
             .filter(|c| follower.handler.has_subscribers(c))
             .collect();
-        let mut failed = false;
+        // The probe channel first: the liveness of this very connection.
+        let mut failed = within(sink.subscribe(&probe)).await.is_err();
         for channel in &wanted {
-            if sink.subscribe(pubsub_channel(channel)).await.is_err() {
+            if failed || within(sink.subscribe(pubsub_channel(channel))).await.is_err() {
                 failed = true;
                 break;
             }
@@ -483,6 +506,8 @@ async fn run_pubsub(
         }
         if failed {
             follower.subscribed.extend(wanted);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
         follower.positions.retain(|c, _| follower.subscribed.contains(c));
@@ -508,15 +533,38 @@ async fn run_pubsub(
             }
         }
         ready.store(true, Ordering::Release);
+        let mut probe_tick = tokio::time::interval(PROBE_EVERY);
+        let mut last_probe = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
                 msg = stream.next() => {
                     let Some(msg) = msg else { break };
+                    if msg.get_channel_name() == probe {
+                        last_probe = tokio::time::Instant::now();
+                        continue;
+                    }
                     let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
                     match decode_message(msg.get_payload_bytes()) {
                         Some(p) => follower.deliver(channel, p).await,
                         None => tracing::warn!(%channel, "undecodable message on redis pub/sub"),
+                    }
+                }
+                _ = probe_tick.tick() => {
+                    if last_probe.elapsed() > PROBE_DEADLINE {
+                        tracing::warn!("redis pub/sub probe did not come back: reconnecting");
+                        break;
+                    }
+                    // Sent on the command connection, received on this one.
+                    if let Some(mut conn) = follower.reader.conn.get().cloned() {
+                        let probe = probe.clone();
+                        tokio::spawn(async move {
+                            let _ = ::redis::cmd("PUBLISH")
+                                .arg(probe)
+                                .arg("p")
+                                .exec_async(&mut conn)
+                                .await;
+                        });
                     }
                 }
                 op = ops.recv() => {

@@ -287,3 +287,74 @@ async fn redis_restarted_empty_tells_subscribers_and_the_node_serves_on() {
     assert_eq!(common::metric(&common::metrics(b).await, "herald_broker_channels_lost_total"), 1.0);
     drop(sub);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_makes_publishes_fail_fast_and_nothing_is_lost_after() {
+    // Redis stops answering (SIGSTOP) for 5 s while a publisher runs: publishes answer 503
+    // within the Redis timeout (never hang), the nodes turn not-ready (their pub/sub probes do
+    // not come back), and once Redis resumes the subscriber gets every acknowledged
+    // publication, offsets contiguous (a publish that timed out may still have happened: it is
+    // then a publication like any other).
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (client, mut events) = b.client().await;
+    client.subscribe("h:f", None).await.unwrap();
+    let pump = {
+        let base = a.http_base();
+        tokio::spawn(async move {
+            let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+            let (mut acknowledged, mut refused, mut slowest) = (Vec::new(), 0, Duration::ZERO);
+            let end = tokio::time::Instant::now() + Duration::from_secs(9);
+            let mut i = 0u64;
+            while tokio::time::Instant::now() < end {
+                i += 1;
+                let body = json!({"channel": "h:f", "data": i}).to_string();
+                let started = tokio::time::Instant::now();
+                let (status, _, _) =
+                    api.request("POST", "/api/publish", Some(body.as_bytes())).await.unwrap();
+                slowest = slowest.max(started.elapsed());
+                match status {
+                    200 => acknowledged.push(i),
+                    503 => refused += 1,
+                    other => panic!("publish answered {other}"),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acknowledged, refused, slowest)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = redis.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let mut api_b = b.api().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut went_unready = false;
+    while tokio::time::Instant::now() < deadline {
+        let (status, _, _) = api_b.request("GET", "/readyz", None).await.unwrap();
+        went_unready |= status == 503;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(went_unready, "/readyz turned 503 while redis was frozen");
+    let (acknowledged, refused, slowest) = pump.await.unwrap();
+    assert!(refused > 0, "publishes were refused while redis was frozen");
+    assert!(slowest < Duration::from_secs(4), "no publish hung: slowest {slowest:?}");
+    for node in [a, b] {
+        common::wait_ready(node, TIMEOUT).await;
+    }
+    // Everything published, in order, offsets contiguous: wait for the last acknowledged one.
+    let last = *acknowledged.last().unwrap();
+    let mut seen = Vec::new();
+    let mut next_offset = 1;
+    while !seen.contains(&last) {
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        assert_eq!(offset, Some(next_offset), "offsets contiguous, none skipped or repeated");
+        next_offset += 1;
+        seen.push(data.as_u64().unwrap());
+    }
+    for i in &acknowledged {
+        assert!(seen.contains(i), "acknowledged publication {i} was delivered");
+    }
+    drop(client);
+}
