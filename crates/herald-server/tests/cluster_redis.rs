@@ -358,3 +358,87 @@ async fn a_frozen_redis_makes_publishes_fail_fast_and_nothing_is_lost_after() {
     }
     drop(client);
 }
+
+/// Every RESP bulk string of one reply (enough for `PUBSUB CHANNELS`).
+fn redis_list(redis: &RedisServer, command: &str) -> Vec<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    s.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(text).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with('$'))
+        .filter_map(|(i, _)| lines.get(i + 1).map(|v| v.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_subscribe_in_redis_only_to_the_channels_their_clients_use() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 2).await;
+    let channels = || {
+        let mut c: Vec<String> = redis_list(&redis, "PUBSUB CHANNELS herald:{*");
+        c.sort();
+        c
+    };
+    assert!(channels().is_empty(), "nobody subscribed yet");
+    let (c1, _e1) = nodes[0].client().await;
+    let (c2, _e2) = nodes[1].client().await;
+    c1.subscribe("h:one", None).await.unwrap();
+    c2.subscribe("h:one", None).await.unwrap();
+    c2.subscribe("h:two", None).await.unwrap();
+    assert_eq!(channels(), ["herald:{h:one}", "herald:{h:two}"]);
+    c2.unsubscribe("h:two").await.unwrap();
+    assert_eq!(channels(), ["herald:{h:one}"], "the last subscriber left h:two");
+    c1.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(channels(), ["herald:{h:one}"], "node 2 still has a subscriber of h:one");
+    c2.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(channels().is_empty(), "no node has subscribers any more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_recover_on_another_with_no_loss() {
+    let Some(redis) = RedisServer::start() else { return };
+    let mut nodes = nodes(&redis, 3).await;
+    let mut api = nodes[0].api().await;
+    let (client, mut events) = nodes[1].client().await;
+    client.subscribe("h:kill", None).await.unwrap();
+    let mut last = None;
+    for i in 1..=50u64 {
+        let r = api.publish("h:kill", &json!(i)).await.unwrap();
+        last = Some(r["epoch"].as_str().unwrap().to_string());
+    }
+    let epoch = last.unwrap();
+    let mut got = 0;
+    while got < 30 {
+        got = events.next_pub(TIMEOUT).await.unwrap().1.unwrap();
+    }
+    // Node 1 dies (SIGKILL) after its client saw 30; 20 more are published meanwhile.
+    nodes[1].child.kill().unwrap();
+    nodes[1].child.wait().unwrap();
+    for i in 51..=70u64 {
+        api.publish("h:kill", &json!(i)).await.unwrap();
+    }
+    let (client, mut events) = nodes[2].client().await;
+    let pos = StreamPosition { offset: got, epoch };
+    let sub = client.subscribe("h:kill", Some(pos)).await.unwrap();
+    assert!(sub.recovered);
+    let offsets: Vec<u64> = sub.publications.iter().filter_map(|p| p.0).collect();
+    assert_eq!(offsets, (got + 1..=70).collect::<Vec<u64>>(), "exactly what it missed");
+    api.publish("h:kill", &json!(71)).await.unwrap();
+    assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(71));
+    nodes.remove(1);
+}
