@@ -442,3 +442,64 @@ async fn clients_of_a_killed_node_recover_on_another_with_no_loss() {
     assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(71));
     nodes.remove(1);
 }
+
+/// Reads SSE blocks until `count` `pub` events arrived; returns their data and the last id.
+async fn sse_read(
+    stream: &mut tokio::net::TcpStream,
+    count: usize,
+) -> (Vec<Value>, Option<String>) {
+    let mut text = String::new();
+    let mut buf = vec![0u8; 65536];
+    let (mut out, mut last_id) = (Vec::new(), None);
+    while out.len() < count {
+        let n = tokio::time::timeout(TIMEOUT, stream.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the stream ended");
+        text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            if let Some(id) = block.lines().find_map(|l| l.strip_prefix("id: ")) {
+                last_id = Some(id.to_string());
+            }
+            if block.contains("event: pub\n") {
+                let line = block.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                out.push(serde_json::from_str::<Value>(line).unwrap()["data"].clone());
+            }
+        }
+    }
+    (out, last_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_resumes_on_another_node_with_last_event_id() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 3).await;
+    let mut api = nodes[0].api().await;
+    let open = |addr: std::net::SocketAddr, last: Option<String>| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = "GET /sse?channel=h:sse HTTP/1.1\r\nHost: x\r\n".to_string();
+        if let Some(id) = last {
+            req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        s
+    };
+    let mut s = open(nodes[1].addr, None).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 1..=3 {
+        api.publish("h:sse", &json!(i)).await.unwrap();
+    }
+    let (got, last) = sse_read(&mut s, 3).await;
+    assert_eq!(got, [json!(1), json!(2), json!(3)]);
+    drop(s);
+    for i in 4..=6 {
+        api.publish("h:sse", &json!(i)).await.unwrap();
+    }
+    // The browser reconnects to another node with the id it last saw.
+    let mut s = open(nodes[2].addr, last).await;
+    let (got, _) = sse_read(&mut s, 3).await;
+    assert_eq!(got, [json!(4), json!(5), json!(6)], "exactly what it missed, no reset");
+    api.publish("h:sse", &json!(7)).await.unwrap();
+    let (got, _) = sse_read(&mut s, 1).await;
+    assert_eq!(got, [json!(7)]);
+}
