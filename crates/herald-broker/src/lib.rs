@@ -225,6 +225,19 @@ pub trait Broker: Send + Sync + 'static {
         Ok(page)
     }
 
+    /// Announces node `id` to the cluster: `info` (a JSON object describing it) is listed by
+    /// [`Broker::nodes`] on every node for `ttl`, unless announced again. Default: nothing (a
+    /// backend without a cluster).
+    async fn announce(&self, _id: &str, _info: Bytes, _ttl: Duration) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Every node announced and still alive, as `(id, info)`; `None` where the backend has no
+    /// cluster (the node is alone).
+    async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
+        Ok(None)
+    }
+
     /// What the broker retains, for metrics.
     fn history_stats(&self) -> HistoryStats {
         HistoryStats::default()

@@ -136,6 +136,10 @@ return out
 
 /// The key holding the Redis data set's instance id.
 const INSTANCE_KEY: &str = "herald:instance";
+/// The set of announced node ids.
+const NODES_KEY: &str = "herald:nodes";
+/// Prefix of the key holding one node's announced info.
+const NODE_KEY: &str = "herald:node:";
 /// Longest wait between two attempts to reach Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest wait for Redis to answer a command or accept a connection: a frozen Redis makes a
@@ -669,6 +673,56 @@ impl Broker for RedisBroker {
             return Ok(HistoryPage::default());
         }
         self.reader.read(channel, options.history_ttl, query).await
+    }
+
+    /// `herald:node:<id>` holds the info (expiring after `ttl`), the set `herald:nodes` the ids.
+    async fn announce(&self, id: &str, info: Bytes, ttl: Duration) -> Result<(), BrokerError> {
+        let mut conn = self.conn()?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        ::redis::pipe()
+            .cmd("SET")
+            .arg(format!("{NODE_KEY}{id}"))
+            .arg(info.as_ref())
+            .arg("PX")
+            .arg(ttl_ms)
+            .ignore()
+            .cmd("SADD")
+            .arg(NODES_KEY)
+            .arg(id)
+            .ignore()
+            .exec_async(&mut conn)
+            .await
+            .map_err(backend)
+    }
+
+    /// The ids in `herald:nodes` whose info has not expired; the others are removed.
+    async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
+        let mut conn = self.conn()?;
+        let ids: Vec<String> = ::redis::cmd("SMEMBERS")
+            .arg(NODES_KEY)
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        if ids.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let keys: Vec<String> = ids.iter().map(|id| format!("{NODE_KEY}{id}")).collect();
+        let infos: Vec<Option<Vec<u8>>> =
+            ::redis::cmd("MGET").arg(&keys).query_async(&mut conn).await.map_err(backend)?;
+        let mut alive = Vec::new();
+        let mut gone = Vec::new();
+        for (id, info) in ids.into_iter().zip(infos) {
+            match info {
+                Some(info) => alive.push((id, Bytes::from(info))),
+                None => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<(), _> =
+                ::redis::cmd("SREM").arg(NODES_KEY).arg(&gone).exec_async(&mut conn).await;
+        }
+        alive.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Some(alive))
     }
 
     fn is_ready(&self) -> bool {

@@ -4,7 +4,6 @@
 //! Bad input is a 4xx naming the problem, never a 500.
 
 use std::borrow::Cow;
-use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -286,20 +285,11 @@ async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "channels": channels }))
 }
 
+/// This node first, then every other live node of the cluster (see [`crate::registry`]).
 async fn info(State(app): State<App>) -> axum::Json<serde_json::Value> {
-    let m = &app.node.metrics;
     axum::Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "nodes": [{
-            "id": app.node.id,
-            "connections": m.connections.load(Ordering::Relaxed),
-            "subscriptions": m.subscriptions.load(Ordering::Relaxed),
-            "channels": m.channels.load(Ordering::Relaxed),
-            "broker": app.node.broker.name(),
-            "uptime_secs": app.started.elapsed().as_secs(),
-            "publications": m.publications_in.load(Ordering::Relaxed),
-            "deliveries": m.deliveries_out.load(Ordering::Relaxed),
-        }],
+        "nodes": crate::registry::nodes(&app).await,
     }))
 }
 

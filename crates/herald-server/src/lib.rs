@@ -11,6 +11,7 @@ mod conn;
 pub mod error;
 pub mod listener;
 mod query;
+pub mod registry;
 pub mod socket;
 pub mod sse;
 mod wire;

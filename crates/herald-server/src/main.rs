@@ -187,6 +187,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "herald listening on {local}"
     );
     let accept = tokio::spawn(herald_server::listener::run(listener, app.clone()));
+    tokio::spawn(herald_server::registry::announce(app.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down: telling clients to reconnect");
     app.shutdown.cancel();

@@ -503,3 +503,55 @@ async fn an_sse_stream_resumes_on_another_node_with_last_event_id() {
     let (got, _) = sse_read(&mut s, 1).await;
     assert_eq!(got, [json!(7)]);
 }
+
+/// The ids `/api/info` of `node` lists.
+async fn listed(node: &Server) -> Vec<String> {
+    let mut api = node.api().await;
+    let (_, _, body) = api.request("GET", "/api/info", None).await.unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_lists_the_live_nodes_and_a_dead_one_drops_out() {
+    let Some(redis) = RedisServer::start() else { return };
+    let mut nodes = nodes(&redis, 3).await;
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for n in &nodes {
+            ids.push(listed(n).await[0].clone());
+        }
+        ids
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut seen = listed(&nodes[0]).await;
+        seen.sort();
+        let mut all = ids.clone();
+        all.sort();
+        if seen == all {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "all three announced: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The first entry is the node answering, with its address.
+    let mut api = nodes[1].api().await;
+    let (_, _, body) = api.request("GET", "/api/info", None).await.unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["nodes"][0]["address"], json!(nodes[1].addr.to_string()));
+    // Node 2 dies: it drops out within three announcement intervals (6 s).
+    nodes[2].child.kill().unwrap();
+    nodes[2].child.wait().unwrap();
+    let died = std::time::Instant::now();
+    loop {
+        let seen = listed(&nodes[0]).await;
+        if !seen.contains(&ids[2]) {
+            assert_eq!(seen.len(), 2);
+            break;
+        }
+        assert!(died.elapsed() < Duration::from_secs(9), "the dead node is still listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nodes.remove(2);
+}
