@@ -142,6 +142,9 @@ pub enum BrokerError {
     Backend(String),
 }
 
+/// Receives control messages from other nodes ([`Broker::send_control`]).
+pub type ControlHandler = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Receives what the broker delivers to this node. Implemented by the hub.
 pub trait BrokerHandler: Send + Sync + 'static {
     /// A publication of `channel`. Called in offset order per channel, never concurrently for the
@@ -237,6 +240,17 @@ pub trait Broker: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
         Ok(None)
     }
+
+    /// Sends `message` to the control handler of every other node of the cluster
+    /// ([`Broker::set_control`]); the caller applies it on its own node. Default: nothing (no
+    /// other node).
+    async fn send_control(&self, _message: Bytes) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Sets the function the control messages of other nodes are given to (cluster-wide
+    /// actions such as a disconnect by user). Default: nothing arrives.
+    fn set_control(&self, _handler: ControlHandler) {}
 
     /// What the broker retains, for metrics.
     fn history_stats(&self) -> HistoryStats {

@@ -46,7 +46,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::history::{self, VoidEpoch};
 use crate::{
-    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, Publication, PublishOptions,
+    Broker, BrokerError, BrokerHandler, ControlHandler, HistoryPage, HistoryQuery, Publication,
+    PublishOptions,
 };
 
 /// Assigns the next offset, appends to history, renews the TTL and publishes, atomically.
@@ -136,6 +137,8 @@ return out
 
 /// The key holding the Redis data set's instance id.
 const INSTANCE_KEY: &str = "herald:instance";
+/// The pub/sub channel of control messages between nodes.
+const CONTROL_CHANNEL: &str = "herald:control";
 /// The set of announced node ids.
 const NODES_KEY: &str = "herald:nodes";
 /// Prefix of the key holding one node's announced info.
@@ -170,6 +173,9 @@ pub struct RedisBroker {
     pubsub_ready: Arc<AtomicBool>,
     publish_script: Script,
     reader: Reader,
+    control: Arc<OnceLock<ControlHandler>>,
+    /// This broker's id in control messages.
+    sender: Arc<str>,
 }
 
 /// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
@@ -203,6 +209,8 @@ impl RedisBroker {
             ops_rx: Mutex::new(Some(ops_rx)),
             pubsub_ready: Arc::new(AtomicBool::new(false)),
             publish_script: Script::new(PUBLISH_SCRIPT),
+            control: Arc::new(OnceLock::new()),
+            sender: history::new_instance_id(),
         })
     }
 
@@ -330,6 +338,11 @@ type Positions = HashMap<ChannelName, (Arc<str>, u64)>;
 /// what it needs to read the gaps from history.
 struct Follower {
     handler: Arc<dyn BrokerHandler>,
+    /// Where control messages go; each starts with the sender's id and a space (its own are
+    /// skipped).
+    control: Arc<OnceLock<ControlHandler>>,
+    /// This broker's id in control messages.
+    sender: Arc<str>,
     reader: Reader,
     subscribed: HashSet<ChannelName>,
     positions: Positions,
@@ -416,6 +429,17 @@ impl Follower {
         }
     }
 
+    /// Hands a control message of another node to the control handler.
+    fn control_message(&self, payload: &[u8]) {
+        let Some(sp) = payload.iter().position(|&b| b == b' ') else { return };
+        if &payload[..sp] == self.sender.as_bytes() {
+            return;
+        }
+        if let Some(handler) = self.control.get() {
+            handler(&payload[sp + 1..]);
+        }
+    }
+
     /// The channel's gap cannot be filled: its subscribers recover by themselves, and its
     /// position is unknown until the next message.
     fn lose(&mut self, channel: &ChannelName) {
@@ -499,8 +523,9 @@ async fn run_pubsub(
             .into_iter()
             .filter(|c| follower.handler.has_subscribers(c))
             .collect();
-        // The probe channel first: the liveness of this very connection.
-        let mut failed = within(sink.subscribe(&probe)).await.is_err();
+        // The probe channel first: the liveness of this very connection; then control.
+        let mut failed = within(sink.subscribe(&probe)).await.is_err()
+            || within(sink.subscribe(CONTROL_CHANNEL)).await.is_err();
         for channel in &wanted {
             if failed || within(sink.subscribe(pubsub_channel(channel))).await.is_err() {
                 failed = true;
@@ -546,6 +571,10 @@ async fn run_pubsub(
                     let Some(msg) = msg else { break };
                     if msg.get_channel_name() == probe {
                         last_probe = tokio::time::Instant::now();
+                        continue;
+                    }
+                    if msg.get_channel_name() == CONTROL_CHANNEL {
+                        follower.control_message(msg.get_payload_bytes());
                         continue;
                     }
                     let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
@@ -605,6 +634,8 @@ impl Broker for RedisBroker {
         tokio::spawn(connect_commands(self.client.clone(), self.conn.clone()));
         let follower = Follower {
             handler,
+            control: self.control.clone(),
+            sender: self.sender.clone(),
             reader: self.reader.clone(),
             subscribed: HashSet::new(),
             positions: HashMap::new(),
@@ -673,6 +704,25 @@ impl Broker for RedisBroker {
             return Ok(HistoryPage::default());
         }
         self.reader.read(channel, options.history_ttl, query).await
+    }
+
+    /// `PUBLISH herald:control "<sender> <message>"`.
+    async fn send_control(&self, message: Bytes) -> Result<(), BrokerError> {
+        let mut conn = self.conn()?;
+        let mut payload = Vec::with_capacity(self.sender.len() + 1 + message.len());
+        payload.extend_from_slice(self.sender.as_bytes());
+        payload.push(b' ');
+        payload.extend_from_slice(&message);
+        ::redis::cmd("PUBLISH")
+            .arg(CONTROL_CHANNEL)
+            .arg(payload)
+            .exec_async(&mut conn)
+            .await
+            .map_err(backend)
+    }
+
+    fn set_control(&self, handler: ControlHandler) {
+        let _ = self.control.set(handler);
     }
 
     /// `herald:node:<id>` holds the info (expiring after `ttl`), the set `herald:nodes` the ids.

@@ -259,9 +259,9 @@ async fn disconnect(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let body = read_body(&app, body).await?;
     let req: DisconnectIn = parse_object(&body)?;
-    let target = match (req.user, req.all) {
-        (Some(user), false) => herald_core::node::Target::User(user),
-        (None, true) => herald_core::node::Target::All,
+    let user = match (req.user, req.all) {
+        (Some(user), false) => Some(user),
+        (None, true) => None,
         _ => return Err(ApiError::bad_request("give either `user` or `\"all\": true`")),
     };
     let code = match req.code {
@@ -270,7 +270,9 @@ async fn disconnect(
             ApiError::bad_request(format!("`code` {c} is not a Herald close code"))
         })?,
     };
-    let n = app.node.registry.disconnect(&target, code);
+    // Here, and on every other node of the cluster.
+    let control = crate::registry::Control::Disconnect { user, code: code.as_u16() };
+    let n = control.run(&app.node).await.map_err(|e| ApiError::new(503, e.to_string()))?;
     Ok(axum::Json(serde_json::json!({ "disconnected": n })))
 }
 

@@ -62,6 +62,7 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         config.ping_interval,
         AuthSettings { allow_anonymous: config.auth.allow_anonymous, verifier },
     ));
+    node.broker.set_control(registry::control_handler(Arc::downgrade(&node)));
     node.start().await?;
     spawn_token_expiry(&node);
     Ok(node)

@@ -1,10 +1,19 @@
-//! The node registry: each node announces itself through the broker every
-//! [`ANNOUNCE_EVERY`], valid for three intervals, so `GET /api/info` on any node lists every
-//! live node and a dead one drops out within three intervals. With the memory broker the node
-//! is alone and lists itself.
+//! The cluster as nodes see it: the node registry and cluster-wide actions.
+//!
+//! - Each node announces itself through the broker every [`ANNOUNCE_EVERY`], valid for three
+//!   intervals, so `GET /api/info` on any node lists every live node and a dead one drops out
+//!   within three intervals. With the memory broker the node is alone and lists itself.
+//! - A disconnect by user (`POST /api/disconnect`) is applied on the node asked and sent to
+//!   every other node as a control message ([`Control`]).
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use herald_broker::ControlHandler;
+use herald_core::node::Target;
+use herald_core::Node;
+use herald_protocol::CloseCode;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -69,4 +78,56 @@ pub async fn announce(app: App) {
             tracing::debug!(error = %e, "cannot announce this node");
         }
     }
+}
+
+/// A cluster-wide action, as sent between nodes (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Control {
+    /// Close the connections of `user` (every connection when `None`) with `code`.
+    Disconnect {
+        /// The user; `None`: everyone.
+        user: Option<String>,
+        /// The close code.
+        code: u16,
+    },
+}
+
+impl Control {
+    /// Applies the action on `node`; returns how many connections it closed.
+    pub fn apply(&self, node: &Node) -> usize {
+        match self {
+            Control::Disconnect { user, code } => {
+                let target = match user {
+                    Some(u) => Target::User(u.clone()),
+                    None => Target::All,
+                };
+                let code = CloseCode::from_u16(*code).unwrap_or(CloseCode::Shutdown);
+                node.registry.disconnect(&target, code)
+            }
+        }
+    }
+
+    /// Applies the action here and sends it to every other node; returns how many
+    /// connections it closed on this node.
+    pub async fn run(&self, node: &Node) -> Result<usize, herald_broker::BrokerError> {
+        let here = self.apply(node);
+        let message = serde_json::to_vec(self).unwrap_or_default();
+        node.broker.send_control(Bytes::from(message)).await?;
+        Ok(here)
+    }
+}
+
+/// The handler of other nodes' control messages for `node`.
+pub fn control_handler(node: Weak<Node>) -> ControlHandler {
+    Arc::new(move |message: &[u8]| {
+        let Some(node) = node.upgrade() else { return };
+        match serde_json::from_slice::<Control>(message) {
+            Ok(control) => {
+                let n = control.apply(&node);
+                tracing::info!(?control, closed = n, "cluster control message applied");
+            }
+            Err(e) => tracing::warn!(error = %e, "undecodable control message"),
+        }
+    })
 }
