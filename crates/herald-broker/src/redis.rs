@@ -8,9 +8,11 @@
 //!   next publication then starts a new epoch.
 //! - `herald:{C}:h`, a list: the retained publications' data, oldest first. Offsets are
 //!   contiguous, so the entry of offset `n` sits at index `n - (o - len + 1)`.
-//! - `herald:instance`: an id created once per Redis data set; void epochs (positions read
-//!   while a channel had no stream, see [`crate::history::VoidEpoch`]) carry it, so a position
-//!   read before Redis lost its data is never judged complete afterwards.
+//! - The stream hash also records the Redis process that wrote it (`run_id`). A stream written by
+//!   another process (Redis restarted, a replica took over) is replaced by a new epoch at the
+//!   next publication and counts as absent for reads: that Redis may have lost acknowledged
+//!   writes, and reusing the epoch would reuse offsets. Void epochs (positions read while a
+//!   channel had no stream, see [`crate::history::VoidEpoch`]) carry the process's id too.
 //!
 //! Publishing a channel with history runs one Lua script ([`PUBLISH_SCRIPT`]): it creates the
 //! stream when missing, assigns the next offset, appends and trims the history, renews the TTL
@@ -52,17 +54,24 @@ use crate::{
 
 /// Assigns the next offset, appends to history, renews the TTL and publishes, atomically.
 ///
+/// A stream written by another Redis process (`run_id`: Redis restarted, or a replica took
+/// over) is replaced by a new epoch: that Redis may have lost acknowledged writes (a restart
+/// from an `everysec` AOF, a lagging replica), and reusing the epoch would hand out offsets
+/// that clients already hold for other publications.
+///
 /// KEYS: stream hash, history list. ARGV: data, history size, TTL (ms), a fresh epoch (used
 /// when the stream is new), the pub/sub channel. Returns `{offset, epoch}`.
 pub const PUBLISH_SCRIPT: &str = r#"
 local size = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local m = redis.call('HMGET', KEYS[1], 'e', 'r')
+local epoch = m[1]
+if not epoch or m[2] ~= run then
   local t = redis.call('TIME')
   epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'c', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'r', run, 'c', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 if size > 0 then
@@ -77,22 +86,19 @@ return {offset, epoch}
 
 /// Reads a channel's position and the history a query asks for, atomically.
 ///
-/// KEYS: stream hash, history list, the instance key. ARGV: mode (`n` newest, `s` after a
-/// position, `v` after a void position), the position's epoch, its offset, the limit (-1: none),
-/// for `v` the void read's time (ms) and the TTL (ms), a fresh instance id (set when Redis has
-/// none), and for `v` the instance the void position was read from (another one is judged like
-/// any other epoch). Returns `{now, instance}` without a stream, else `{now, instance, epoch, top,
+/// KEYS: stream hash, history list. ARGV: mode (`n` newest, `s` after a position, `v` after a
+/// void position), the position's epoch, its offset, the limit (-1: none), for `v` the void
+/// read's time (ms) and the TTL (ms), and for `v` the instance the void position was read from (another one is judged like any other epoch). The instance is the
+/// Redis process (`run_id`, first 8 characters), so a position read before a restart or a
+/// failover proves nothing afterwards; a stream written by another process counts as none. Returns `{now, instance}` without a stream, else `{now, instance, epoch, top,
 /// complete, first offset, data...}`.
 pub const READ_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local instance = redis.call('GET', KEYS[3])
-if not instance then
-  instance = ARGV[7]
-  redis.call('SET', KEYS[3], instance)
-end
-local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c')
-if not m[1] then
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local instance = string.sub(run, 1, 8)
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c', 'r')
+if not m[1] or m[4] ~= run then
   return {now, instance}
 end
 local epoch, top, created = m[1], tonumber(m[2]), tonumber(m[3])
@@ -100,7 +106,7 @@ local len = redis.call('LLEN', KEYS[2])
 local oldest = top - len + 1
 local limit = tonumber(ARGV[4])
 local mode, since_epoch = ARGV[1], ARGV[2]
-if mode == 'v' and ARGV[8] ~= instance then
+if mode == 'v' and ARGV[7] ~= instance then
   mode, since_epoch = 's', ''
 end
 if mode == 'v' then
@@ -135,8 +141,6 @@ end
 return out
 "#;
 
-/// The key holding the Redis data set's instance id.
-const INSTANCE_KEY: &str = "herald:instance";
 /// The pub/sub channel of control messages between nodes.
 const CONTROL_CHANNEL: &str = "herald:control";
 /// The set of announced node ids.
@@ -148,6 +152,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest wait for Redis to answer a command or accept a connection: a frozen Redis makes a
 /// publish fail with 503 after this, never hang.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait of a subscriber for its node's subscription in Redis.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the pub/sub task sends itself a probe through pub/sub...
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// ...and how long a probe may take to come back before the connection counts as wedged.
@@ -330,6 +336,17 @@ async fn connect_commands(client: ::redis::Client, slot: Arc<OnceLock<Connection
 /// (the clients recover by themselves, page by page).
 const MAX_CATCH_UP: usize = 10_000;
 
+/// History could not be read (Redis unreachable or loading): retried after a reconnect.
+#[derive(Debug)]
+struct Unreadable;
+
+/// Why a subscription request failed, and whether the pub/sub connection is gone with it.
+#[derive(Debug)]
+struct Refused {
+    error: BrokerError,
+    connection_lost: bool,
+}
+
 /// What the pub/sub task knows of each subscribed channel: the position of the newest
 /// publication handed to the hub (offset 0 in a void epoch before the first).
 type Positions = HashMap<ChannelName, (Arc<str>, u64)>;
@@ -361,13 +378,14 @@ impl Follower {
     }
 
     /// Hands a message to the hub, first filling any gap before it from history; drops what
-    /// was already handed over.
-    async fn deliver(&mut self, channel: ChannelName, p: Publication) {
+    /// was already handed over. `Err`: history could not be read; nothing was handed over and
+    /// the position is kept, so a reconnect's catch-up covers this message too.
+    async fn deliver(&mut self, channel: ChannelName, p: Publication) -> Result<(), Unreadable> {
         if let (Some(offset), Some(epoch)) = (p.offset, p.epoch.clone()) {
             let from = match self.positions.get(&channel) {
                 Some((seen, top)) if **seen == *epoch => {
                     if offset <= *top {
-                        return; // already handed over by a catch-up read
+                        return Ok(()); // already handed over by a catch-up read
                     }
                     Some(*top)
                 }
@@ -377,28 +395,33 @@ impl Follower {
             };
             if let Some(from) = from.filter(|&from| offset > from + 1) {
                 let missing = usize::try_from(offset - 1 - from).unwrap_or(usize::MAX);
-                self.catch_up(&channel, &epoch, from, Some(missing)).await;
+                self.catch_up(&channel, &epoch, from, Some(missing)).await?;
             }
             self.positions.insert(channel.clone(), (epoch, offset));
         }
         self.handler.handle_publication(&channel, &p);
+        Ok(())
     }
 
     /// Reads what the node missed of `channel` after `(from, epoch)` (at most `limit`) and hands
     /// it to the hub; when history cannot fill the gap, the channel's local subscribers are
-    /// told to recover by themselves ([`BrokerHandler::channel_lost`]).
+    /// told to recover by themselves ([`BrokerHandler::channel_lost`]). `Err`: history could
+    /// not be read (Redis unreachable, or still loading its data); nothing changed.
     async fn catch_up(
         &mut self,
         channel: &ChannelName,
         epoch: &Arc<str>,
         from: u64,
         limit: Option<usize>,
-    ) {
+    ) -> Result<(), Unreadable> {
         // A gap of known length must be filled exactly; after a reconnect, whatever is there
         // (at most MAX_CATCH_UP).
         let (ask, exact) = match limit {
             Some(l) if l <= MAX_CATCH_UP => (l, true),
-            Some(_) => return self.lose(channel),
+            Some(_) => {
+                self.lose(channel, None);
+                return Ok(());
+            }
             None => (MAX_CATCH_UP + 1, false),
         };
         let query = HistoryQuery {
@@ -408,17 +431,20 @@ impl Follower {
         let page = match self.reader.read(channel, Duration::from_secs(1), &query).await {
             Ok(page) => page,
             Err(e) => {
-                tracing::warn!(%channel, error = %e, "cannot read the gap from redis");
-                return self.lose(channel);
+                tracing::warn!(%channel, error = %e, "cannot read the gap from redis; will retry");
+                return Err(Unreadable);
             }
         };
         let n = page.publications.len();
         if !page.complete || (exact && n != ask) || (!exact && n > MAX_CATCH_UP) {
             tracing::warn!(%channel, from, "a gap history cannot fill: subscribers must recover");
-            return self.lose(channel);
+            // Later gaps are judged from the channel's position now.
+            let now = page.position.map(|p| (Arc::from(p.epoch.as_str()), p.offset));
+            self.lose(channel, now);
+            return Ok(());
         }
         if n == 0 {
-            return;
+            return Ok(());
         }
         tracing::info!(%channel, publications = page.publications.len(), "caught up from redis history");
         for p in &page.publications {
@@ -427,6 +453,7 @@ impl Follower {
             }
             self.handler.handle_publication(channel, p);
         }
+        Ok(())
     }
 
     /// Hands a control message of another node to the control handler.
@@ -440,10 +467,13 @@ impl Follower {
         }
     }
 
-    /// The channel's gap cannot be filled: its subscribers recover by themselves, and its
-    /// position is unknown until the next message.
-    fn lose(&mut self, channel: &ChannelName) {
-        self.positions.remove(channel);
+    /// The channel's gap cannot be filled: its subscribers recover by themselves; later gaps
+    /// are judged from `now` (its current position), or from the next message when unknown.
+    fn lose(&mut self, channel: &ChannelName, now: Option<(Arc<str>, u64)>) {
+        match now {
+            Some(position) => self.positions.insert(channel.clone(), position),
+            None => self.positions.remove(channel),
+        };
         self.handler.channel_lost(channel);
     }
 
@@ -452,24 +482,23 @@ impl Follower {
         &mut self,
         sink: &mut ::redis::aio::PubSubSink,
         channel: &ChannelName,
-    ) -> Result<(), ::redis::RedisError> {
+    ) -> Result<(), Refused> {
         let want = self.handler.has_subscribers(channel);
         let have = self.subscribed.contains(channel);
         let name = pubsub_channel(channel);
+        let lost = |e| Refused { error: backend(e), connection_lost: true };
         match (want, have) {
             (true, false) => {
-                if self.baseline(channel).await.is_err() {
-                    // Not subscribed; the caller's subscriber gets 503.
-                    return Err(::redis::RedisError::from((
-                        ::redis::ErrorKind::Io,
-                        "cannot read the channel's position",
-                    )));
-                }
-                within(sink.subscribe(&name)).await?;
+                // Without it, not subscribed: the caller's subscriber gets 503; the pub/sub
+                // connection itself is fine.
+                self.baseline(channel)
+                    .await
+                    .map_err(|error| Refused { error, connection_lost: false })?;
+                within(sink.subscribe(&name)).await.map_err(lost)?;
                 self.subscribed.insert(channel.clone());
             }
             (false, true) => {
-                within(sink.unsubscribe(&name)).await?;
+                within(sink.unsubscribe(&name)).await.map_err(lost)?;
                 self.subscribed.remove(channel);
                 self.positions.remove(channel);
             }
@@ -542,9 +571,13 @@ async fn run_pubsub(
         follower.positions.retain(|c, _| follower.subscribed.contains(c));
         let behind: Vec<(ChannelName, Arc<str>, u64)> =
             follower.positions.iter().map(|(c, (e, o))| (c.clone(), e.clone(), *o)).collect();
+        let mut unreadable = false;
         for (channel, epoch, from) in behind {
             if VoidEpoch::parse(&epoch).is_none() {
-                follower.catch_up(&channel, &epoch, from, None).await;
+                if follower.catch_up(&channel, &epoch, from, None).await.is_err() {
+                    unreadable = true;
+                    break;
+                }
                 continue;
             }
             // Nothing seen yet: a stream that exists now was created after the baseline read,
@@ -555,18 +588,30 @@ async fn run_pubsub(
                     let stream = page.position.filter(|p| VoidEpoch::parse(&p.epoch).is_none());
                     if let Some(pos) = stream {
                         let epoch: Arc<str> = Arc::from(pos.epoch.as_str());
-                        follower.catch_up(&channel, &epoch, 0, None).await;
+                        if follower.catch_up(&channel, &epoch, 0, None).await.is_err() {
+                            unreadable = true;
+                            break;
+                        }
                     }
                 }
-                Err(_) => follower.lose(&channel),
+                Err(_) => {
+                    unreadable = true;
+                    break;
+                }
             }
+        }
+        if unreadable {
+            // Redis answers pub/sub but not reads yet (loading its data): try again, not ready.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
         }
         ready.store(true, Ordering::Release);
         let mut probe_tick = tokio::time::interval(PROBE_EVERY);
         let mut last_probe = tokio::time::Instant::now();
         loop {
+            // Unbiased: a flood of messages cannot starve subscription requests or the probe.
             tokio::select! {
-                biased;
                 msg = stream.next() => {
                     let Some(msg) = msg else { break };
                     if msg.get_channel_name() == probe {
@@ -579,7 +624,11 @@ async fn run_pubsub(
                     }
                     let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
                     match decode_message(msg.get_payload_bytes()) {
-                        Some(p) => follower.deliver(channel, p).await,
+                        Some(p) => {
+                            if follower.deliver(channel, p).await.is_err() {
+                                break;
+                            }
+                        }
                         None => tracing::warn!(%channel, "undecodable message on redis pub/sub"),
                     }
                 }
@@ -603,8 +652,8 @@ async fn run_pubsub(
                 op = ops.recv() => {
                     let Some(op) = op else { return };
                     let result = follower.reconcile(&mut sink, &op.channel).await;
-                    let lost = result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped());
-                    let _ = op.done.send(result.map_err(backend));
+                    let lost = result.as_ref().is_err_and(|r| r.connection_lost);
+                    let _ = op.done.send(result.map_err(|r| r.error));
                     if lost {
                         break;
                     }
@@ -792,7 +841,6 @@ impl Reader {
         let mut conn =
             self.conn.get().cloned().ok_or(BrokerError::Unavailable("redis is not connected"))?;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let fresh_instance = history::new_instance_id();
         let void = query.since.as_ref().and_then(|s| VoidEpoch::parse(&s.epoch));
         let (mode, epoch, offset, at, void_instance) = match (&query.since, &void) {
             (None, _) => ("n", "", 0, 0, ""),
@@ -804,14 +852,12 @@ impl Reader {
             .script
             .key(stream_key(channel))
             .key(history_key(channel))
-            .key(INSTANCE_KEY)
             .arg(mode)
             .arg(epoch)
             .arg(offset)
             .arg(limit)
             .arg(at)
             .arg(ttl_ms)
-            .arg(fresh_instance.as_ref())
             .arg(void_instance)
             .invoke_async(&mut conn)
             .await
@@ -864,7 +910,14 @@ impl RedisBroker {
         self.ops
             .send(SubOp { channel: channel.clone(), done })
             .map_err(|_| BrokerError::Unavailable("the redis broker is not started"))?;
-        answer.await.map_err(|_| BrokerError::Unavailable("the redis broker stopped"))?
+        // Bounded: the request stays queued and is still applied in order against the hub (a
+        // later one reconciles again), but the subscriber waiting for it gets 503.
+        match tokio::time::timeout(RECONCILE_TIMEOUT, answer).await {
+            Ok(answer) => {
+                answer.map_err(|_| BrokerError::Unavailable("the redis broker stopped"))?
+            }
+            Err(_) => Err(BrokerError::Unavailable("redis did not confirm the subscription")),
+        }
     }
 }
 

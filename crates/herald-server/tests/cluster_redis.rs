@@ -555,3 +555,66 @@ async fn every_node_lists_the_live_nodes_and_a_dead_one_drops_out() {
     }
     nodes.remove(2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_with_its_data_never_lets_an_epoch_continue() {
+    // Redis with an append-only file, killed and restarted from it: it may have lost writes
+    // (not here, with `always`, but Herald cannot know), so its offsets are not trusted across
+    // the restart: a new epoch, the subscriber is told (4008), and a client that held a
+    // position from before recovers with `recovered: false` and what history still holds.
+    let dir = std::env::temp_dir().join(format!("herald-redis-aof-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = common::free_addr().port();
+    let start = || {
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let Some(mut redis) = RedisServer::start() else { return };
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    redis.child = start();
+    redis.port = port;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nodes = nodes(&redis, 2).await;
+    let (client, mut events) = nodes[1].client().await;
+    client.subscribe("h:aof", None).await.unwrap();
+    let mut api = nodes[0].api().await;
+    let mut before = Value::Null;
+    for i in 1..=5 {
+        before = api.publish("h:aof", &json!(i)).await.unwrap();
+    }
+    for i in 1..=5u64 {
+        assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(i));
+    }
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    redis.child = start();
+    for node in &nodes {
+        common::wait_ready(node, TIMEOUT * 2).await;
+    }
+    let mut code = None;
+    while let Some(event) = tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap() {
+        if let herald_client::Event::Disconnect { code: c, .. } = event {
+            code = Some(c);
+        }
+    }
+    assert_eq!(code, Some(4008), "the subscriber is told to recover");
+    let after = api.publish("h:aof", &json!(6)).await.unwrap();
+    assert_ne!(after["epoch"], before["epoch"], "a new epoch after the restart");
+    assert_eq!(after["offset"], json!(1));
+    let (client, _events) = nodes[1].client().await;
+    let pos = StreamPosition { offset: 5, epoch: before["epoch"].as_str().unwrap().to_string() };
+    let sub = client.subscribe("h:aof", Some(pos)).await.unwrap();
+    assert!(!sub.recovered, "never a false recovered across a restart");
+    let _ = std::fs::remove_dir_all(&dir);
+}
