@@ -27,4 +27,12 @@ pub struct App {
     /// The runtime serving HTTP requests (see [`crate::config::Config::api_threads`]); `None`:
     /// they are served on the current runtime.
     pub api: Option<tokio::runtime::Handle>,
+    /// WebSocket connections served on the API runtime because their clients publish (at
+    /// most [`MAX_MOVED`]).
+    pub moved: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Most WebSocket connections moved to the API runtime at once: beyond, publishing clients
+/// stay where they are, so clients that publish once and then subscribe to busy channels
+/// cannot fill the runtime that serves HTTP publishers and `/readyz`.
+pub const MAX_MOVED: usize = 256;

@@ -171,6 +171,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
     };
     let app = App {
+        moved: Default::default(),
         api: api_runtime.as_ref().map(|r| r.handle().clone()),
         node: node.clone(),
         shutdown_timeout: config.shutdown_timeout,

@@ -273,14 +273,22 @@ fn serve(
     } else if !prefix.is_empty() {
         conn.transport_mut().feed(&prefix);
     }
-    let first_ping = now + interval;
+    let mut next_ping = now + interval;
     let api = app.api.clone();
+    let moved = app.moved.clone();
     async move {
-        if conn.run(first_ping).await == RunEnd::Move {
-            if let Some(api) = api {
-                Box::pin(move_to(conn, api)).await;
-                return;
+        while conn.run(next_ping).await == RunEnd::Move {
+            conn.transport_mut().may_move = false;
+            next_ping = Instant::now();
+            let Some(api) = api.as_ref() else { continue };
+            if moved.fetch_add(1, Ordering::Relaxed) >= crate::app::MAX_MOVED {
+                // Full: this client is served where it is.
+                moved.fetch_sub(1, Ordering::Relaxed);
+                continue;
             }
+            Box::pin(move_to(conn, api.clone())).await;
+            moved.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
         Box::pin(close(conn)).await;
     }
@@ -290,8 +298,7 @@ fn serve(
 /// are served: its next command is read as soon as it arrives, not after a round of the
 /// subscriber writers its last publication woke (see docs/architecture.md, "Publishers and
 /// fan-out"). The socket is moved between reactors; the calling task waits for it to end.
-async fn move_to(mut conn: Conn<TcpStream, WebSocket>, api: tokio::runtime::Handle) {
-    conn.transport_mut().may_move = false;
+async fn move_to(conn: Conn<TcpStream, WebSocket>, api: tokio::runtime::Handle) {
     let id = conn.id();
     let conn = match conn.map_wire(TcpStream::into_std) {
         Ok(conn) => conn,

@@ -237,3 +237,23 @@ async fn a_publishing_client_moves_to_the_api_runtime_and_loses_nothing() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_256_publishing_clients_move_to_the_api_runtime() {
+    // 260 clients publish once and stay connected: 256 move, the other 4 are served where
+    // they are, and publish just as well.
+    let server = Server::start("[namespaces.p]\nclient_publish = true\n", &[]);
+    let mut clients = Vec::new();
+    for i in 0..260 {
+        let (client, events) = server.client().await;
+        client.publish("p:cap", &json!(i)).await.unwrap();
+        clients.push((client, events));
+    }
+    for (client, _) in &clients[250..] {
+        client.publish("p:cap", &json!("again")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = server.log().matches("served on the API runtime").count();
+    assert_eq!(moved, 256);
+    drop(clients);
+}
