@@ -492,6 +492,45 @@ impl Node {
         }
     }
 
+    /// Publishes several publications (a batch), in their order: one wait for capacity, then
+    /// every publication handed to the broker at once, so a networked broker pipelines them
+    /// (their commands leave in order, so a channel's publications keep the batch's order).
+    /// One result per publication.
+    pub async fn publish_many(
+        &self,
+        items: Vec<(ChannelName, Bytes)>,
+    ) -> Vec<Result<Option<StreamPosition>, PublishError>> {
+        let mut checked = Vec::with_capacity(items.len());
+        for (channel, data) in items {
+            let options = self.options(&channel).and_then(|o| {
+                if data.len() > self.limits.max_publication_bytes {
+                    self.metrics.limit(crate::metrics::LimitKind::PublicationSize);
+                    return Err(PublishError::TooLarge {
+                        size: data.len(),
+                        limit: self.limits.max_publication_bytes,
+                    });
+                }
+                Ok(o.publish_options())
+            });
+            checked.push((channel, data, options));
+        }
+        if checked.iter().any(|c| c.2.is_ok()) {
+            if let Err(e) = self.wait_for_capacity().await {
+                return checked
+                    .into_iter()
+                    .map(|(_, _, o)| o.and_then(|_| Err(e.clone())))
+                    .collect();
+            }
+        }
+        let publishes = checked.into_iter().map(|(channel, data, options)| async move {
+            let options = options?;
+            let position = self.broker.publish(&channel, data, &options).await?;
+            self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
+            Ok(position)
+        });
+        futures_util::future::join_all(publishes).await
+    }
+
     /// Publishes `data` (raw JSON text) into `channel`, from any source. Returns the position
     /// where the channel keeps history.
     pub async fn publish(

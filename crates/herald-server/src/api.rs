@@ -161,12 +161,28 @@ async fn batch(
             format!("a batch holds at most {max} publications, this one {}", publications.len()),
         ));
     }
+    // Parsed first; the valid ones go to the node together (pipelined to a networked broker).
+    let parsed: Vec<Result<(ChannelName, Bytes), ApiError>> = publications
+        .iter()
+        .map(|item| {
+            let p = serde_json::from_str::<PublicationIn<'_>>(item.get())
+                .map_err(|e| ApiError::bad_request(format!("bad publication: {e}")))?;
+            let (channel, data) = parse_publication(&p)?;
+            Ok((channel, Bytes::copy_from_slice(data.get().as_bytes())))
+        })
+        .collect();
+    let valid: Vec<(ChannelName, Bytes)> =
+        parsed.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let mut published = app.node.publish_many(valid).await.into_iter();
     let mut results = Vec::with_capacity(publications.len());
-    for item in &publications {
-        let parsed = serde_json::from_str::<PublicationIn<'_>>(item.get())
-            .map_err(|e| ApiError::bad_request(format!("bad publication: {e}")));
-        let outcome = match parsed {
-            Ok(p) => publish_one(&app, &p).await,
+    for item in parsed {
+        let outcome = match item {
+            Ok(_) => match published.next() {
+                Some(Ok(Some(p))) => Ok(serde_json::json!({"offset": p.offset, "epoch": p.epoch})),
+                Some(Ok(None)) => Ok(serde_json::json!({})),
+                Some(Err(e)) => Err(ApiError::from(e)),
+                None => Err(ApiError::new(500, "a publication has no result")),
+            },
             Err(e) => Err(e),
         };
         results.push(match outcome {
