@@ -292,6 +292,8 @@ async fn disconnect(
     Ok(axum::Json(serde_json::json!({ "disconnected": n })))
 }
 
+/// `GET /api/channels`: this node's channels and local subscribers. In a cluster the answer
+/// says so (`"scope": "node"` and the node's id); the other nodes answer for themselves.
 async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {
     let channels: Vec<serde_json::Value> = app
         .node
@@ -300,7 +302,10 @@ async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {
         .into_iter()
         .map(|(c, n)| serde_json::json!({"channel": c.as_str(), "subscribers": n}))
         .collect();
-    axum::Json(serde_json::json!({ "channels": channels }))
+    if app.node.broker.name() == "memory" {
+        return axum::Json(serde_json::json!({ "channels": channels }));
+    }
+    axum::Json(serde_json::json!({ "channels": channels, "scope": "node", "node": app.node.id }))
 }
 
 /// This node first, then every other live node of the cluster (see [`crate::registry`]).

@@ -399,6 +399,12 @@ async fn nodes_subscribe_in_redis_only_to_the_channels_their_clients_use() {
     c2.subscribe("h:one", None).await.unwrap();
     c2.subscribe("h:two", None).await.unwrap();
     assert_eq!(channels(), ["herald:{h:one}", "herald:{h:two}"]);
+    // `/api/channels` answers for the node asked, and says so.
+    let mut api = nodes[1].api().await;
+    let (_, _, body) = api.request("GET", "/api/channels", None).await.unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["scope"], json!("node"));
+    assert_eq!(v["channels"].as_array().unwrap().len(), 2, "{v}");
     c2.unsubscribe("h:two").await.unwrap();
     assert_eq!(channels(), ["herald:{h:one}"], "the last subscriber left h:two");
     c1.close().await;
