@@ -624,3 +624,38 @@ async fn a_redis_restarted_with_its_data_never_lets_an_epoch_continue() {
     assert!(!sub.recovered, "never a false recovered across a restart");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_by_user_acts_on_every_node() {
+    let Some(redis) = RedisServer::start() else { return };
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    let config = format!("{}[auth]\nhmac_secret = \"{SECRET}\"\n", config(&redis));
+    let nodes: Vec<Server> = (0..2).map(|_| Server::start(&config, &[])).collect();
+    for node in &nodes {
+        common::wait_ready(node, TIMEOUT).await;
+    }
+    let token = herald_server::auth::sign_hs256(SECRET.as_bytes(), &json!({"sub": "u1"}));
+    let connect = |url: String, token: Option<String>| async move {
+        let options = herald_client::ConnectOptions { token, ..Default::default() };
+        let (c, e, _) = herald_client::Client::connect(&url, options).await.unwrap();
+        (c, e)
+    };
+    let (_a, mut ea) = connect(nodes[0].ws_url(), Some(token.clone())).await;
+    let (_b, mut eb) = connect(nodes[1].ws_url(), Some(token)).await;
+    let (other, _eo) = connect(nodes[1].ws_url(), None).await;
+    let mut api = nodes[0].api().await;
+    let (status, _, body) =
+        api.request("POST", "/api/disconnect", Some(br#"{"user":"u1"}"#)).await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["disconnected"], json!(1));
+    for (name, events) in [("node 0", &mut ea), ("node 1", &mut eb)] {
+        let mut code = None;
+        while let Some(event) = tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap() {
+            if let herald_client::Event::Disconnect { code: c, .. } = event {
+                code = Some(c);
+            }
+        }
+        assert_eq!(code, Some(4000), "{name}: u1 disconnected");
+    }
+    assert!(other.history("h:x", None, Some(0)).await.is_ok(), "another user stays");
+}
