@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -60,11 +59,12 @@ use crate::{
 /// that clients already hold for other publications.
 ///
 /// KEYS: stream hash, history list. ARGV: data, history size, TTL (ms), a fresh epoch (used
-/// when the stream is new), the pub/sub channel. Returns `{offset, epoch}`.
+/// when the stream is new), the pub/sub channel, the Redis process id (`run_id`) read when the
+/// connection the script runs on was opened. Returns `{offset, epoch}`.
 pub const PUBLISH_SCRIPT: &str = r#"
 local size = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run = ARGV[6]
 local m = redis.call('HMGET', KEYS[1], 'e', 'r')
 local epoch = m[1]
 if not epoch or m[2] ~= run then
@@ -88,14 +88,16 @@ return {offset, epoch}
 ///
 /// KEYS: stream hash, history list. ARGV: mode (`n` newest, `s` after a position, `v` after a
 /// void position), the position's epoch, its offset, the limit (-1: none), for `v` the void
-/// read's time (ms) and the TTL (ms), and for `v` the instance the void position was read from (another one is judged like any other epoch). The instance is the
-/// Redis process (`run_id`, first 8 characters), so a position read before a restart or a
-/// failover proves nothing afterwards; a stream written by another process counts as none. Returns `{now, instance}` without a stream, else `{now, instance, epoch, top,
-/// complete, first offset, data...}`.
+/// read's time (ms) and the TTL (ms) and the instance the void position was read from
+/// (another one is judged like any other epoch), and the Redis process id (`run_id`) read when
+/// the connection was opened. The instance is that process (the first 8 characters of its
+/// id), so a position read before a restart or a failover proves nothing afterwards; a stream
+/// written by another process counts as none. Returns `{now, instance}` without a stream, else
+/// `{now, instance, epoch, top, complete, first offset, data...}`.
 pub const READ_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run = ARGV[8]
 local instance = string.sub(run, 1, 8)
 local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c', 'r')
 if not m[1] or m[4] ~= run then
@@ -170,8 +172,8 @@ pub struct RedisBroker {
     client: ::redis::Client,
     /// The URL without its password, for logs.
     display_url: String,
-    /// The command connection (reconnects by itself once established).
-    conn: Arc<OnceLock<ConnectionManager>>,
+    /// The command connection.
+    commands: Arc<Commands>,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     ops: mpsc::UnboundedSender<SubOp>,
     ops_rx: Mutex<Option<mpsc::UnboundedReceiver<SubOp>>>,
@@ -187,8 +189,79 @@ pub struct RedisBroker {
 /// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
 #[derive(Clone)]
 struct Reader {
-    conn: Arc<OnceLock<ConnectionManager>>,
+    commands: Arc<Commands>,
     script: Script,
+}
+
+/// The command connection: one multiplexed connection (many commands in flight) and the id of
+/// the Redis process it is connected to. A connection never outlives its Redis process, so the
+/// id read when it was opened is the one every script on it runs in: the scripts get it as an
+/// argument instead of asking Redis each time. A connection error drops it; the next command
+/// opens a new one and reads the id again.
+struct Commands {
+    client: ::redis::Client,
+    link: parking_lot::RwLock<Option<Link>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// An open command connection and the Redis process behind it.
+#[derive(Clone)]
+struct Link {
+    conn: ::redis::aio::MultiplexedConnection,
+    run_id: Arc<str>,
+    generation: u64,
+}
+
+impl Commands {
+    /// The open connection, or a new one.
+    async fn get(&self) -> Result<Link, BrokerError> {
+        if let Some(link) = self.link.read().clone() {
+            return Ok(link);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(link) = self.link.read().clone() {
+            return Ok(link);
+        }
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_connection_timeout(Some(REDIS_TIMEOUT));
+        let mut conn = within(self.client.get_multiplexed_async_connection_with_config(&config))
+            .await
+            .map_err(backend)?;
+        let info: String = within(::redis::cmd("INFO").arg("server").query_async(&mut conn))
+            .await
+            .map_err(backend)?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("run_id:"))
+            .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .ok_or_else(|| bad_reply("INFO server"))?;
+        let mut slot = self.link.write();
+        let generation = slot.as_ref().map_or(0, |l| l.generation) + 1;
+        let link = Link { conn, run_id: Arc::from(run_id.to_ascii_lowercase()), generation };
+        *slot = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Notes that a command on `link` failed with `e`: a lost connection is dropped (the next
+    /// command opens a new one).
+    fn failed(&self, link: &Link, e: &::redis::RedisError) -> BrokerError {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+        {
+            let mut slot = self.link.write();
+            if slot.as_ref().is_some_and(|l| l.generation == link.generation) {
+                *slot = None;
+            }
+        }
+        backend(e.clone())
+    }
+
+    fn is_connected(&self) -> bool {
+        self.link.read().is_some()
+    }
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -204,12 +277,16 @@ impl RedisBroker {
         let client = ::redis::Client::open(url)
             .map_err(|e| BrokerError::Backend(format!("bad redis URL: {e}")))?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
-        let conn = Arc::new(OnceLock::new());
+        let commands = Arc::new(Commands {
+            client: client.clone(),
+            link: parking_lot::RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+        });
         Ok(RedisBroker {
             client,
             display_url: without_password(url),
-            reader: Reader { conn: conn.clone(), script: Script::new(READ_SCRIPT) },
-            conn,
+            reader: Reader { commands: commands.clone(), script: Script::new(READ_SCRIPT) },
+            commands,
             handler: OnceLock::new(),
             ops,
             ops_rx: Mutex::new(Some(ops_rx)),
@@ -218,10 +295,6 @@ impl RedisBroker {
             control: Arc::new(OnceLock::new()),
             sender: history::new_instance_id(),
         })
-    }
-
-    fn conn(&self) -> Result<ConnectionManager, BrokerError> {
-        self.conn.get().cloned().ok_or(BrokerError::Unavailable("redis is not connected"))
     }
 }
 
@@ -310,25 +383,13 @@ fn bad_reply(what: &str) -> BrokerError {
     BrokerError::Backend(format!("unexpected reply from redis to {what}"))
 }
 
-/// Keeps the command connection: tries until the first connection succeeds (the manager then
-/// reconnects by itself).
-async fn connect_commands(client: ::redis::Client, slot: Arc<OnceLock<ConnectionManager>>) {
+/// Opens the command connection in the background at start, retrying until Redis answers.
+async fn connect_commands(commands: Arc<Commands>) {
     let mut backoff = Duration::from_millis(50);
-    loop {
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_connection_timeout(Some(REDIS_TIMEOUT));
-        match client.get_connection_manager_with_config(config).await {
-            Ok(conn) => {
-                let _ = slot.set(conn);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot connect to redis; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
+    while let Err(e) = commands.get().await {
+        tracing::warn!(error = %e, "cannot connect to redis; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -638,16 +699,16 @@ async fn run_pubsub(
                         break;
                     }
                     // Sent on the command connection, received on this one.
-                    if let Some(mut conn) = follower.reader.conn.get().cloned() {
-                        let probe = probe.clone();
-                        tokio::spawn(async move {
-                            let _ = ::redis::cmd("PUBLISH")
-                                .arg(probe)
-                                .arg("p")
-                                .exec_async(&mut conn)
-                                .await;
-                        });
-                    }
+                    let commands = follower.reader.commands.clone();
+                    let probe = probe.clone();
+                    tokio::spawn(async move {
+                        let Ok(link) = commands.get().await else { return };
+                        let mut conn = link.conn.clone();
+                        let sent = ::redis::cmd("PUBLISH").arg(probe).arg("p").exec_async(&mut conn).await;
+                        if let Err(e) = sent {
+                            commands.failed(&link, &e);
+                        }
+                    });
                 }
                 op = ops.recv() => {
                     let Some(op) = op else { return };
@@ -680,7 +741,7 @@ impl Broker for RedisBroker {
         let ops =
             self.ops_rx.lock().take().ok_or(BrokerError::Backend("already started".into()))?;
         tracing::info!(url = %self.display_url, "connecting to redis");
-        tokio::spawn(connect_commands(self.client.clone(), self.conn.clone()));
+        tokio::spawn(connect_commands(self.commands.clone()));
         let follower = Follower {
             handler,
             control: self.control.clone(),
@@ -699,7 +760,8 @@ impl Broker for RedisBroker {
         data: Bytes,
         options: &PublishOptions,
     ) -> Result<Option<StreamPosition>, BrokerError> {
-        let mut conn = self.conn()?;
+        let link = self.commands.get().await?;
+        let mut conn = link.conn.clone();
         if options.history_size == 0 {
             let mut message = Vec::with_capacity(data.len() + 1);
             message.push(b'n');
@@ -709,7 +771,7 @@ impl Broker for RedisBroker {
                 .arg(message)
                 .exec_async(&mut conn)
                 .await
-                .map_err(backend)?;
+                .map_err(|e| self.commands.failed(&link, &e))?;
             return Ok(None);
         }
         let ttl_ms = u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -722,9 +784,10 @@ impl Broker for RedisBroker {
             .arg(ttl_ms)
             .arg(history::new_instance_id().as_ref())
             .arg(pubsub_channel(channel))
+            .arg(link.run_id.as_ref())
             .invoke_async(&mut conn)
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.commands.failed(&link, &e))?;
         let Value::Array(items) = reply else { return Err(bad_reply("publish")) };
         match items.as_slice() {
             [offset, epoch] => Ok(Some(StreamPosition {
@@ -757,7 +820,8 @@ impl Broker for RedisBroker {
 
     /// `PUBLISH herald:control "<sender> <message>"`.
     async fn send_control(&self, message: Bytes) -> Result<(), BrokerError> {
-        let mut conn = self.conn()?;
+        let link = self.commands.get().await?;
+        let mut conn = link.conn.clone();
         let mut payload = Vec::with_capacity(self.sender.len() + 1 + message.len());
         payload.extend_from_slice(self.sender.as_bytes());
         payload.push(b' ');
@@ -767,7 +831,7 @@ impl Broker for RedisBroker {
             .arg(payload)
             .exec_async(&mut conn)
             .await
-            .map_err(backend)
+            .map_err(|e| self.commands.failed(&link, &e))
     }
 
     fn set_control(&self, handler: ControlHandler) {
@@ -776,7 +840,8 @@ impl Broker for RedisBroker {
 
     /// `herald:node:<id>` holds the info (expiring after `ttl`), the set `herald:nodes` the ids.
     async fn announce(&self, id: &str, info: Bytes, ttl: Duration) -> Result<(), BrokerError> {
-        let mut conn = self.conn()?;
+        let link = self.commands.get().await?;
+        let mut conn = link.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         ::redis::pipe()
             .cmd("SET")
@@ -791,23 +856,27 @@ impl Broker for RedisBroker {
             .ignore()
             .exec_async(&mut conn)
             .await
-            .map_err(backend)
+            .map_err(|e| self.commands.failed(&link, &e))
     }
 
     /// The ids in `herald:nodes` whose info has not expired; the others are removed.
     async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
-        let mut conn = self.conn()?;
+        let link = self.commands.get().await?;
+        let mut conn = link.conn.clone();
         let ids: Vec<String> = ::redis::cmd("SMEMBERS")
             .arg(NODES_KEY)
             .query_async(&mut conn)
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.commands.failed(&link, &e))?;
         if ids.is_empty() {
             return Ok(Some(Vec::new()));
         }
         let keys: Vec<String> = ids.iter().map(|id| format!("{NODE_KEY}{id}")).collect();
-        let infos: Vec<Option<Vec<u8>>> =
-            ::redis::cmd("MGET").arg(&keys).query_async(&mut conn).await.map_err(backend)?;
+        let infos: Vec<Option<Vec<u8>>> = ::redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.commands.failed(&link, &e))?;
         let mut alive = Vec::new();
         let mut gone = Vec::new();
         for (id, info) in ids.into_iter().zip(infos) {
@@ -825,7 +894,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.conn.get().is_some() && self.pubsub_ready.load(Ordering::Acquire)
+        self.commands.is_connected() && self.pubsub_ready.load(Ordering::Acquire)
     }
 }
 
@@ -838,8 +907,8 @@ impl Reader {
         ttl: Duration,
         query: &HistoryQuery,
     ) -> Result<HistoryPage, BrokerError> {
-        let mut conn =
-            self.conn.get().cloned().ok_or(BrokerError::Unavailable("redis is not connected"))?;
+        let link = self.commands.get().await?;
+        let mut conn = link.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let void = query.since.as_ref().and_then(|s| VoidEpoch::parse(&s.epoch));
         let (mode, epoch, offset, at, void_instance) = match (&query.since, &void) {
@@ -859,9 +928,10 @@ impl Reader {
             .arg(at)
             .arg(ttl_ms)
             .arg(void_instance)
+            .arg(link.run_id.as_ref())
             .invoke_async(&mut conn)
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.commands.failed(&link, &e))?;
         let Value::Array(items) = reply else { return Err(bad_reply("history")) };
         let now = items.first().and_then(as_u64).ok_or_else(|| bad_reply("history"))?;
         let instance = items.get(1).and_then(as_string).ok_or_else(|| bad_reply("history"))?;
