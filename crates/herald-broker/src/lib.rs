@@ -159,6 +159,10 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// the gap: the channel's local subscribers must recover by themselves. Default: nothing
     /// (a backend that cannot lose never calls it).
     fn channel_lost(&self, _channel: &ChannelName) {}
+
+    /// The broker's subscription connection was lost and is back (channels with history were
+    /// caught up; those without may have lost publications meanwhile). Default: nothing.
+    fn reconnected(&self) {}
 }
 
 /// Carries publications between publishers and the nodes that have subscribers.

@@ -590,6 +590,7 @@ async fn run_pubsub(
 ) {
     // This node's own probe channel (outside the `herald:{C}` space of Herald channels).
     let probe = format!("herald:probe:{}", history::new_instance_id());
+    let mut connected_before = false;
     let mut backoff = Duration::from_millis(50);
     loop {
         let pubsub = match within(client.get_async_pubsub()).await {
@@ -667,6 +668,10 @@ async fn run_pubsub(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
+        if connected_before {
+            follower.handler.reconnected();
+        }
+        connected_before = true;
         ready.store(true, Ordering::Release);
         let mut probe_tick = tokio::time::interval(PROBE_EVERY);
         let mut last_probe = tokio::time::Instant::now();

@@ -384,6 +384,10 @@ impl BrokerHandler for Hub {
         self.shard(channel).lock().get(channel).is_some_and(|e| e.len() > 0)
     }
 
+    fn reconnected(&self) {
+        self.metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Cuts the channel's local subscribers with 4008 (reconnect): each recovers from its own
     /// position, or learns that it cannot (`recovered: false`).
     fn channel_lost(&self, channel: &ChannelName) {

@@ -106,6 +106,8 @@ pub struct Metrics {
     /// Times the broker could not fill a gap in a channel's publications from history and the
     /// channel's local subscribers were told to recover (4008).
     pub broker_channels_lost: AtomicU64,
+    /// Times the broker's subscription connection came back after being lost.
+    pub broker_reconnects: AtomicU64,
     /// Bytes of publication frames alive in connection queues, each shared frame counted once.
     pub shared_frame_bytes: AtomicI64,
     /// Pending publications replaced by a newer one on conflated channels.
@@ -209,6 +211,12 @@ impl Metrics {
             "counter",
             "Gaps the broker could not fill from history: the channel's subscribers on this node were cut with 4008 to recover.",
             c(&self.broker_channels_lost).to_string(),
+        );
+        metric(
+            "herald_broker_reconnects_total",
+            "counter",
+            "Times the broker's pub/sub connection came back after being lost (channels without history may have lost publications meanwhile).",
+            c(&self.broker_reconnects).to_string(),
         );
         metric(
             "herald_slow_recoveries_total",

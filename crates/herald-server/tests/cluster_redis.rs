@@ -224,6 +224,7 @@ async fn a_lost_pubsub_connection_is_caught_up_from_history() {
     assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
     let m = common::metrics(b).await;
     assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
+    assert!(common::metric(&m, "herald_broker_reconnects_total") >= 3.0, "counted");
     assert!(b.log().contains("caught up from redis history"), "a gap was filled");
     drop(client);
 }
