@@ -26,7 +26,7 @@ struct Cli {
     /// API key required on /api/* (key `api_key`).
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
-    /// Broker: "memory" (key `broker`).
+    /// Broker: "memory", or "redis://[user:pass@]HOST:PORT" for a cluster (key `broker`).
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
     /// Log filter used when RUST_LOG is not set (key `log_level`, default "info"); an invalid
