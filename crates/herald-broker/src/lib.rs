@@ -183,6 +183,19 @@ pub trait Broker: Send + Sync + 'static {
         options: &PublishOptions,
     ) -> Result<Option<StreamPosition>, BrokerError>;
 
+    /// Publishes several publications, in their order (a batch): the same as [`Broker::publish`]
+    /// for each, one result per item. A channel's publications keep their order. The default
+    /// hands them all to [`Broker::publish`] at once; a networked backend may group them.
+    async fn publish_many(
+        &self,
+        items: Vec<(ChannelName, Bytes, PublishOptions)>,
+    ) -> Vec<Result<Option<StreamPosition>, BrokerError>> {
+        let publishes = items.into_iter().map(|(channel, data, options)| async move {
+            self.publish(&channel, data, &options).await
+        });
+        futures_util::future::join_all(publishes).await
+    }
+
     /// A subscriber of `channel` joins this node: returns once every publication of `channel`
     /// from now on reaches this node's handler. Called for every joining subscriber (not only
     /// the first), after the hub registered it, so that its history read cannot miss a

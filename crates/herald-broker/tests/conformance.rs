@@ -373,3 +373,45 @@ async fn racing_subscribes_and_unsubscribes_end_as_the_hub_wants() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_each_channels_order_and_answers_each_item() {
+    for (name, broker, rec, _server) in backends().await {
+        subscribe(&broker, &rec, "b:h").await;
+        subscribe(&broker, &rec, "b:n").await;
+        // 150 items over two channels, one with history, one without: more than one script
+        // call's worth for the Redis broker.
+        let items: Vec<(ChannelName, Bytes, PublishOptions)> = (0..150)
+            .map(|i| {
+                if i % 3 == 0 {
+                    (ch("b:n"), Bytes::from(format!("{i}")), opts(0))
+                } else {
+                    (ch("b:h"), Bytes::from(format!("{i}")), opts(1000))
+                }
+            })
+            .collect();
+        let results = broker.publish_many(items).await;
+        assert_eq!(results.len(), 150, "{name}");
+        let mut next = 1;
+        for (i, r) in results.iter().enumerate() {
+            let r = r.as_ref().unwrap();
+            if i % 3 == 0 {
+                assert!(r.is_none(), "{name}: no history, no offset");
+            } else {
+                assert_eq!(r.as_ref().unwrap().offset, next, "{name}: item {i}");
+                next += 1;
+            }
+        }
+        let got = rec.wait_for("b:h", 100).await;
+        let want: Vec<(Option<u64>, Bytes)> = (0..150)
+            .filter(|i| i % 3 != 0)
+            .enumerate()
+            .map(|(k, i)| (Some(k as u64 + 1), Bytes::from(format!("{i}"))))
+            .collect();
+        assert_eq!(got, want, "{name}: delivered in the batch's order");
+        let got: Vec<Bytes> = rec.wait_for("b:n", 50).await.into_iter().map(|g| g.1).collect();
+        let want: Vec<Bytes> =
+            (0..150).filter(|i| i % 3 == 0).map(|i| Bytes::from(format!("{i}"))).collect();
+        assert_eq!(got, want, "{name}");
+    }
+}

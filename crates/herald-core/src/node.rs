@@ -522,13 +522,34 @@ impl Node {
                     .collect();
             }
         }
-        let publishes = checked.into_iter().map(|(channel, data, options)| async move {
-            let options = options?;
-            let position = self.broker.publish(&channel, data, &options).await?;
-            self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
-            Ok(position)
-        });
-        futures_util::future::join_all(publishes).await
+        // The valid ones go to the broker together; the results are put back in item order.
+        let mut valid = Vec::new();
+        let mut results: Vec<Option<Result<Option<StreamPosition>, PublishError>>> = Vec::new();
+        for (channel, data, options) in checked {
+            match options {
+                Ok(options) => {
+                    valid.push((channel, data, options));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut published = self.broker.publish_many(valid).await.into_iter();
+        results
+            .into_iter()
+            .map(|r| match r {
+                Some(refused) => refused,
+                None => {
+                    let outcome = published
+                        .next()
+                        .unwrap_or(Err(BrokerError::Backend("a publication has no result".into())));
+                    if outcome.is_ok() {
+                        self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcome.map_err(PublishError::from)
+                }
+            })
+            .collect()
     }
 
     /// Publishes `data` (raw JSON text) into `channel`, from any source. Returns the position
