@@ -190,7 +190,11 @@ impl<'a> Encoded<'a> {
         match (&sub.sink, conflate) {
             (Sink::Ws(o), false) => o.push_shared(self.ws(new_epoch)).map(|n| n as isize),
             (Sink::Sse(o, id_len), false) => o.push_shared(self.sse(*id_len)).map(|n| n as isize),
-            (Sink::Ws(o), true) => o.push_conflated(self.channel, self.ws(new_epoch)),
+            // A conflated frame may replace the one that named a new epoch: each names it.
+            (Sink::Ws(o), true) => {
+                let with_epoch = self.publication.epoch.is_some();
+                o.push_conflated(self.channel, self.ws(with_epoch))
+            }
             (Sink::Sse(o, id_len), true) => o.push_conflated(self.channel, self.sse(*id_len)),
         }
     }
@@ -538,5 +542,25 @@ mod tests {
         assert_eq!(text.len(), 3, "{text:?}");
         assert!(text[1].contains("\"offset\":8"), "{text:?}");
         assert!(text[2].contains("\"offset\":1"), "a new epoch starts again: {text:?}");
+    }
+
+    #[test]
+    fn a_conflated_subscriber_learns_a_new_epoch_even_when_its_first_frame_is_replaced() {
+        let hub = Hub::new(Arc::new(Metrics::default()));
+        let c = ChannelName::parse("c").unwrap();
+        let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), true);
+        let pos = StreamPosition { offset: 5, epoch: "e".into() };
+        hub.activate(&c, 1, Some(&pos), |_| a.push(Bytes::from_static(b"reply"))).unwrap();
+        for o in [1, 2] {
+            let p =
+                Publication { offset: Some(o), epoch: Some(Arc::from("f")), data: Bytes::new() };
+            hub.handle_publication(&c, &p);
+        }
+        let text: Vec<String> =
+            drain(&a).iter().map(|f| String::from_utf8_lossy(f).to_string()).collect();
+        assert_eq!(text.len(), 2, "the reply and the newest value: {text:?}");
+        assert!(text[1].contains("\"offset\":2"), "{text:?}");
+        assert!(text[1].contains("\"epoch\":\"f\""), "the new epoch is named: {text:?}");
     }
 }
