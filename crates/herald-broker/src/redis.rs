@@ -435,6 +435,8 @@ async fn connect_commands(commands: Arc<Commands>) {
 /// Most publications one catch-up read delivers; a longer gap ends the channel's subscriptions
 /// (the clients recover by themselves, page by page).
 const MAX_CATCH_UP: usize = 10_000;
+/// Publications per history read of a catch-up.
+const CATCH_UP_PAGE: usize = 500;
 
 /// History could not be read (Redis unreachable or loading): retried after a reconnect.
 #[derive(Debug)]
@@ -515,43 +517,56 @@ impl Follower {
         limit: Option<usize>,
     ) -> Result<(), Unreadable> {
         // A gap of known length must be filled exactly; after a reconnect, whatever is there
-        // (at most MAX_CATCH_UP).
-        let (ask, exact) = match limit {
-            Some(l) if l <= MAX_CATCH_UP => (l, true),
-            Some(_) => {
-                self.lose(channel, None);
+        // (at most MAX_CATCH_UP). Read page by page: a long gap never comes as one reply.
+        let exact = limit.is_some();
+        let budget = limit.unwrap_or(MAX_CATCH_UP);
+        if budget > MAX_CATCH_UP {
+            self.lose(channel, None);
+            return Ok(());
+        }
+        let mut from = from;
+        let mut total = 0usize;
+        loop {
+            let want = if exact { (budget - total).min(CATCH_UP_PAGE) } else { CATCH_UP_PAGE };
+            if want == 0 {
+                break;
+            }
+            let query = HistoryQuery {
+                since: Some(StreamPosition { offset: from, epoch: epoch.to_string() }),
+                limit: Some(want),
+            };
+            let page = match self.reader.read(channel, Duration::from_secs(1), &query).await {
+                Ok(page) => page,
+                Err(e) => {
+                    // What was handed over stays (its positions are kept); the rest is read
+                    // again after a reconnect.
+                    tracing::warn!(%channel, error = %e, "cannot read the gap from redis; will retry");
+                    return Err(Unreadable);
+                }
+            };
+            let n = page.publications.len();
+            let short = n < want;
+            if !page.complete || (exact && short) || (!exact && total + n > MAX_CATCH_UP) {
+                tracing::warn!(%channel, from, "a gap history cannot fill: subscribers must recover");
+                // Later gaps are judged from the channel's position now.
+                let now = page.position.map(|p| (Arc::from(p.epoch.as_str()), p.offset));
+                self.lose(channel, now);
                 return Ok(());
             }
-            None => (MAX_CATCH_UP + 1, false),
-        };
-        let query = HistoryQuery {
-            since: Some(StreamPosition { offset: from, epoch: epoch.to_string() }),
-            limit: Some(ask),
-        };
-        let page = match self.reader.read(channel, Duration::from_secs(1), &query).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(%channel, error = %e, "cannot read the gap from redis; will retry");
-                return Err(Unreadable);
+            for p in &page.publications {
+                if let (Some(offset), Some(e)) = (p.offset, &p.epoch) {
+                    self.positions.insert(channel.clone(), (e.clone(), offset));
+                    from = offset;
+                }
+                self.handler.handle_publication(channel, p);
             }
-        };
-        let n = page.publications.len();
-        if !page.complete || (exact && n != ask) || (!exact && n > MAX_CATCH_UP) {
-            tracing::warn!(%channel, from, "a gap history cannot fill: subscribers must recover");
-            // Later gaps are judged from the channel's position now.
-            let now = page.position.map(|p| (Arc::from(p.epoch.as_str()), p.offset));
-            self.lose(channel, now);
-            return Ok(());
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        tracing::info!(%channel, publications = page.publications.len(), "caught up from redis history");
-        for p in &page.publications {
-            if let (Some(offset), Some(e)) = (p.offset, &p.epoch) {
-                self.positions.insert(channel.clone(), (e.clone(), offset));
+            total += n;
+            if short {
+                break;
             }
-            self.handler.handle_publication(channel, p);
+        }
+        if total > 0 {
+            tracing::info!(%channel, publications = total, "caught up from redis history");
         }
         Ok(())
     }

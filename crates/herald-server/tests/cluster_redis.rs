@@ -660,3 +660,29 @@ async fn a_disconnect_by_user_acts_on_every_node() {
     }
     assert!(other.history("h:x", None, Some(0)).await.is_ok(), "another user stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_gap_after_a_lost_pubsub_connection_is_caught_up_page_by_page() {
+    // The pub/sub connections are dropped and 900 publications follow at once (history keeps
+    // 1,000): the node catches up what it missed, more than a page of history (500) when the
+    // reconnect is slow enough, and the subscriber gets all, in order.
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 2).await;
+    let (client, mut events) = nodes[1].client().await;
+    client.subscribe("h:long", None).await.unwrap();
+    let mut api = nodes[0].api().await;
+    let killed = redis_command(&redis, "CLIENT KILL TYPE pubsub");
+    assert!(killed.starts_with(':'), "{killed}");
+    for chunk in (1..=900u64).collect::<Vec<_>>().chunks(300) {
+        let batch: Vec<(String, Value)> =
+            chunk.iter().map(|i| ("h:long".to_string(), json!(i))).collect();
+        api.batch(&batch).await.unwrap();
+    }
+    for i in 1..=900u64 {
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        assert_eq!((offset, data), (Some(i), json!(i)), "in order, none missing, none twice");
+    }
+    let m = common::metrics(&nodes[1]).await;
+    assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
+    drop(client);
+}
