@@ -240,6 +240,9 @@ struct Commands {
     client: ::redis::Client,
     link: parking_lot::RwLock<Option<Link>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them: a batch
+    /// script must never be retried after a `NOSCRIPT`, which could reorder the batch.
+    scripts: [&'static str; 3],
 }
 
 /// An open command connection and the Redis process behind it.
@@ -274,6 +277,12 @@ impl Commands {
             .find_map(|l| l.trim().strip_prefix("run_id:"))
             .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
             .ok_or_else(|| bad_reply("INFO server"))?;
+        for script in &self.scripts {
+            let _: String =
+                within(::redis::cmd("SCRIPT").arg("LOAD").arg(*script).query_async(&mut conn))
+                    .await
+                    .map_err(backend)?;
+        }
         let mut slot = self.link.write();
         let generation = slot.as_ref().map_or(0, |l| l.generation) + 1;
         let link = Link { conn, run_id: Arc::from(run_id.to_ascii_lowercase()), generation };
@@ -284,7 +293,10 @@ impl Commands {
     /// Notes that a command on `link` failed with `e`: a lost connection is dropped (the next
     /// command opens a new one).
     fn failed(&self, link: &Link, e: &::redis::RedisError) -> BrokerError {
-        if e.is_io_error()
+        // NOSCRIPT: Redis lost its scripts (SCRIPT FLUSH); a new connection loads them again.
+        let no_script = e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript);
+        if no_script
+            || e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
@@ -319,6 +331,7 @@ impl RedisBroker {
             client: client.clone(),
             link: parking_lot::RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            scripts: [PUBLISH_SCRIPT, PUBLISH_MANY_SCRIPT, READ_SCRIPT],
         });
         Ok(RedisBroker {
             client,
@@ -892,18 +905,28 @@ impl Broker for RedisBroker {
         };
         let scripted = chunks.into_iter().map(|chunk| {
             let mut conn = link.conn.clone();
-            let mut call = self.publish_many_script.prepare_invoke();
-            call.arg(link.run_id.as_ref()).arg(history::new_instance_id().as_ref());
+            // EVALSHA without the automatic load-and-retry: a retried chunk could overtake the
+            // next one. The script was loaded when the connection opened.
+            let mut call = ::redis::cmd("EVALSHA");
+            call.arg(self.publish_many_script.get_hash()).arg(2 * chunk.len());
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 4 * chunk.len());
+            args.push(link.run_id.as_bytes().to_vec());
+            args.push(history::new_instance_id().as_bytes().to_vec());
             let mut order = Vec::with_capacity(chunk.len());
             for (i, (channel, data, options)) in chunk {
                 let ttl_ms =
                     u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                call.key(stream_key(&channel)).key(history_key(&channel));
-                call.arg(data.as_ref()).arg(options.history_size).arg(ttl_ms);
-                call.arg(pubsub_channel(&channel));
+                call.arg(stream_key(&channel)).arg(history_key(&channel));
+                args.push(data.to_vec());
+                args.push(options.history_size.to_string().into_bytes());
+                args.push(ttl_ms.to_string().into_bytes());
+                args.push(pubsub_channel(&channel).into_bytes());
                 order.push(i);
             }
-            async move { (order, call.invoke_async::<Value>(&mut conn).await) }
+            for a in args {
+                call.arg(a);
+            }
+            async move { (order, call.query_async::<Value>(&mut conn).await) }
         });
         let (plain, scripted) = futures_util::future::join(
             futures_util::future::join_all(plain),
