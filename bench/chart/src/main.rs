@@ -353,8 +353,48 @@ fn memory_vs_connections(runs: &[Run], path: &Path) -> Result<bool> {
         group(runs.iter().filter(|r| r.scenario == "idle" && r.connections > 0.0).filter_map(
             |r| Some((key(r.name()), r.connections, vec![r.rss_per_connection_bytes? / 1024.0])),
         ));
+    line_chart(
+        &series,
+        path,
+        &LineChart {
+            caption: ("Memory per idle connection", 30),
+            x_margin: 1.5,
+            x_desc: "connections",
+            y_desc: "RSS per connection (KiB)",
+            x_label: &|v| si(*v),
+            y_label: &|v, y_max| {
+                if y_max >= 20.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            },
+            value: &|y| format!("{y:.2}"),
+            legend: SeriesLabelPosition::UpperRight,
+        },
+    )
+}
+
+/// How [`line_chart`] draws: texts, the log x axis's margin, formats, the legend's place.
+struct LineChart<'a> {
+    caption: (&'a str, u32),
+    /// Factor the x range is widened by on both sides (log axis).
+    x_margin: f64,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x_label: &'a dyn Fn(&f64) -> String,
+    /// A y label, given the axis's top.
+    y_label: &'a dyn Fn(&f64, f64) -> String,
+    /// The value written next to each point.
+    value: &'a dyn Fn(f64) -> String,
+    legend: SeriesLabelPosition,
+}
+
+/// One line per series (its first y), x on a log axis, y from 0, each point's value beside it;
+/// false when there is no point.
+fn line_chart(series: &Series, path: &Path, style: &LineChart<'_>) -> Result<bool> {
     let points = || series.values().flatten();
-    let Some(x_range) = log_range(points().map(|p| p.0), 1.5) else {
+    let Some(x_range) = log_range(points().map(|p| p.0), style.x_margin) else {
         return Ok(false);
     };
     let y_max = points().map(|p| p.1[0]).fold(0.0f64, f64::max).max(1.0) * 1.15;
@@ -362,17 +402,17 @@ fn memory_vs_connections(runs: &[Run], path: &Path) -> Result<bool> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Memory per idle connection", ("sans-serif", 30))
+        .caption(style.caption.0, ("sans-serif", style.caption.1))
         .margin(20)
         .x_label_area_size(60)
         .y_label_area_size(80)
         .build_cartesian_2d(x_range.log_scale(), 0.0..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("connections")
-        .y_desc("RSS per connection (KiB)")
-        .x_label_formatter(&|v| si(*v))
-        .y_label_formatter(&|v| if y_max >= 20.0 { format!("{v:.0}") } else { format!("{v:.1}") })
+        .x_desc(style.x_desc)
+        .y_desc(style.y_desc)
+        .x_label_formatter(style.x_label)
+        .y_label_formatter(&|v| (style.y_label)(v, y_max))
         .axis_desc_style(("sans-serif", 20))
         .label_style(("sans-serif", 16))
         .draw()?;
@@ -387,12 +427,12 @@ fn memory_vs_connections(runs: &[Run], path: &Path) -> Result<bool> {
         // The value next to each point (offset in pixels so it does not cover the marker).
         let value_style = ("sans-serif", 15).into_font().color(&color);
         chart.draw_series(line.iter().map(|&(x, y)| {
-            EmptyElement::at((x, y)) + Text::new(format!("{y:.2}"), (8, -20), value_style.clone())
+            EmptyElement::at((x, y)) + Text::new((style.value)(y), (8, -20), value_style.clone())
         }))?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(style.legend.clone())
         .label_font(("sans-serif", 16))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
@@ -493,54 +533,23 @@ fn deliveries_vs_publishers(runs: &[Run], path: &Path) -> Result<bool> {
             Some((key(server), n, vec![r.deliveries_per_sec]))
         }),
     );
-    let points = || series.values().flatten();
-    let Some(x_range) = log_range(points().map(|p| p.0), 1.3) else {
-        return Ok(false);
-    };
-    let y_max = points().map(|p| p.1[0]).fold(0.0f64, f64::max).max(1.0) * 1.15;
-
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Deliveries/s vs HTTP publishers (one publication per request, 2,000 subscribers)",
-            ("sans-serif", 26),
-        )
-        .margin(20)
-        .x_label_area_size(60)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x_range.log_scale(), 0.0..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("publisher connections")
-        .y_desc("deliveries/s")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| si(*v))
-        .axis_desc_style(("sans-serif", 20))
-        .label_style(("sans-serif", 16))
-        .draw()?;
-    for (i, (name, points)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let line: Vec<(f64, f64)> = points.iter().map(|(x, ys)| (*x, ys[0])).collect();
-        chart
-            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
-            .label(name.to_string())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(2)));
-        chart.draw_series(line.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
-        let value_style = ("sans-serif", 15).into_font().color(&color);
-        chart.draw_series(line.iter().map(|&(x, y)| {
-            EmptyElement::at((x, y)) + Text::new(si(y), (8, -20), value_style.clone())
-        }))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(true)
+    line_chart(
+        &series,
+        path,
+        &LineChart {
+            caption: (
+                "Deliveries/s vs HTTP publishers (one publication per request, 2,000 subscribers)",
+                26,
+            ),
+            x_margin: 1.3,
+            x_desc: "publisher connections",
+            y_desc: "deliveries/s",
+            x_label: &|v| format!("{v:.0}"),
+            y_label: &|v, _| si(*v),
+            value: &si,
+            legend: SeriesLabelPosition::UpperLeft,
+        },
+    )
 }
 
 #[cfg(test)]
