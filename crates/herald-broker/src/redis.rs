@@ -14,13 +14,14 @@
 //!   writes, and reusing the epoch would reuse offsets. Void epochs (positions read while a
 //!   channel had no stream, see [`crate::history::VoidEpoch`]) carry the process's id too.
 //!
-//! Publishing a channel with history runs one Lua script ([`PUBLISH_SCRIPT`]): it creates the
-//! stream when missing, assigns the next offset, appends and trims the history, renews the TTL
-//! and publishes on the channel's pub/sub channel `herald:{C}`, atomically. Every node therefore
-//! sees offsets in order, and a history read ([`READ_SCRIPT`], also one script) is consistent
-//! with the pub/sub stream. Channels without history are a plain `PUBLISH`. Scripts run with
-//! `EVALSHA` (loaded on first use) on one multiplexed connection, so many publications are in
-//! flight at once.
+//! Publishing a channel with history runs one Lua script ([`PUBLISH_MANY_SCRIPT`], a batch's
+//! publications in one call, a single publication as a batch of one): per publication it
+//! creates the stream when missing, assigns the next offset, appends and trims the history,
+//! renews the TTL and publishes on the channel's pub/sub channel `herald:{C}`, atomically.
+//! Every node therefore sees offsets in order, and a history read ([`READ_SCRIPT`], also one
+//! script) is consistent with the pub/sub stream. Channels without history are a plain
+//! `PUBLISH`. Scripts are loaded when the connection opens and run with `EVALSHA` on one
+//! multiplexed connection, so many publications are in flight at once.
 //!
 //! Pub/sub: one dedicated connection per node, subscribed only to the channels its clients use.
 //! Subscriptions are reconciled by one task in the order they are asked for: each
@@ -51,44 +52,18 @@ use crate::{
     PublishOptions,
 };
 
-/// Assigns the next offset, appends to history, renews the TTL and publishes, atomically.
+/// Publishes publications in one call, in order, each atomically: assigns the channel's next
+/// offset, appends to history, renews the TTL and publishes on pub/sub. A stream written by
+/// another Redis process (`run_id`: Redis restarted, or a replica took over) is replaced by a
+/// new epoch: that Redis may have lost acknowledged writes (a restart from an `everysec` AOF, a
+/// lagging replica), and reusing the epoch would hand out offsets that clients already hold
+/// for other publications.
 ///
-/// A stream written by another Redis process (`run_id`: Redis restarted, or a replica took
-/// over) is replaced by a new epoch: that Redis may have lost acknowledged writes (a restart
-/// from an `everysec` AOF, a lagging replica), and reusing the epoch would hand out offsets
-/// that clients already hold for other publications.
-///
-/// KEYS: stream hash, history list. ARGV: data, history size, TTL (ms), a fresh epoch (used
-/// when the stream is new), the pub/sub channel, the Redis process id (`run_id`) read when the
-/// connection the script runs on was opened. Returns `{offset, epoch}`.
-pub const PUBLISH_SCRIPT: &str = r#"
-local size = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local run = ARGV[6]
-local m = redis.call('HMGET', KEYS[1], 'e', 'r')
-local epoch = m[1]
-if not epoch or m[2] ~= run then
-  local t = redis.call('TIME')
-  epoch = ARGV[4]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'r', run, 'c', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-if size > 0 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-  redis.call('LTRIM', KEYS[2], -size, -1)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-end
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[5], 'h' .. offset .. ' ' .. epoch .. ' ' .. ARGV[1])
-return {offset, epoch}
-"#;
-
-/// [`PUBLISH_SCRIPT`] for several publications in one call, in order: KEYS are each
+/// KEYS are each
 /// publication's stream hash and history list (2 per publication); ARGV: the Redis process id,
 /// a fresh epoch, then per publication its data, history size, TTL (ms) and pub/sub channel.
-/// Returns `{offset1, epoch1, offset2, epoch2, ...}`. Saves the script call's own cost per
-/// publication (a batch through `/api/batch`).
+/// Returns `{offset1, epoch1, offset2, epoch2, ...}`. A batch shares the script call's own
+/// cost; a single publication is a batch of one.
 pub const PUBLISH_MANY_SCRIPT: &str = r#"
 local run = ARGV[1]
 local out = {}
@@ -216,7 +191,6 @@ pub struct RedisBroker {
     ops_rx: Mutex<Option<mpsc::UnboundedReceiver<SubOp>>>,
     /// The pub/sub connection is up and subscribed to what the hub wants.
     pubsub_ready: Arc<AtomicBool>,
-    publish_script: Script,
     publish_many_script: Script,
     reader: Reader,
     control: Arc<OnceLock<ControlHandler>>,
@@ -242,7 +216,7 @@ struct Commands {
     connecting: tokio::sync::Mutex<()>,
     /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them: a batch
     /// script must never be retried after a `NOSCRIPT`, which could reorder the batch.
-    scripts: [&'static str; 3],
+    scripts: [&'static str; 2],
 }
 
 /// An open command connection and the Redis process behind it.
@@ -331,7 +305,7 @@ impl RedisBroker {
             client: client.clone(),
             link: parking_lot::RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
-            scripts: [PUBLISH_SCRIPT, PUBLISH_MANY_SCRIPT, READ_SCRIPT],
+            scripts: [PUBLISH_MANY_SCRIPT, READ_SCRIPT],
         });
         Ok(RedisBroker {
             client,
@@ -342,7 +316,6 @@ impl RedisBroker {
             ops,
             ops_rx: Mutex::new(Some(ops_rx)),
             pubsub_ready: Arc::new(AtomicBool::new(false)),
-            publish_script: Script::new(PUBLISH_SCRIPT),
             publish_many_script: Script::new(PUBLISH_MANY_SCRIPT),
             control: Arc::new(OnceLock::new()),
             sender: history::new_instance_id(),
@@ -826,48 +799,18 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    /// One publication is a batch of one (one script for both, see [`PUBLISH_MANY_SCRIPT`]).
     async fn publish(
         &self,
         channel: &ChannelName,
         data: Bytes,
         options: &PublishOptions,
     ) -> Result<Option<StreamPosition>, BrokerError> {
-        let link = self.commands.get().await?;
-        let mut conn = link.conn.clone();
-        if options.history_size == 0 {
-            let mut message = Vec::with_capacity(data.len() + 1);
-            message.push(b'n');
-            message.extend_from_slice(&data);
-            ::redis::cmd("PUBLISH")
-                .arg(pubsub_channel(channel))
-                .arg(message)
-                .exec_async(&mut conn)
-                .await
-                .map_err(|e| self.commands.failed(&link, &e))?;
-            return Ok(None);
-        }
-        let ttl_ms = u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let reply: Value = self
-            .publish_script
-            .key(stream_key(channel))
-            .key(history_key(channel))
-            .arg(data.as_ref())
-            .arg(options.history_size)
-            .arg(ttl_ms)
-            .arg(history::new_instance_id().as_ref())
-            .arg(pubsub_channel(channel))
-            .arg(link.run_id.as_ref())
-            .invoke_async(&mut conn)
+        let item = (channel.clone(), data, *options);
+        self.publish_many(vec![item])
             .await
-            .map_err(|e| self.commands.failed(&link, &e))?;
-        let Value::Array(items) = reply else { return Err(bad_reply("publish")) };
-        match items.as_slice() {
-            [offset, epoch] => Ok(Some(StreamPosition {
-                offset: as_u64(offset).ok_or_else(|| bad_reply("publish"))?,
-                epoch: as_string(epoch).ok_or_else(|| bad_reply("publish"))?,
-            })),
-            _ => Err(bad_reply("publish")),
-        }
+            .pop()
+            .unwrap_or(Err(BrokerError::Backend("a publication has no result".into())))
     }
 
     /// Publications with history go in chunks of [`PUBLISH_MANY_CHUNK`] per script call, the
