@@ -242,7 +242,6 @@ async fn redis_restarted_empty_tells_subscribers_and_the_node_serves_on() {
     let mut api = a.api().await;
     let first = api.publish("h:z", &json!(1)).await.unwrap();
     assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(1));
-    let port = redis.port;
     let _ = redis.child.kill();
     let _ = redis.child.wait();
     let mut api_b = b.api().await;
@@ -258,12 +257,7 @@ async fn redis_restarted_empty_tells_subscribers_and_the_node_serves_on() {
     let (status, _, _) =
         api.request("POST", "/api/publish", Some(br#"{"channel":"h:z","data":2}"#)).await.unwrap();
     assert_eq!(status, 503, "publishing without redis is refused");
-    redis.child = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-        .args(["--appendonly", "no", "--protected-mode", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    redis.restart(&[]);
     for node in [a, b] {
         common::wait_ready(node, TIMEOUT * 2).await;
     }
@@ -571,27 +565,9 @@ async fn a_redis_restarted_with_its_data_never_lets_an_epoch_continue() {
     // position from before recovers with `recovered: false` and what history still holds.
     let dir = std::env::temp_dir().join(format!("herald-redis-aof-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = common::free_addr().port();
-    let start = || {
-        std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let Some(mut redis) = RedisServer::start() else { return };
-    let _ = redis.child.kill();
-    let _ = redis.child.wait();
-    redis.child = start();
-    redis.port = port;
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let aof = ["--appendonly", "yes", "--appendfsync", "always", "--dir", dir_arg.as_str()];
+    let Some(mut redis) = RedisServer::start_with(&aof) else { return };
     let nodes = nodes(&redis, 2).await;
     let (client, mut events) = nodes[1].client().await;
     client.subscribe("h:aof", None).await.unwrap();
@@ -603,9 +579,7 @@ async fn a_redis_restarted_with_its_data_never_lets_an_epoch_continue() {
     for i in 1..=5u64 {
         assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(i));
     }
-    redis.child.kill().unwrap();
-    redis.child.wait().unwrap();
-    redis.child = start();
+    redis.restart(&aof);
     for node in &nodes {
         common::wait_ready(node, TIMEOUT * 2).await;
     }

@@ -281,6 +281,11 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Option<RedisServer> {
+        Self::start_with(&[])
+    }
+
+    /// A server with `extra` arguments (they win over the defaults: no persistence).
+    pub fn start_with(extra: &[&str]) -> Option<RedisServer> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             assert!(
                 std::env::var("HERALD_REQUIRE_REDIS").is_err(),
@@ -290,9 +295,22 @@ impl RedisServer {
             return None;
         }
         let port = free_addr().port();
+        Some(RedisServer { child: Self::spawn(port, extra), port })
+    }
+
+    /// Starts a new process on the same port (after the old one was killed), with `extra`.
+    pub fn restart(&mut self, extra: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port, extra);
+    }
+
+    /// Spawns `redis-server` on `port` and waits until it listens.
+    fn spawn(port: u16, extra: &[&str]) -> Child {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no", "--protected-mode", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server starts");
@@ -301,7 +319,7 @@ impl RedisServer {
             assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(RedisServer { child, port })
+        child
     }
 
     pub fn url(&self) -> String {
