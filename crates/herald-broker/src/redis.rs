@@ -3,11 +3,14 @@
 //!
 //! What lives in Redis, per channel `C` (every key of a channel carries the hash tag `{C}`, so a
 //! channel's keys share one slot):
-//! - `herald:{C}:s`, a hash: the stream's epoch `e`, its newest offset `o` and its creation time
-//!   `c` (Redis `TIME`, milliseconds). It expires after `history_ttl` without a publication; the
-//!   next publication then starts a new epoch.
-//! - `herald:{C}:h`, a list: the retained publications' data, oldest first. Offsets are
-//!   contiguous, so the entry of offset `n` sits at index `n - (o - len + 1)`.
+//! - `herald:{C}:s`, one hash holding the whole stream: its epoch `e`, newest offset `o`,
+//!   creation time `c` (Redis `TIME`, milliseconds), ring size `z` (the channel's
+//!   `history_size` when the epoch began) and last TTL renewal `x`, and the retained
+//!   publications as a ring: the data of offset `n` in field `(n - 1) % z`, so the newest
+//!   `min(o, z)` offsets are always there and trimming costs nothing. It expires after
+//!   `history_ttl` without a publication (renewed lazily, see [`PUBLISH_MANY_SCRIPT`]); the next
+//!   publication then starts a new epoch. A stream keeps the ring size it began with: nodes
+//!   configured with another `history_size` share it until the epoch ends.
 //! - The stream hash also records the Redis process that wrote it (`run_id`). A stream written by
 //!   another process (Redis restarted, a replica took over) is replaced by a new epoch at the
 //!   next publication and counts as absent for reads: that Redis may have lost acknowledged
@@ -16,7 +19,7 @@
 //!
 //! Publishing a channel with history runs one Lua script ([`PUBLISH_MANY_SCRIPT`], a batch's
 //! publications in one call, a single publication as a batch of one): per publication it
-//! creates the stream when missing, assigns the next offset, appends and trims the history,
+//! creates the stream when missing, assigns the next offset, stores the data in the ring,
 //! renews the TTL and publishes on the channel's pub/sub channel `herald:{C}`, atomically.
 //! Every node therefore sees offsets in order, and a history read ([`READ_SCRIPT`], also one
 //! script) is consistent with the pub/sub stream. Channels without history are a plain
@@ -53,40 +56,55 @@ use crate::{
 };
 
 /// Publishes publications in one call, in order, each atomically: assigns the channel's next
-/// offset, appends to history, renews the TTL and publishes on pub/sub. A stream written by
-/// another Redis process (`run_id`: Redis restarted, or a replica took over) is replaced by a
-/// new epoch: that Redis may have lost acknowledged writes (a restart from an `everysec` AOF, a
-/// lagging replica), and reusing the epoch would hand out offsets that clients already hold
-/// for other publications.
+/// offset, stores the data in the channel's history ring, renews the TTL and publishes on
+/// pub/sub. A stream written by another Redis process (`run_id`: Redis restarted, or a replica
+/// took over) is replaced by a new epoch: that Redis may have lost acknowledged writes, and
+/// reusing the epoch would hand out offsets that clients already hold for other publications.
 ///
-/// KEYS are each
-/// publication's stream hash and history list (2 per publication); ARGV: the Redis process id,
-/// a fresh epoch, then per publication its data, history size, TTL (ms) and pub/sub channel.
-/// Returns `{offset1, epoch1, offset2, epoch2, ...}`. A batch shares the script call's own
+/// The stream is one hash (see the module docs): per publication one `HMGET`, one `HSET` and
+/// one `PUBLISH`; the TTL is renewed (`PEXPIRE` to `ttl + ttl / 16`) only when the last renewal
+/// is more than `ttl / 16` old, so a stream still lives at least `ttl` after its last
+/// publication and at most `ttl + ttl / 16`.
+///
+/// KEYS are each publication's stream hash; ARGV: the Redis process id, a fresh epoch, then per
+/// publication its data, history size and TTL (ms). The pub/sub channel is the key without its
+/// `:s`. Returns `{offset1, epoch1, offset2, epoch2, ...}`. A batch shares the script call's own
 /// cost; a single publication is a batch of one.
 pub const PUBLISH_MANY_SCRIPT: &str = r#"
-local run = ARGV[1]
+local run, fresh = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-for i = 0, (#KEYS / 2) - 1 do
-  local s, h = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local data, size, ttl, chan = ARGV[3 + 4 * i], tonumber(ARGV[4 + 4 * i]), tonumber(ARGV[5 + 4 * i]), ARGV[6 + 4 * i]
-  local m = redis.call('HMGET', s, 'e', 'r')
-  local epoch = m[1]
-  if not epoch or m[2] ~= run then
-    local t = redis.call('TIME')
-    epoch = ARGV[2]
-    redis.call('DEL', h)
-    redis.call('HSET', s, 'e', epoch, 'o', 0, 'r', run, 'c', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+for i = 1, #KEYS do
+  local s = KEYS[i]
+  local j = 3 * i
+  local data, size, ttl = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  local m = redis.call('HMGET', s, 'e', 'r', 'o', 'z', 'x')
+  local epoch, top, z, x = m[1], tonumber(m[3]), tonumber(m[4]), tonumber(m[5])
+  if not epoch or m[2] ~= run or not z then
+    redis.call('DEL', s)
+    epoch, top, z, x = fresh, 0, size, nil
+    redis.call('HSET', s, 'e', epoch, 'r', run, 'c', now, 'z', z)
   end
-  local offset = redis.call('HINCRBY', s, 'o', 1)
-  if size > 0 then
-    redis.call('RPUSH', h, data)
-    redis.call('LTRIM', h, -size, -1)
-    redis.call('PEXPIRE', h, ttl)
+  top = top + 1
+  local slack = math.floor(ttl / 16)
+  local renew = not x or now - x >= slack or now < x
+  if z > 0 then
+    if renew then
+      redis.call('HSET', s, 'o', top, (top - 1) % z, data, 'x', now)
+    else
+      redis.call('HSET', s, 'o', top, (top - 1) % z, data)
+    end
+  elseif renew then
+    redis.call('HSET', s, 'o', top, 'x', now)
+  else
+    redis.call('HSET', s, 'o', top)
   end
-  redis.call('PEXPIRE', s, ttl)
-  redis.call('PUBLISH', chan, 'h' .. offset .. ' ' .. epoch .. ' ' .. data)
-  out[#out + 1] = offset
+  if renew then
+    redis.call('PEXPIRE', s, ttl + slack)
+  end
+  redis.call('PUBLISH', string.sub(s, 1, -3), 'h' .. top .. ' ' .. epoch .. ' ' .. data)
+  out[#out + 1] = top
   out[#out + 1] = epoch
 end
 return out
@@ -98,25 +116,25 @@ const PUBLISH_MANY_CHUNK: usize = 64;
 
 /// Reads a channel's position and the history a query asks for, atomically.
 ///
-/// KEYS: stream hash, history list. ARGV: mode (`n` newest, `s` after a position, `v` after a
-/// void position), the position's epoch, its offset, the limit (-1: none), for `v` the void
-/// read's time (ms) and the TTL (ms) and the instance the void position was read from
-/// (another one is judged like any other epoch), and the Redis process id (`run_id`) read when
-/// the connection was opened. The instance is that process (the first 8 characters of its
-/// id), so a position read before a restart or a failover proves nothing afterwards; a stream
-/// written by another process counts as none. Returns `{now, instance}` without a stream, else
-/// `{now, instance, epoch, top, complete, first offset, data...}`.
+/// KEYS: the stream hash. ARGV: mode (`n` newest, `s` after a position, `v` after a void
+/// position), the position's epoch, its offset, the limit (-1: none), for `v` the void read's
+/// time (ms) and the TTL (ms) and the instance the void position was read from (another one is
+/// judged like any other epoch), and the Redis process id (`run_id`) read when the connection
+/// was opened. The instance is that process (the first 8 characters of its id), so a position
+/// read before a restart or a failover proves nothing afterwards; a stream written by another
+/// process counts as none. Returns `{now, instance}` without a stream, else `{now, instance,
+/// epoch, top, complete, first offset, data...}`.
 pub const READ_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local run = ARGV[8]
 local instance = string.sub(run, 1, 8)
-local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c', 'r')
-if not m[1] or m[4] ~= run then
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c', 'r', 'z')
+if not m[1] or m[4] ~= run or not m[5] then
   return {now, instance}
 end
-local epoch, top, created = m[1], tonumber(m[2]), tonumber(m[3])
-local len = redis.call('LLEN', KEYS[2])
+local epoch, top, created, z = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[5])
+local len = math.min(top, z)
 local oldest = top - len + 1
 local limit = tonumber(ARGV[4])
 local mode, since_epoch = ARGV[1], ARGV[2]
@@ -148,9 +166,14 @@ end
 local stop = len - 1
 if mode ~= 'n' and limit >= 0 then stop = math.min(stop, start + limit - 1) end
 local out = {now, instance, epoch, top, complete, oldest + start}
-if start <= stop then
-  local items = redis.call('LRANGE', KEYS[2], start, stop)
+local k = start
+while k <= stop do
+  local fields = {}
+  local last = math.min(stop, k + 999)
+  for i = k, last do fields[#fields + 1] = (oldest + i - 1) % z end
+  local items = redis.call('HMGET', KEYS[1], unpack(fields))
   for i = 1, #items do out[#out + 1] = items[i] end
+  k = last + 1
 end
 return out
 "#;
@@ -347,10 +370,6 @@ fn backend(e: ::redis::RedisError) -> BrokerError {
 
 fn stream_key(channel: &ChannelName) -> String {
     format!("herald:{{{channel}}}:s")
-}
-
-fn history_key(channel: &ChannelName) -> String {
-    format!("herald:{{{channel}}}:h")
 }
 
 /// The pub/sub channel of a Herald channel.
@@ -851,19 +870,18 @@ impl Broker for RedisBroker {
             // EVALSHA without the automatic load-and-retry: a retried chunk could overtake the
             // next one. The script was loaded when the connection opened.
             let mut call = ::redis::cmd("EVALSHA");
-            call.arg(self.publish_many_script.get_hash()).arg(2 * chunk.len());
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 4 * chunk.len());
+            call.arg(self.publish_many_script.get_hash()).arg(chunk.len());
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 3 * chunk.len());
             args.push(link.run_id.as_bytes().to_vec());
             args.push(history::new_instance_id().as_bytes().to_vec());
             let mut order = Vec::with_capacity(chunk.len());
             for (i, (channel, data, options)) in chunk {
                 let ttl_ms =
                     u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                call.arg(stream_key(&channel)).arg(history_key(&channel));
+                call.arg(stream_key(&channel));
                 args.push(data.to_vec());
                 args.push(options.history_size.to_string().into_bytes());
                 args.push(ttl_ms.to_string().into_bytes());
-                args.push(pubsub_channel(&channel).into_bytes());
                 order.push(i);
             }
             for a in args {
@@ -1033,7 +1051,6 @@ impl Reader {
         let reply: Value = self
             .script
             .key(stream_key(channel))
-            .key(history_key(channel))
             .arg(mode)
             .arg(epoch)
             .arg(offset)
@@ -1125,7 +1142,6 @@ mod tests {
     fn channel_names_map_to_hash_tagged_keys_and_back() {
         let c = ChannelName::parse("market:btc/usd#u1,u2").unwrap();
         assert_eq!(stream_key(&c), "herald:{market:btc/usd#u1,u2}:s");
-        assert_eq!(history_key(&c), "herald:{market:btc/usd#u1,u2}:h");
         assert_eq!(channel_of(&pubsub_channel(&c)), Some(c));
         assert_eq!(channel_of("other"), None);
     }
