@@ -35,7 +35,7 @@ use bytes::Bytes;
 use herald_protocol::{ChannelName, StreamPosition};
 
 pub use memory::MemoryBroker;
-pub use redis::RedisBroker;
+pub use redis::{RedisBroker, RedisTls};
 
 /// One publication as the broker delivers it.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! The Redis broker: several nodes share channels through one Redis (`broker =
-//! "redis://[user:pass@]HOST:PORT[/DB]"`).
+//! "redis://[user:pass@]HOST:PORT[/DB]"`, or `rediss://` for TLS, see [`RedisTls`]).
 //!
 //! What lives in Redis, per channel `C` (every key of a channel carries the hash tag `{C}`, so a
 //! channel's keys share one slot):
@@ -240,6 +240,8 @@ struct Commands {
     /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them: a batch
     /// script must never be retried after a `NOSCRIPT`, which could reorder the batch.
     scripts: [&'static str; 2],
+    /// When a failed connection attempt was last logged.
+    last_warning: Mutex<Option<std::time::Instant>>,
 }
 
 /// An open command connection and the Redis process behind it.
@@ -265,7 +267,16 @@ impl Commands {
             .set_connection_timeout(Some(REDIS_TIMEOUT));
         let mut conn = within(self.client.get_multiplexed_async_connection_with_config(&config))
             .await
-            .map_err(backend)?;
+            .map_err(|e| {
+                // The cause (refused, a TLS certificate not trusted, ...) for the operator, at
+                // most every 10 s: every command retries the connection while Redis is away.
+                let mut last = self.last_warning.lock();
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    *last = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, "cannot connect to redis");
+                }
+                backend(e)
+            })?;
         let info: String = within(::redis::cmd("INFO").arg("server").query_async(&mut conn))
             .await
             .map_err(backend)?;
@@ -321,14 +332,21 @@ impl RedisBroker {
     /// A broker for the Redis at `url` (`redis://[user:pass@]HOST:PORT[/DB]`); nothing is
     /// connected before [`Broker::start`].
     pub fn new(url: &str) -> Result<RedisBroker, BrokerError> {
-        let client = ::redis::Client::open(url)
-            .map_err(|e| BrokerError::Backend(format!("bad redis URL: {e}")))?;
+        RedisBroker::with_tls(url, &RedisTls::default())
+    }
+
+    /// A broker for the Redis at `url`, where a `rediss://` URL is reached over TLS verified
+    /// as `tls` says (without a CA file: the system's roots). Certificate verification cannot
+    /// be turned off: redis-rs's `#insecure` URL fragment is refused.
+    pub fn with_tls(url: &str, tls: &RedisTls) -> Result<RedisBroker, BrokerError> {
+        let client = client_for(url, tls)?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let commands = Arc::new(Commands {
             client: client.clone(),
             link: parking_lot::RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             scripts: [PUBLISH_MANY_SCRIPT, READ_SCRIPT],
+            last_warning: Mutex::new(None),
         });
         Ok(RedisBroker {
             client,
@@ -357,6 +375,54 @@ fn without_password(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+/// How a `rediss://` connection verifies the server and, optionally, proves who the node is.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// PEM certificates of the CAs to trust instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key, for a Redis with `tls-auth-clients yes`.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// The redis-rs client of `url`: plain for `redis://`, TLS for `rediss://`.
+fn client_for(url: &str, tls: &RedisTls) -> Result<::redis::Client, BrokerError> {
+    let shown = without_password(url);
+    if url.contains('#') {
+        return Err(BrokerError::Backend(format!(
+            "bad redis URL {shown}: a fragment (`#insecure` turns certificate checks off) is not \
+             accepted; trust a private CA with its PEM file instead"
+        )));
+    }
+    let is_tls = url.starts_with("rediss://");
+    if !is_tls && (tls.ca_pem.is_some() || tls.client.is_some()) {
+        return Err(BrokerError::Backend(format!(
+            "TLS files are set for {shown}, which is not a rediss:// URL"
+        )));
+    }
+    let bad = |e: ::redis::RedisError| BrokerError::Backend(format!("bad redis URL {shown}: {e}"));
+    if is_tls && (tls.ca_pem.is_some() || tls.client.is_some()) {
+        let certificates = ::redis::TlsCertificates {
+            client_tls: tls.client.as_ref().map(|(cert, key)| ::redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            root_cert: tls.ca_pem.clone(),
+        };
+        ::redis::Client::build_with_tls(url, certificates).map_err(bad)
+    } else {
+        ::redis::Client::open(url).map_err(bad)
     }
 }
 
@@ -430,8 +496,7 @@ fn bad_reply(what: &str) -> BrokerError {
 /// Opens the command connection in the background at start, retrying until Redis answers.
 async fn connect_commands(commands: Arc<Commands>) {
     let mut backoff = Duration::from_millis(50);
-    while let Err(e) = commands.get().await {
-        tracing::warn!(error = %e, "cannot connect to redis; retrying");
+    while commands.get().await.is_err() {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

@@ -88,6 +88,9 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("limits", "socket_send_buffer_bytes", int(0, 1 << 30)),
     ("limits", "max_channels_per_stream", int(1, 4096)),
     ("limits", "socket_reserve", int(0, 1 << 20)),
+    ("broker_tls", "ca_file", Kind::Str),
+    ("broker_tls", "cert_file", Kind::Str),
+    ("broker_tls", "key_file", Kind::Str),
     ("auth", "hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
     ("auth", "leeway_secs", int(0, 3600)),
@@ -184,6 +187,18 @@ pub struct AuthConfig {
     pub leeway: Duration,
 }
 
+/// How the node reaches a TLS broker (`[broker_tls]`, for `rediss://`): PEM files read when
+/// the node starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerTlsConfig {
+    /// CAs to trust instead of the system's roots.
+    pub ca_file: Option<String>,
+    /// Client certificate chain, for a broker that authenticates clients by certificate.
+    pub cert_file: Option<String>,
+    /// The client certificate's private key.
+    pub key_file: Option<String>,
+}
+
 /// The validated configuration of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -191,8 +206,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Required as `Authorization: Bearer` on `/api/*` when set.
     pub api_key: Option<String>,
-    /// `memory`, or a `redis://` / `nats://` URL.
+    /// `memory`, or a `redis://`, `rediss://` or `nats://` URL.
     pub broker: String,
+    /// TLS files of a `rediss://` broker.
+    pub broker_tls: BrokerTlsConfig,
     /// Interval of `ping` pushes.
     pub ping_interval: Duration,
     /// Log filter used when `RUST_LOG` is not set.
@@ -491,11 +508,34 @@ impl Config {
             return Err(invalid("api_key", "must not be empty (leave it out instead)".into()));
         }
         let broker = get_str(t, &["broker"]).unwrap_or_else(|| "memory".into());
-        if !(broker == "memory" || broker.starts_with("redis://") || broker.starts_with("nats://"))
+        if !(broker == "memory"
+            || broker.starts_with("redis://")
+            || broker.starts_with("rediss://")
+            || broker.starts_with("nats://"))
         {
             return Err(invalid(
                 "broker",
-                format!("{broker:?}: expected \"memory\", redis://HOST:PORT or nats://HOST:PORT"),
+                format!(
+                    "{broker:?}: expected \"memory\", redis://HOST:PORT, rediss://HOST:PORT or \
+                     nats://HOST:PORT"
+                ),
+            ));
+        }
+        let broker_tls = BrokerTlsConfig {
+            ca_file: get_str(t, &["broker_tls", "ca_file"]),
+            cert_file: get_str(t, &["broker_tls", "cert_file"]),
+            key_file: get_str(t, &["broker_tls", "key_file"]),
+        };
+        if broker_tls.cert_file.is_some() != broker_tls.key_file.is_some() {
+            return Err(invalid(
+                "broker_tls.cert_file",
+                "cert_file and key_file go together (both or neither)".into(),
+            ));
+        }
+        if broker_tls != BrokerTlsConfig::default() && !broker.starts_with("rediss://") {
+            return Err(invalid(
+                "broker_tls",
+                "TLS files are set but `broker` is not a rediss:// URL".into(),
             ));
         }
         let log_level = get_str(t, &["log_level"]).unwrap_or_else(|| "info".into());
@@ -578,6 +618,7 @@ impl Config {
             listen,
             api_key,
             broker,
+            broker_tls,
             ping_interval: Duration::from_secs(
                 get_int(t, &["ping_interval_secs"]).unwrap_or(25) as u64
             ),
@@ -689,6 +730,8 @@ conflate = true
             ("limits = 3", "`limits`"),
             ("listen = \"nowhere\"", "`listen`"),
             ("broker = \"kafka://x\"", "`broker`"),
+            ("broker = \"rediss://h:1\"\n[broker_tls]\ncert_file = \"c.pem\"", "`broker_tls.cert_file`"),
+            ("broker = \"redis://h:1\"\n[broker_tls]\nca_file = \"ca.pem\"", "`broker_tls`"),
             ("listen = \"0.0.0.0:8080\"", "`listen`"),
             ("[auth]\nhmac_secret = \"\"", "`auth.hmac_secret`"),
             ("[auth]\nleeway_secs = -1", "`auth.leeway_secs`"),

@@ -30,12 +30,41 @@ use crate::config::Config;
 pub enum StartError {
     /// The configured broker is not available in this build.
     #[error(
-        "config key `broker`: {0:?} is not supported (use \"memory\" or \"redis://HOST:PORT\")"
+        "config key `broker`: {0:?} is not supported (use \"memory\", \"redis://HOST:PORT\" or \"rediss://HOST:PORT\")"
     )]
     UnsupportedBroker(String),
+    /// A file named in the configuration could not be read.
+    #[error("config key `{key}`: cannot read {path}: {message}")]
+    File {
+        /// The key naming the file.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
     /// The broker refused to start.
     #[error("broker failed to start: {0}")]
     Broker(#[from] herald_broker::BrokerError),
+}
+
+/// Reads the PEM files of a `rediss://` broker.
+fn redis_tls(config: &config::BrokerTlsConfig) -> Result<herald_broker::RedisTls, StartError> {
+    let read = |key: &'static str, path: &Option<String>| -> Result<Option<Vec<u8>>, StartError> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| StartError::File {
+                    key,
+                    path: p.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    };
+    let ca_pem = read("broker_tls.ca_file", &config.ca_file)?;
+    let cert = read("broker_tls.cert_file", &config.cert_file)?;
+    let key = read("broker_tls.key_file", &config.key_file)?;
+    Ok(herald_broker::RedisTls { ca_pem, client: cert.zip(key) })
 }
 
 /// Builds and starts the node `config` describes.
@@ -46,7 +75,9 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
             spawn_stream_expiry(memory.clone(), config.namespace_options());
             memory
         }
-        url if url.starts_with("redis://") => Arc::new(RedisBroker::new(url)?),
+        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            Arc::new(RedisBroker::with_tls(url, &redis_tls(&config.broker_tls)?)?)
+        }
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
     let verifier = config.auth.hmac_secret.as_ref().map(|s| {

@@ -660,3 +660,75 @@ async fn a_long_gap_after_a_lost_pubsub_connection_is_caught_up_page_by_page() {
     assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
     drop(client);
 }
+
+/// `rediss://`: nodes reach a Redis that speaks only TLS and requires client certificates
+/// (CA, server and client certificates made by the test), fan out and recover across nodes
+/// over it; a node that does not trust the server's certificate, or has no client certificate,
+/// never turns ready and answers publishes 503 instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls_and_an_untrusting_node_stays_unready() {
+    let pki = common::TestPki::new();
+    let Some(redis) = RedisServer::start_tls(&pki) else { return };
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let file = |name: &str| pki.path(name).to_str().unwrap().to_string();
+    let tls_config = |ca: &str, client: bool| {
+        let mut c = format!(
+            "broker = \"{url}\"\n[namespaces.h]\nhistory_size = 100\n[broker_tls]\nca_file = \"{}\"\n",
+            file(ca)
+        );
+        if client {
+            c += &format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                file("client.pem"),
+                file("client.key")
+            );
+        }
+        c
+    };
+    let good = tls_config("ca.pem", true);
+    let (a, b) = (Server::start(&good, &[]), Server::start(&good, &[]));
+    common::wait_ready(&a, TIMEOUT).await;
+    common::wait_ready(&b, TIMEOUT).await;
+    let (client, mut events) = b.client().await;
+    client.subscribe("h:tls", None).await.unwrap();
+    let mut api = a.api().await;
+    for i in 1..=20 {
+        api.publish("h:tls", &json!(i)).await.unwrap();
+    }
+    for i in 1..=20u64 {
+        let (_, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        assert_eq!((offset, data), (Some(i), json!(i)), "fan-out across nodes over TLS");
+    }
+    // History on the TLS Redis: a client on A recovers from offset 15 of B's epoch.
+    let epoch = {
+        let (_, _, body) =
+            api.request("GET", "/api/history?channel=h:tls&limit=0", None).await.unwrap();
+        let h: Value = serde_json::from_slice(&body).unwrap();
+        h["epoch"].as_str().unwrap().to_string()
+    };
+    let (other, _e) = a.client().await;
+    let sub = other.subscribe("h:tls", Some(StreamPosition { offset: 15, epoch })).await.unwrap();
+    assert!(sub.recovered);
+    let got: Vec<Option<u64>> = sub.publications.iter().map(|p| p.0).collect();
+    assert_eq!(got, (16..=20).map(Some).collect::<Vec<_>>());
+    // Another CA, or no client certificate: never ready, publishes fail fast with 503.
+    for (config, what) in [
+        (tls_config("other-ca.pem", true), "untrusted server"),
+        (tls_config("ca.pem", false), "no client certificate"),
+    ] {
+        let node = Server::start(&config, &[]);
+        let mut api = node.api().await;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            let (status, _, _) = api.request("GET", "/readyz", None).await.unwrap();
+            assert_eq!(status, 503, "{what}: /readyz");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let body = serde_json::to_vec(&json!({"channel": "h:tls", "data": 1})).unwrap();
+        let t = std::time::Instant::now();
+        let (status, _, _) = api.request("POST", "/api/publish", Some(&body)).await.unwrap();
+        assert_eq!(status, 503, "{what}: publish");
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: the publish answered in time");
+    }
+    drop((client, other));
+}

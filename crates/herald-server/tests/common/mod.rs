@@ -286,16 +286,50 @@ impl RedisServer {
 
     /// A server with `extra` arguments (they win over the defaults: no persistence).
     pub fn start_with(extra: &[&str]) -> Option<RedisServer> {
-        if Command::new("redis-server").arg("--version").output().is_err() {
-            assert!(
-                std::env::var("HERALD_REQUIRE_REDIS").is_err(),
-                "redis-server is required (HERALD_REQUIRE_REDIS is set) but not on the PATH"
-            );
-            eprintln!("redis-server not found: test skipped");
+        if !Self::available() {
             return None;
         }
         let port = free_addr().port();
         Some(RedisServer { child: Self::spawn(port, extra), port })
+    }
+
+    /// A server that speaks only TLS on its port, with the certificate and key `tls` names,
+    /// and requires clients to present a certificate signed by the CA in it.
+    pub fn start_tls(tls: &TestPki) -> Option<RedisServer> {
+        if !Self::available() {
+            return None;
+        }
+        let port = free_addr().port();
+        let path = |name: &str| tls.path(name).to_str().unwrap().to_string();
+        let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+        let p = port.to_string();
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &p,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+        ];
+        Some(RedisServer { child: Self::spawn(port, &args), port })
+    }
+
+    fn available() -> bool {
+        if Command::new("redis-server").arg("--version").output().is_ok() {
+            return true;
+        }
+        assert!(
+            std::env::var("HERALD_REQUIRE_REDIS").is_err(),
+            "redis-server is required (HERALD_REQUIRE_REDIS is set) but not on the PATH"
+        );
+        eprintln!("redis-server not found: test skipped");
+        false
     }
 
     /// Starts a new process on the same port (after the old one was killed), with `extra`.
@@ -345,5 +379,54 @@ pub async fn wait_ready(server: &Server, limit: Duration) {
         }
         assert!(Instant::now() < deadline, "node {} not ready", server.addr);
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A test CA made by the test, with a server certificate for `127.0.0.1` / `localhost` and a
+/// client certificate, as PEM files in a temporary directory: `ca.pem`, `server.pem`,
+/// `server.key`, `client.pem`, `client.key`, and `other-ca.pem` (a CA that signed nothing here).
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let (ca_cert, ca_key) = ca("herald test CA");
+        write("ca.pem", ca_cert.pem());
+        write("other-ca.pem", ca("another CA").0.pem());
+        for (name, sans, usage) in [
+            (
+                "server",
+                vec!["127.0.0.1".to_string(), "localhost".into()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            ("client", vec!["herald-node".to_string()], ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        TestPki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
     }
 }
