@@ -2,7 +2,9 @@
 //!
 //! Scenarios: `idle` (server memory per held connection), `fanout` (one channel, many
 //! subscribers), `spread` (many channels with Zipf popularity), `ingest` (publications accepted
-//! per second over `/api/batch` or WebSocket `publish`). The main process publishes and
+//! per second over `/api/batch` or WebSocket `publish`), `cluster` (a fan-out over several
+//! nodes of one cluster: subscribers and publishers spread over `--url` and `--nodes`, every
+//! publication expected at every subscriber, whichever node it was published on). The main process publishes and
 //! coordinates; subscriber connections live in worker processes (this same binary, re-executed
 //! with the hidden `worker` subcommand), at most ~15,000 each by default, so that no process
 //! needs more than its 20,000 open files. Progress goes to stderr once per second; the result
@@ -28,6 +30,8 @@
 //! herald-bench fanout --url ws://127.0.0.1:18500/ws --transport sse --slow-fraction 0.01
 //! herald-bench fanout --url ws://127.0.0.1:18500/ws --connections 1000 --rate 200 --payload 1000 \
 //!     --never-ws 5 --never-sse 5 --bursty 5 --many-sse 2 --history-flood 4 --settle 20
+//! herald-bench cluster --url ws://127.0.0.1:18500/ws \
+//!     --nodes ws://127.0.0.1:18501/ws,ws://127.0.0.1:18502/ws --connections 3000 --rate 20
 //! ```
 
 mod conn;
@@ -81,6 +85,10 @@ enum Command {
     /// (--publish-mode ws), over --channels channels; with --connections > 0 each channel gets
     /// connections/channels subscribers and deliveries are counted too.
     Ingest(Args),
+    /// N subscribers on one channel spread over the nodes of a cluster (--url and --nodes, one
+    /// worker process or more per node), publishers spread over the same nodes' HTTP APIs
+    /// (publisher i on node i mod nodes): deliveries/s, loss, end-to-end latency across nodes.
+    Cluster(Args),
     /// Internal: one worker process (JSON lines on stdin/stdout).
     #[command(hide = true)]
     Worker,
@@ -130,6 +138,10 @@ struct Args {
     /// HTTP base URL for publishing (default: the host and port of --url).
     #[arg(long)]
     http: Option<String>,
+    /// `cluster`: WebSocket URLs of the cluster's other nodes, comma-separated (their HTTP
+    /// APIs are on the same host and port).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
     /// API key sent as `Authorization: Bearer KEY` on /api/* calls.
     #[arg(long)]
     api_key: Option<String>,
@@ -267,6 +279,7 @@ enum Scenario {
     Fanout,
     Spread,
     Ingest,
+    Cluster,
 }
 
 impl Scenario {
@@ -276,6 +289,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Spread => "spread",
             Scenario::Ingest => "ingest",
+            Scenario::Cluster => "cluster",
         }
     }
 }
@@ -288,6 +302,7 @@ fn main() -> anyhow::Result<()> {
         Command::Fanout(a) => (Scenario::Fanout, a),
         Command::Spread(a) => (Scenario::Spread, a),
         Command::Ingest(a) => (Scenario::Ingest, a),
+        Command::Cluster(a) => (Scenario::Cluster, a),
     };
     sys::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -322,6 +337,12 @@ fn parse_ips(text: &str) -> anyhow::Result<Vec<IpAddr>> {
         return Ok((a..=b).map(|i| IpAddr::V4(i.into())).collect());
     }
     text.split(',').map(|s| s.trim().parse().context("--source-ips")).collect()
+}
+
+/// The HTTP base (`http://host:port`) of a node's `ws://host:port/...` URL.
+fn http_base(ws_url: &str) -> String {
+    let rest = ws_url.split_once("://").map_or(ws_url, |(_, r)| r);
+    format!("http://{}", rest.split('/').next().unwrap_or("127.0.0.1:8080"))
 }
 
 /// The port of a `ws://host:port/...` URL.
@@ -535,6 +556,17 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     if !(0.0..1.0).contains(&args.slow_fraction) {
         bail!("--slow-fraction must be at least 0 and below 1");
     }
+    if scenario == Scenario::Cluster && (args.nodes.is_empty() || args.target != Target::Herald) {
+        bail!("cluster needs --nodes (the other nodes' WebSocket URLs) and --target herald");
+    }
+    if scenario != Scenario::Cluster && !args.nodes.is_empty() {
+        bail!("--nodes is for the cluster scenario");
+    }
+    if scenario == Scenario::Cluster && args.http.is_some() {
+        bail!("cluster publishes to every node's own HTTP API: leave --http out");
+    }
+    // Every node's WebSocket URL, --url first (one for the other scenarios).
+    let urls: Vec<String> = std::iter::once(args.url.clone()).chain(args.nodes.clone()).collect();
     let hostile_cfg = hostile_config(&args)?;
     if hostile_cfg.any() && (scenario != Scenario::Fanout || args.target != Target::Herald) {
         bail!("hostile clients (--never-ws ...) are for fanout against --target herald");
@@ -543,13 +575,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         bail!("idle connections read nothing anyway: --slow-fraction is for the other scenarios");
     }
     let ws_port = url_port(&args.url).ok_or_else(|| anyhow!("--url: no port"))?;
-    let http = match &args.http {
-        Some(h) => h.clone(),
-        None => {
-            let rest = args.url.split_once("://").map_or(args.url.as_str(), |(_, r)| r);
-            format!("http://{}", rest.split('/').next().unwrap_or("127.0.0.1:8080"))
-        }
-    };
+    let http = args.http.clone().unwrap_or_else(|| http_base(&args.url));
     let server_pid = args.server_pid.or_else(|| sys::find_listener(ws_port));
     if scenario == Scenario::Idle && server_pid.is_none() {
         bail!("cannot find the process listening on port {ws_port}: pass --server-pid");
@@ -557,6 +583,12 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     let workers = match args.workers {
         Some(w) => w.max(1).min(connections.max(1)),
         None => connections.div_ceil(15_000),
+    };
+    // A cluster: at least one worker per node (each worker connects to one node).
+    let workers = if scenario == Scenario::Cluster {
+        workers.max(urls.len()).min(connections.max(1))
+    } else {
+        workers
     };
     let workers = if connections == 0 { 0 } else { workers.max(1) };
     let source_ips = match &args.source_ips {
@@ -569,7 +601,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
     let layout = match (args.target, scenario) {
         (Target::Reference, _) => Layout::One,
         (_, Scenario::Idle | Scenario::Ingest) => Layout::RoundRobin,
-        (_, Scenario::Fanout) => Layout::One,
+        (_, Scenario::Fanout | Scenario::Cluster) => Layout::One,
         (_, Scenario::Spread) => Layout::Zipf,
     };
     let template = Plan {
@@ -592,7 +624,8 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         .map(|w| {
             let first = connections * w / workers;
             let next = connections * (w + 1) / workers;
-            Plan { worker: w, first, count: next - first, ..template.clone() }
+            let url = urls[w % urls.len()].clone();
+            Plan { worker: w, first, count: next - first, url, ..template.clone() }
         })
         .collect();
 
@@ -601,7 +634,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         "herald-bench {}: target {} {} over {}, {connections} connections in {workers} worker(s), server pid {}",
         scenario.name(),
         args.target.name(),
-        args.url,
+        urls.join(","),
         args.transport.name(),
         server_pid.map_or("unknown".into(), |p| p.to_string())
     );
@@ -699,29 +732,35 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         fleet.send(&ToWorker::Measure { start_ns: measure_start }).await?;
         let end = now + Duration::from_secs_f64(args.warmup + args.duration);
         let chooser = match (args.target, scenario) {
-            (Target::Reference, _) | (_, Scenario::Fanout) => Chooser::One,
+            (Target::Reference, _) | (_, Scenario::Fanout | Scenario::Cluster) => Chooser::One,
             (_, Scenario::Spread) => Chooser::Zipf(plan::Zipf::new(channels, args.zipf)),
             _ => Chooser::RoundRobin(channels),
         };
-        let cfg = Arc::new(PubConfig {
-            target: args.target,
-            http: http.clone(),
-            ws_url: args.url.clone(),
-            api_key: args.api_key.clone(),
-            prefix: args.channel_prefix.clone(),
-            payload: args.payload,
-            batch: if args.mode == Mode::HttpSingle { 1 } else { args.batch.max(1) },
-            rate: args.rate / publishers as f64,
-            chooser,
-            channels,
-            sub_counts: sub_counts.clone(),
-            measure_start,
-            end,
-        });
+        // One configuration per node; publisher w publishes on node w mod nodes.
+        let cfgs: Vec<Arc<PubConfig>> = urls
+            .iter()
+            .map(|url| {
+                Arc::new(PubConfig {
+                    target: args.target,
+                    http: if urls.len() == 1 { http.clone() } else { http_base(url) },
+                    ws_url: url.clone(),
+                    api_key: args.api_key.clone(),
+                    prefix: args.channel_prefix.clone(),
+                    payload: args.payload,
+                    batch: if args.mode == Mode::HttpSingle { 1 } else { args.batch.max(1) },
+                    rate: args.rate / publishers as f64,
+                    chooser: chooser.clone(),
+                    channels,
+                    sub_counts: sub_counts.clone(),
+                    measure_start,
+                    end,
+                })
+            })
+            .collect();
         fleet.counters = Some(Arc::clone(&counters));
         let mut tasks = Vec::new();
         for w in 0..publishers {
-            let (cfg, counters) = (Arc::clone(&cfg), Arc::clone(&counters));
+            let (cfg, counters) = (Arc::clone(&cfgs[w % cfgs.len()]), Arc::clone(&counters));
             tasks.push(if args.mode == Mode::Ws {
                 tokio::spawn(publish::ws_publisher(w as u32, cfg, counters))
             } else {
@@ -799,13 +838,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
 
 /// The hostile clients asked for by `args`.
 fn hostile_config(args: &Args) -> anyhow::Result<Arc<hostile::HostileConfig>> {
-    let http = match &args.http {
-        Some(h) => h.clone(),
-        None => {
-            let rest = args.url.split_once("://").map_or(args.url.as_str(), |(_, r)| r);
-            format!("http://{}", rest.split('/').next().unwrap_or("127.0.0.1:8080"))
-        }
-    };
+    let http = args.http.clone().unwrap_or_else(|| http_base(&args.url));
     Ok(Arc::new(hostile::HostileConfig {
         url: conn::WsUrl::parse(&args.url)?,
         http,

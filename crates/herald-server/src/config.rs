@@ -730,7 +730,10 @@ conflate = true
             ("limits = 3", "`limits`"),
             ("listen = \"nowhere\"", "`listen`"),
             ("broker = \"kafka://x\"", "`broker`"),
-            ("broker = \"rediss://h:1\"\n[broker_tls]\ncert_file = \"c.pem\"", "`broker_tls.cert_file`"),
+            (
+                "broker = \"rediss://h:1\"\n[broker_tls]\ncert_file = \"c.pem\"",
+                "`broker_tls.cert_file`",
+            ),
             ("broker = \"redis://h:1\"\n[broker_tls]\nca_file = \"ca.pem\"", "`broker_tls`"),
             ("listen = \"0.0.0.0:8080\"", "`listen`"),
             ("[auth]\nhmac_secret = \"\"", "`auth.hmac_secret`"),
