@@ -663,6 +663,12 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         if slow > 0 { format!(" ({slow} never reading)") } else { String::new() },
         first_error.as_ref().map_or(String::new(), |e| format!(" (first error: {e})"))
     );
+    if connections > 0 && ready == 0 {
+        bail!(
+            "no subscriber connected ({failed} failed; first error: {})",
+            first_error.as_deref().unwrap_or("none")
+        );
+    }
     if args.target == Target::Reference {
         sub_counts = vec![ready - slow];
     }

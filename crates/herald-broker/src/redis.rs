@@ -554,6 +554,9 @@ async fn connect_commands(commands: Arc<Commands>) {
 const MAX_CATCH_UP: usize = 10_000;
 /// Publications per history read of a catch-up.
 const CATCH_UP_PAGE: usize = 500;
+/// Channels whose first catch-up page is read at once after a reconnect (at most this many
+/// pages of [`CATCH_UP_PAGE`] are held at a time).
+const CATCH_UP_CONCURRENCY: usize = 32;
 
 /// History could not be read (Redis unreachable or loading): retried after a reconnect.
 #[derive(Debug)]
@@ -614,7 +617,7 @@ impl Follower {
             };
             if let Some(from) = from.filter(|&from| offset > from + 1) {
                 let missing = usize::try_from(offset - 1 - from).unwrap_or(usize::MAX);
-                self.catch_up(&channel, &epoch, from, Some(missing)).await?;
+                self.catch_up(&channel, &epoch, from, Some(missing), None).await?;
             }
             self.positions.insert(channel.clone(), (epoch, offset));
         }
@@ -625,13 +628,15 @@ impl Follower {
     /// Reads what the node missed of `channel` after `(from, epoch)` (at most `limit`) and hands
     /// it to the hub; when history cannot fill the gap, the channel's local subscribers are
     /// told to recover by themselves ([`BrokerHandler::channel_lost`]). `Err`: history could
-    /// not be read (Redis unreachable, or still loading its data); nothing changed.
+    /// not be read (Redis unreachable, or still loading its data); nothing changed. `first`:
+    /// the first page, already read (after a reconnect, see [`Follower::catch_up_all`]).
     async fn catch_up(
         &mut self,
         channel: &ChannelName,
         epoch: &Arc<str>,
         from: u64,
         limit: Option<usize>,
+        mut first: Option<HistoryPage>,
     ) -> Result<(), Unreadable> {
         // A gap of known length must be filled exactly; after a reconnect, whatever is there
         // (at most MAX_CATCH_UP). Read page by page: a long gap never comes as one reply.
@@ -652,7 +657,11 @@ impl Follower {
                 since: Some(StreamPosition { offset: from, epoch: epoch.to_string() }),
                 limit: Some(want),
             };
-            let page = match self.reader.read(channel, Duration::from_secs(1), &query).await {
+            let read = match first.take() {
+                Some(page) => Ok(page),
+                None => self.reader.read(channel, Duration::from_secs(1), &query).await,
+            };
+            let page = match read {
                 Ok(page) => page,
                 Err(e) => {
                     // What was handed over stays (its positions are kept); the rest is read
@@ -684,6 +693,41 @@ impl Follower {
         }
         if total > 0 {
             tracing::info!(%channel, publications = total, "caught up from redis history");
+        }
+        Ok(())
+    }
+
+    /// Catches up every channel in `behind` (channel, epoch, offset handed over last) after a
+    /// reconnect: the first page of up to [`CATCH_UP_CONCURRENCY`] channels is read at once
+    /// (one round trip for most channels, many in flight), each channel's publications are
+    /// then handed over in order as its page arrives, and longer gaps go on page by page.
+    /// `Err`: history could not be read; what was handed over stays, the rest is read again
+    /// after the next reconnect.
+    async fn catch_up_all(
+        &mut self,
+        behind: Vec<(ChannelName, Arc<str>, u64)>,
+    ) -> Result<(), Unreadable> {
+        let reader = self.reader.clone();
+        let mut firsts = futures_util::stream::iter(behind)
+            .map(move |(channel, epoch, from)| {
+                let reader = reader.clone();
+                async move {
+                    let first = first_page(&reader, &channel, epoch, from).await;
+                    (channel, first)
+                }
+            })
+            .buffer_unordered(CATCH_UP_CONCURRENCY);
+        while let Some((channel, first)) = firsts.next().await {
+            match first {
+                Ok(Some((epoch, from, page))) => {
+                    self.catch_up(&channel, &epoch, from, None, Some(page)).await?;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%channel, error = %e, "cannot read the gap from redis; will retry");
+                    return Err(Unreadable);
+                }
+            }
         }
         Ok(())
     }
@@ -738,6 +782,35 @@ impl Follower {
         }
         Ok(())
     }
+}
+
+/// The first catch-up page of a channel the node had handed over up to `(epoch, from)`, with
+/// the epoch and offset it follows; `None` when nothing is due (the node had seen nothing yet,
+/// a void epoch, and the channel still has no stream).
+async fn first_page(
+    reader: &Reader,
+    channel: &ChannelName,
+    epoch: Arc<str>,
+    from: u64,
+) -> Result<Option<(Arc<str>, u64, HistoryPage)>, BrokerError> {
+    let (epoch, from) = if VoidEpoch::parse(&epoch).is_none() {
+        (epoch, from)
+    } else {
+        // Nothing seen yet: a stream that exists now was created after the baseline read, all
+        // of it is due.
+        let newest = HistoryQuery { since: None, limit: Some(0) };
+        let page = reader.read(channel, Duration::from_secs(1), &newest).await?;
+        match page.position.filter(|p| VoidEpoch::parse(&p.epoch).is_none()) {
+            Some(pos) => (Arc::from(pos.epoch.as_str()), 0),
+            None => return Ok(None),
+        }
+    };
+    let query = HistoryQuery {
+        since: Some(StreamPosition { offset: from, epoch: epoch.to_string() }),
+        limit: Some(CATCH_UP_PAGE),
+    };
+    let page = reader.read(channel, Duration::from_secs(1), &query).await?;
+    Ok(Some((epoch, from, page)))
 }
 
 /// `call`, or an I/O error once [`REDIS_TIMEOUT`] passed.
@@ -804,35 +877,7 @@ async fn run_pubsub(
         follower.positions.retain(|c, _| follower.subscribed.contains(c));
         let behind: Vec<(ChannelName, Arc<str>, u64)> =
             follower.positions.iter().map(|(c, (e, o))| (c.clone(), e.clone(), *o)).collect();
-        let mut unreadable = false;
-        for (channel, epoch, from) in behind {
-            if VoidEpoch::parse(&epoch).is_none() {
-                if follower.catch_up(&channel, &epoch, from, None).await.is_err() {
-                    unreadable = true;
-                    break;
-                }
-                continue;
-            }
-            // Nothing seen yet: a stream that exists now was created after the baseline read,
-            // all of it is due.
-            let newest = HistoryQuery { since: None, limit: Some(0) };
-            match follower.reader.read(&channel, Duration::from_secs(1), &newest).await {
-                Ok(page) => {
-                    let stream = page.position.filter(|p| VoidEpoch::parse(&p.epoch).is_none());
-                    if let Some(pos) = stream {
-                        let epoch: Arc<str> = Arc::from(pos.epoch.as_str());
-                        if follower.catch_up(&channel, &epoch, 0, None).await.is_err() {
-                            unreadable = true;
-                            break;
-                        }
-                    }
-                }
-                Err(_) => {
-                    unreadable = true;
-                    break;
-                }
-            }
-        }
+        let unreadable = follower.catch_up_all(behind).await.is_err();
         if unreadable {
             // Redis answers pub/sub but not reads yet (loading its data): try again, not ready.
             tokio::time::sleep(backoff).await;

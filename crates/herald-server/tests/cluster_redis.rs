@@ -230,6 +230,52 @@ async fn a_lost_pubsub_connection_is_caught_up_from_history() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_channels_are_caught_up_after_a_lost_pubsub_connection() {
+    // 100 channels, published in batches on A while Redis drops the pub/sub connections
+    // twice: every channel's subscriber on B gets its whole sequence, in order, once (the
+    // catch-up reads of the channels run concurrently after each reconnect).
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    const CHANNELS: usize = 100;
+    const ROUNDS: u64 = 20;
+    let (client, mut events) = b.client().await;
+    for c in 0..CHANNELS {
+        client.subscribe(&format!("h:m{c}"), None).await.unwrap();
+    }
+    let pump = {
+        let base = a.http_base();
+        tokio::spawn(async move {
+            let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+            for round in 1..=ROUNDS {
+                let batch: Vec<(String, Value)> =
+                    (0..CHANNELS).map(|c| (format!("h:m{c}"), json!(round))).collect();
+                api.batch(&batch).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let killed = redis_command(&redis, "CLIENT KILL TYPE pubsub");
+        assert!(killed.starts_with(':'), "{killed}");
+    }
+    pump.await.unwrap();
+    let mut next = vec![1u64; CHANNELS];
+    for _ in 0..CHANNELS as u64 * ROUNDS {
+        let (channel, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        let c: usize = channel.strip_prefix("h:m").unwrap().parse().unwrap();
+        assert_eq!((offset, data), (Some(next[c]), json!(next[c])), "{channel}: in order, once");
+        next[c] += 1;
+    }
+    assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
+    let m = common::metrics(b).await;
+    assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
+    assert!(common::metric(&m, "herald_broker_reconnects_total") >= 2.0, "counted");
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_tells_subscribers_and_the_node_serves_on() {
     // Redis dies and comes back without its data: the node does not crash, /readyz goes 503
     // and back, the subscriber is cut with 4008 (its history is gone: it must recover), and
