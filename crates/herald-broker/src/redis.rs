@@ -38,6 +38,7 @@
 //! without.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -1029,21 +1030,21 @@ impl Broker for RedisBroker {
             // next one. The script was loaded when the connection opened.
             let mut call = ::redis::cmd("EVALSHA");
             call.arg(self.publish_many_script.get_hash()).arg(chunk.len());
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 3 * chunk.len());
-            args.push(link.run_id.as_bytes().to_vec());
-            args.push(history::new_instance_id().as_bytes().to_vec());
+            // KEYS, then ARGV, written straight into the command (no copy per argument).
+            let mut key = String::new();
+            for (_, (channel, _, _)) in &chunk {
+                key.clear();
+                let _ = write!(key, "herald:{{{channel}}}:s");
+                call.arg(key.as_str());
+            }
+            let fresh = history::new_instance_id();
+            call.arg(link.run_id.as_ref()).arg(fresh.as_ref());
             let mut order = Vec::with_capacity(chunk.len());
-            for (i, (channel, data, options)) in chunk {
+            for (i, (_, data, options)) in &chunk {
                 let ttl_ms =
                     u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                call.arg(stream_key(&channel));
-                args.push(data.to_vec());
-                args.push(options.history_size.to_string().into_bytes());
-                args.push(ttl_ms.to_string().into_bytes());
-                order.push(i);
-            }
-            for a in args {
-                call.arg(a);
+                call.arg(&data[..]).arg(options.history_size).arg(ttl_ms);
+                order.push(*i);
             }
             async move { (order, call.query_async::<Value>(&mut conn).await) }
         });
