@@ -26,6 +26,7 @@
 
 pub mod history;
 pub mod memory;
+pub mod nats;
 pub mod redis;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use bytes::Bytes;
 use herald_protocol::{ChannelName, StreamPosition};
 
 pub use memory::MemoryBroker;
+pub use nats::NatsBroker;
 pub use redis::{RedisBroker, RedisTls};
 
 /// One publication as the broker delivers it.

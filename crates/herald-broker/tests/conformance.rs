@@ -1,10 +1,12 @@
-//! One broker conformance suite, run against every backend: the memory broker, and Redis (a
-//! real `redis-server` started on a free loopback port). Each case states a guarantee of the
+//! One broker conformance suite, run against every backend: the memory broker, Redis (a real
+//! `redis-server` started on a free loopback port) and NATS (a real `nats-server` with
+//! JetStream, likewise). Each case states a guarantee of the
 //! `Broker` trait (offsets, ordering, history, void positions, expiry, subscriptions) and checks
 //! it the same way on every backend.
 //!
-//! Redis cases need `redis-server` on the PATH (`scripts/test` installs it); without it they are
-//! skipped with a note, unless `HERALD_REQUIRE_REDIS=1`, which makes them fail.
+//! Redis cases need `redis-server` on the PATH, NATS cases `nats-server` (`scripts/test` installs
+//! both); without them they are skipped with a note, unless `HERALD_REQUIRE_REDIS=1` /
+//! `HERALD_REQUIRE_NATS=1`, which make them fail.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashSet;
@@ -15,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_broker::{
-    Broker, BrokerHandler, HistoryQuery, MemoryBroker, Publication, PublishOptions, RedisBroker,
+    Broker, BrokerHandler, HistoryQuery, MemoryBroker, NatsBroker, Publication, PublishOptions,
+    RedisBroker,
 };
 use herald_protocol::{ChannelName, StreamPosition};
 use parking_lot::Mutex;
@@ -23,8 +26,8 @@ use parking_lot::Mutex;
 /// One delivery: channel, offset, epoch, data.
 type Delivery = (String, Option<u64>, Option<String>, Bytes);
 
-/// A started backend: its name, the broker, its recorder, and the Redis process it uses.
-type Backend = (&'static str, Arc<dyn Broker>, Arc<Recorder>, Option<RedisServer>);
+/// A started backend: its name, the broker, its recorder, and the server process it uses.
+type Backend = (&'static str, Arc<dyn Broker>, Arc<Recorder>, Option<ServerProcess>);
 
 /// Records what the broker delivers; says it has subscribers of the channels in `wanted`.
 #[derive(Default)]
@@ -65,20 +68,57 @@ impl Recorder {
     }
 }
 
-/// A `redis-server` on a free port, stopped on drop.
-struct RedisServer {
+/// A `redis-server` or `nats-server` on a free port, stopped on drop.
+struct ServerProcess {
     child: Child,
     port: u16,
+    /// The NATS store directory.
+    _dir: Option<tempfile::TempDir>,
 }
 
-impl Drop for RedisServer {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn redis_server() -> Option<RedisServer> {
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `nats-server` with JetStream (a fresh store) on a free port.
+fn nats_server() -> Option<ServerProcess> {
+    let exe = ["nats-server", "/usr/sbin/nats-server"]
+        .into_iter()
+        .find(|exe| Command::new(exe).arg("--version").output().is_ok());
+    let Some(exe) = exe else {
+        assert!(
+            std::env::var("HERALD_REQUIRE_NATS").is_err(),
+            "nats-server is required (HERALD_REQUIRE_NATS is set) but not found"
+        );
+        eprintln!("nats-server not found: NATS conformance cases skipped");
+        return None;
+    };
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(exe)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    wait_listening(port, "nats-server");
+    Some(ServerProcess { child, port, _dir: Some(dir) })
+}
+
+fn redis_server() -> Option<ServerProcess> {
     let found = Command::new("redis-server").arg("--version").output().is_ok();
     if !found {
         assert!(
@@ -95,12 +135,8 @@ fn redis_server() -> Option<RedisServer> {
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(RedisServer { child, port })
+    wait_listening(port, "redis-server");
+    Some(ServerProcess { child, port, _dir: None })
 }
 
 /// A started broker of each backend, with its recorder (and the Redis process it uses).
@@ -121,6 +157,18 @@ async fn backends() -> Vec<Backend> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         out.push(("redis", broker, rec, Some(server)));
+    }
+    if let Some(server) = nats_server() {
+        let url = format!("nats://127.0.0.1:{}", server.port);
+        let broker = Arc::new(NatsBroker::connect(&url).await.unwrap());
+        let rec = Arc::new(Recorder::default());
+        broker.start(rec.clone()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !broker.is_ready() {
+            assert!(Instant::now() < deadline, "the nats broker did not get ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.push(("nats", broker, rec, Some(server)));
     }
     out
 }
