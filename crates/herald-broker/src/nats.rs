@@ -346,7 +346,8 @@ impl Shared {
         };
         let mut s = match self.js.get_stream(STREAM).await {
             Ok(mut s) => {
-                let info = s.info().await.map_err(|e| backend("stream info", e))?.clone();
+                let info =
+                    s.info().await.map_err(|e| self.request_failed("stream info", e))?.clone();
                 let have_size = usize::try_from(info.config.max_messages_per_subject).unwrap_or(0);
                 let have_age = u64::try_from(info.config.max_age.as_millis()).unwrap_or(u64::MAX);
                 if have_size < size || (have_age != 0 && have_age < age) {
@@ -359,8 +360,11 @@ impl Shared {
                     self.js
                         .update_stream(&config)
                         .await
-                        .map_err(|e| backend("update stream", e))?;
-                    self.js.get_stream(STREAM).await.map_err(|e| backend("stream", e))?
+                        .map_err(|e| self.request_failed("update stream", e))?;
+                    self.js
+                        .get_stream(STREAM)
+                        .await
+                        .map_err(|e| self.request_failed("stream", e))?
                 } else {
                     s
                 }
@@ -369,9 +373,9 @@ impl Shared {
                 .js
                 .get_or_create_stream(config)
                 .await
-                .map_err(|e| backend("create stream", e))?,
+                .map_err(|e| self.request_failed("create stream", e))?,
         };
-        let info = s.info().await.map_err(|e| backend("stream info", e))?.clone();
+        let info = s.info().await.map_err(|e| self.request_failed("stream info", e))?.clone();
         self.max_per_subject.store(
             usize::try_from(info.config.max_messages_per_subject).unwrap_or(0),
             Ordering::Release,
@@ -420,11 +424,14 @@ impl Shared {
         }
     }
 
+    /// A request that failed: unavailable when NATS is away or did not answer in time (a
+    /// frozen server keeps its connection open), a backend error otherwise.
     fn request_failed(&self, what: &str, e: impl std::fmt::Display) -> BrokerError {
-        if self.connected() {
-            backend(what, e)
-        } else {
+        let text = e.to_string();
+        if !self.connected() || text.contains("timed out") || text.contains("no responders") {
             unavailable()
+        } else {
+            backend(what, text)
         }
     }
 

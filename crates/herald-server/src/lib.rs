@@ -19,7 +19,7 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use herald_broker::{Broker, MemoryBroker, RedisBroker};
+use herald_broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
 use herald_core::node::AuthSettings;
 use herald_core::{Node, TokenVerifier};
 
@@ -30,7 +30,7 @@ use crate::config::Config;
 pub enum StartError {
     /// The configured broker is not available in this build.
     #[error(
-        "config key `broker`: {0:?} is not supported (use \"memory\", \"redis://HOST:PORT\" or \"rediss://HOST:PORT\")"
+        "config key `broker`: {0:?} is not supported (use \"memory\", \"redis://HOST:PORT\", \"rediss://HOST:PORT\" or \"nats://HOST:PORT\")"
     )]
     UnsupportedBroker(String),
     /// A file named in the configuration could not be read.
@@ -78,6 +78,7 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         url if url.starts_with("redis://") || url.starts_with("rediss://") => {
             Arc::new(RedisBroker::with_tls(url, &redis_tls(&config.broker_tls)?)?)
         }
+        url if url.starts_with("nats://") => Arc::new(NatsBroker::connect(url).await?),
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
     let verifier = config.auth.hmac_secret.as_ref().map(|s| {

@@ -430,3 +430,87 @@ impl TestPki {
         self.dir.path().join(name)
     }
 }
+
+/// A `nats-server` with JetStream on free loopback ports (clients and monitoring), its store in
+/// a temporary directory that outlives restarts; killed on drop.
+pub struct NatsServer {
+    pub child: Child,
+    pub port: u16,
+    /// The monitoring port (`/connz`, `/subsz`).
+    pub monitor: u16,
+    dir: tempfile::TempDir,
+    exe: &'static str,
+}
+
+impl NatsServer {
+    pub fn start() -> Option<NatsServer> {
+        let exe = ["nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|exe| Command::new(exe).arg("--version").output().is_ok());
+        let Some(exe) = exe else {
+            assert!(
+                std::env::var("HERALD_REQUIRE_NATS").is_err(),
+                "nats-server is required (HERALD_REQUIRE_NATS is set) but not found"
+            );
+            eprintln!("nats-server not found: test skipped");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (port, monitor) = (free_addr().port(), free_addr().port());
+        let child = Self::spawn(exe, port, monitor, dir.path());
+        Some(NatsServer { child, port, monitor, dir, exe })
+    }
+
+    fn spawn(exe: &str, port: u16, monitor: u16, dir: &std::path::Path) -> Child {
+        let child = Command::new(exe)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string()])
+            .arg("-sd")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// Kills the server (SIGKILL) and starts a new one on the same ports and store.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.exe, self.port, self.monitor, self.dir.path());
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The subjects of every client subscription, from the monitoring endpoint.
+    pub fn subscriptions(&self) -> Vec<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.monitor)).unwrap();
+        s.write_all(b"GET /connz?subs=1 HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let mut out = Vec::new();
+        for conn in v["connections"].as_array().into_iter().flatten() {
+            for sub in conn["subscriptions_list"].as_array().into_iter().flatten() {
+                out.push(sub.as_str().unwrap_or_default().to_string());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

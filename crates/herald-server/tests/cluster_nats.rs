@@ -1,0 +1,206 @@
+//! Several nodes on one NATS server (JetStream for history) behave as one server: the cluster
+//! cases every broker must pass (`cluster/mod.rs`), then NATS's own faults: the server killed
+//! and restarted from its store, the server frozen, and subscriptions only for the channels a
+//! node's clients use. Real processes: `nats-server -js` and `herald` nodes.
+
+#![allow(clippy::unwrap_used)]
+
+mod cluster;
+mod common;
+
+use std::time::Duration;
+
+use common::{NatsServer, Server, TIMEOUT};
+use herald_client::StreamPosition;
+use serde_json::{json, Value};
+
+fn config(nats: &NatsServer) -> String {
+    format!("broker = \"{}\"\n[namespaces.h]\nhistory_size = 1000\n", nats.url())
+}
+
+async fn nodes(nats: &NatsServer, n: usize) -> Vec<Server> {
+    cluster::nodes(&config(nats), n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_on_any_node_reaches_every_subscriber_on_every_node_in_order() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::a_publication_on_any_node_reaches_every_subscriber_on_every_node_in_order(&config(
+        &nats,
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_another_node_what_it_missed() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::a_client_recovers_on_another_node_what_it_missed(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_joining_other_nodes_while_one_publishes_miss_nothing() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::subscribers_joining_other_nodes_while_one_publishes_miss_nothing(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_recover_on_another_with_no_loss() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::clients_of_a_killed_node_recover_on_another_with_no_loss(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_resumes_on_another_node_with_last_event_id() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::an_sse_stream_resumes_on_another_node_with_last_event_id(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_lists_the_live_nodes_and_a_dead_one_drops_out() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::every_node_lists_the_live_nodes_and_a_dead_one_drops_out(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_by_user_acts_on_every_node() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::a_disconnect_by_user_acts_on_every_node(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_from_its_store_loses_nothing() {
+    // nats-server is killed (SIGKILL) and restarted on its store while a publisher runs on
+    // another node: publishes answer 503 meanwhile (never hang), /readyz goes 503 and back,
+    // and the subscriber ends with every accepted publication, in order, once.
+    let Some(mut nats) = NatsServer::start() else { return };
+    let nodes = nodes(&nats, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (client, mut events) = b.client().await;
+    client.subscribe("h:restart", None).await.unwrap();
+    let mut api = a.api().await;
+    let mut accepted: Vec<Value> = Vec::new();
+    for i in 1..=20 {
+        api.publish("h:restart", &json!(i)).await.unwrap();
+        accepted.push(json!(i));
+    }
+    nats.restart();
+    // While NATS comes back: publishes are accepted or refused with 503, none hangs.
+    let mut refused = 0;
+    let mut went_unready = false;
+    for i in 21..=60 {
+        let body = serde_json::to_vec(&json!({"channel": "h:restart", "data": i})).unwrap();
+        let started = std::time::Instant::now();
+        let (status, _, _) = api.request("POST", "/api/publish", Some(&body)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "a publish hung");
+        match status {
+            200 => accepted.push(json!(i)),
+            503 => refused += 1,
+            other => panic!("publish answered {other}"),
+        }
+        let (status, _, _) = api.request("GET", "/readyz", None).await.unwrap();
+        went_unready |= status == 503;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    common::wait_ready(a, TIMEOUT * 2).await;
+    common::wait_ready(b, TIMEOUT * 2).await;
+    for i in 61..=70 {
+        api.publish("h:restart", &json!(i)).await.unwrap();
+        accepted.push(json!(i));
+    }
+    let mut got = Vec::new();
+    let mut offsets = Vec::new();
+    while got.len() < accepted.len() {
+        let (_, offset, data) = events.next_pub(TIMEOUT * 2).await.unwrap();
+        offsets.push(offset.unwrap());
+        got.push(data);
+    }
+    assert_eq!(got, accepted, "every accepted publication, in order, once ({refused} refused)");
+    let want: Vec<u64> = (1..=accepted.len() as u64).collect();
+    assert_eq!(offsets, want, "offsets stay contiguous across the restart");
+    assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
+    let _ = went_unready; // a fast restart may be over before /readyz is asked
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nats_makes_publishes_fail_fast_and_nothing_is_lost_after() {
+    let Some(nats) = NatsServer::start() else { return };
+    let nodes = nodes(&nats, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (client, mut events) = b.client().await;
+    client.subscribe("h:frozen", None).await.unwrap();
+    let mut api = a.api().await;
+    for i in 1..=5 {
+        api.publish("h:frozen", &json!(i)).await.unwrap();
+    }
+    let pid = nats.child.id().to_string();
+    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let body = serde_json::to_vec(&json!({"channel": "h:frozen", "data": "during"})).unwrap();
+    let started = std::time::Instant::now();
+    let (status, _, _) = api.request("POST", "/api/publish", Some(&body)).await.unwrap();
+    assert_eq!(status, 503, "a publish to a frozen NATS is refused");
+    assert!(started.elapsed() < Duration::from_secs(8), "and fails fast");
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut went_unready = false;
+    while std::time::Instant::now() < deadline && !went_unready {
+        let (status, _, _) = b.api().await.request("GET", "/readyz", None).await.unwrap();
+        went_unready = status == 503;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert!(went_unready, "/readyz turned 503 while NATS was frozen");
+    common::wait_ready(a, TIMEOUT * 2).await;
+    common::wait_ready(b, TIMEOUT * 2).await;
+    for i in 6..=10 {
+        api.publish("h:frozen", &json!(i)).await.unwrap();
+    }
+    // The refused publish may have been applied once NATS resumed ("maybe published").
+    let mut got = Vec::new();
+    loop {
+        let (_, offset, data) = events.next_pub(TIMEOUT * 2).await.unwrap();
+        got.push((offset.unwrap(), data.clone()));
+        if data == json!(10) {
+            break;
+        }
+    }
+    let offsets: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert_eq!(offsets, (1..=got.len() as u64).collect::<Vec<u64>>(), "contiguous, in order");
+    let data: Vec<Value> = got.into_iter().map(|g| g.1).filter(|d| *d != json!("during")).collect();
+    assert_eq!(data, (1..=10).map(|i| json!(i)).collect::<Vec<Value>>());
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_subscribe_in_nats_only_to_the_channels_their_clients_use() {
+    let Some(nats) = NatsServer::start() else { return };
+    let nodes = nodes(&nats, 2).await;
+    let live = || {
+        let mut s: Vec<String> =
+            nats.subscriptions().into_iter().filter(|s| s.starts_with("herald.l.")).collect();
+        s.sort();
+        s
+    };
+    assert!(live().is_empty(), "no client, no subscription: {:?}", live());
+    let (c1, _e1) = nodes[0].client().await;
+    c1.subscribe("h:a.b", None).await.unwrap();
+    let (c2, _e2) = nodes[1].client().await;
+    c2.subscribe("plain", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(live(), ["herald.l.h:a~b", "herald.l.plain"], "one subject per used channel");
+    c1.unsubscribe("h:a.b").await.unwrap();
+    c2.close().await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !live().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still subscribed: {:?}", live());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A recovery position across nodes still works with the mapped names.
+    let mut api = nodes[0].api().await;
+    let r = api.publish("h:a.b", &json!(1)).await.unwrap();
+    let epoch = r["epoch"].as_str().unwrap().to_string();
+    api.publish("h:a.b", &json!(2)).await.unwrap();
+    let (c3, _e3) = nodes[1].client().await;
+    let sub = c3.subscribe("h:a.b", Some(StreamPosition { offset: 1, epoch })).await.unwrap();
+    assert!(sub.recovered);
+    assert_eq!(sub.publications.iter().map(|p| p.0).collect::<Vec<_>>(), [Some(2)]);
+}
