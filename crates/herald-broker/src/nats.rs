@@ -79,6 +79,7 @@ const H_OFFSET: &str = "Herald-Offset";
 const H_CREATED: &str = "Herald-Created";
 const H_TIME: &str = "Herald-Time";
 const H_PREV: &str = "Herald-Prev";
+const H_RUN: &str = "Herald-Run";
 
 /// The subject token of a channel: `.` becomes `~` (reversible: channel names have no `~`).
 pub fn subject_token(channel: &ChannelName) -> String {
@@ -112,6 +113,9 @@ struct Stored {
     created: u64,
     time: u64,
     prev: u64,
+    /// The NATS server process that stored it (single-server deployments, see
+    /// [`Shared::run`]).
+    run: Option<String>,
     data: Bytes,
 }
 
@@ -126,6 +130,7 @@ impl Stored {
             created: num(H_CREATED)?,
             time: num(H_TIME)?,
             prev: num(H_PREV)?,
+            run: get(H_RUN),
             data,
         })
     }
@@ -141,7 +146,8 @@ struct Shared {
     js: jetstream::Context,
     /// The `HERALD` stream, once it exists.
     stream: tokio::sync::RwLock<Option<stream::Stream>>,
-    /// The stream's creation time, base 36, 8 characters: the instance of void epochs (a
+    /// The stream's creation time (and server process, see [`Shared::run`]), base 36, 8
+    /// characters: the instance of void epochs (a
     /// position read from another incarnation of the stream proves nothing).
     instance: Mutex<Option<Arc<str>>>,
     /// The stream's limits as configured: messages per subject and age (ms).
@@ -305,6 +311,26 @@ impl Shared {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// The NATS server process this node is connected to (the first 8 characters of its
+    /// `server_id`, new at every start), when NATS is a single server (it advertises no other
+    /// servers); `None` in a NATS cluster, where nodes talk to different servers and the
+    /// stream's replicas carry durability.
+    ///
+    /// On a single server, a stream written by another process counts as ended, as on Redis:
+    /// a restarted server may have lost the newest acknowledged messages (an OS crash before
+    /// the sync interval), and continuing the epoch would hand out their offsets again.
+    fn run(&self) -> Option<String> {
+        let info = self.client.server_info();
+        (info.connect_urls.is_empty() && !info.server_id.is_empty())
+            .then(|| info.server_id.chars().take(history::INSTANCE_LEN).collect())
+    }
+
+    /// True when `last` still continues its channel's stream at `now`: not expired, and
+    /// written by this server process (see [`Shared::run`]).
+    fn continues(&self, last: &Stored, now: u64, ttl: Duration) -> bool {
+        !last.expired(now, ttl) && self.run().is_none_or(|run| last.run.as_deref() == Some(&*run))
+    }
+
     /// The stream, created when missing; with `raise`, its limits raised so that it keeps that
     /// channel's history (limits only ever grow: the largest `history_size` per subject, twice
     /// the largest TTL).
@@ -385,7 +411,9 @@ impl Shared {
             Ordering::Release,
         );
         let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
-        *self.instance.lock() = Some(instance_of(created));
+        let run = self.run().unwrap_or_default();
+        let run_bits = run.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        *self.instance.lock() = Some(instance_of(created ^ run_bits));
         self.stream_generation.store(generation, Ordering::Release);
         *self.stream.write().await = Some(s.clone());
         Ok(s)
@@ -475,7 +503,7 @@ impl Shared {
             };
             let now = now_ms();
             let (epoch, offset, created) = match &last {
-                Some(l) if !l.expired(now, options.history_ttl) => {
+                Some(l) if self.continues(l, now, options.history_ttl) => {
                     (l.epoch.clone(), l.offset + 1, l.created)
                 }
                 _ => (history::new_instance_id(), 1, now),
@@ -487,6 +515,10 @@ impl Shared {
             headers.insert(H_CREATED, created.to_string());
             headers.insert(H_TIME, now.to_string());
             headers.insert(H_PREV, prev.to_string());
+            let run = self.run();
+            if let Some(run) = &run {
+                headers.insert(H_RUN, run.as_str());
+            }
             let message = jetstream::message::PublishMessage::build()
                 .payload(data.clone())
                 .headers(headers)
@@ -504,6 +536,7 @@ impl Shared {
                         created,
                         time: now,
                         prev,
+                        run,
                         data: Bytes::new(),
                     });
                     return Ok(StreamPosition { offset, epoch: epoch.to_string() });
@@ -536,7 +569,7 @@ impl Shared {
         // Void positions record the read's time minus the clock allowance: a node whose clock
         // is ahead of the others' cannot make a later stream look covered.
         let at = now.saturating_sub(CLOCK_ALLOWANCE_MS);
-        let Some(last) = last.filter(|l| !l.expired(now, ttl)) else {
+        let Some(last) = last.filter(|l| self.continues(l, now, ttl)) else {
             // No stream: position 0 of a void epoch of this read.
             let complete = void.is_some_and(|v| v.covers(at, ttl))
                 && query.since.as_ref().is_some_and(|s| s.offset == 0);

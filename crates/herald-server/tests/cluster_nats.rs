@@ -68,58 +68,53 @@ async fn a_disconnect_by_user_acts_on_every_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_restarted_from_its_store_loses_nothing() {
+async fn a_restarted_nats_never_lets_an_epoch_continue() {
     // nats-server is killed (SIGKILL) and restarted on its store while a publisher runs on
-    // another node: publishes answer 503 meanwhile (never hang), /readyz goes 503 and back,
-    // and the subscriber ends with every accepted publication, in order, once.
+    // another node. It may have lost acknowledged writes (an OS crash before its sync
+    // interval; Herald cannot tell), so offsets are not trusted across the restart: publishes
+    // answer 200 or 503 meanwhile (never hang), the subscriber is told to recover (4008), the
+    // next publication starts a new epoch, and a client that held a position from before gets
+    // `recovered: false`, never a false `true`.
     let Some(mut nats) = NatsServer::start() else { return };
     let nodes = nodes(&nats, 2).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let (client, mut events) = b.client().await;
     client.subscribe("h:restart", None).await.unwrap();
     let mut api = a.api().await;
-    let mut accepted: Vec<Value> = Vec::new();
+    let mut before = Value::Null;
     for i in 1..=20 {
-        api.publish("h:restart", &json!(i)).await.unwrap();
-        accepted.push(json!(i));
+        before = api.publish("h:restart", &json!(i)).await.unwrap();
+    }
+    for i in 1..=20u64 {
+        assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(i));
     }
     nats.restart();
-    // While NATS comes back: publishes are accepted or refused with 503, none hangs.
-    let mut refused = 0;
-    let mut went_unready = false;
-    for i in 21..=60 {
+    for i in 21..=40 {
         let body = serde_json::to_vec(&json!({"channel": "h:restart", "data": i})).unwrap();
         let started = std::time::Instant::now();
         let (status, _, _) = api.request("POST", "/api/publish", Some(&body)).await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(10), "a publish hung");
-        match status {
-            200 => accepted.push(json!(i)),
-            503 => refused += 1,
-            other => panic!("publish answered {other}"),
-        }
-        let (status, _, _) = api.request("GET", "/readyz", None).await.unwrap();
-        went_unready |= status == 503;
+        assert!(status == 200 || status == 503, "publish answered {status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     common::wait_ready(a, TIMEOUT * 2).await;
     common::wait_ready(b, TIMEOUT * 2).await;
-    for i in 61..=70 {
-        api.publish("h:restart", &json!(i)).await.unwrap();
-        accepted.push(json!(i));
+    let mut code = None;
+    while let Ok(Some(event)) = tokio::time::timeout(TIMEOUT, events.recv()).await {
+        if let herald_client::Event::Disconnect { code: c, .. } = event {
+            code = Some(c);
+            break;
+        }
     }
-    let mut got = Vec::new();
-    let mut offsets = Vec::new();
-    while got.len() < accepted.len() {
-        let (_, offset, data) = events.next_pub(TIMEOUT * 2).await.unwrap();
-        offsets.push(offset.unwrap());
-        got.push(data);
-    }
-    assert_eq!(got, accepted, "every accepted publication, in order, once ({refused} refused)");
-    let want: Vec<u64> = (1..=accepted.len() as u64).collect();
-    assert_eq!(offsets, want, "offsets stay contiguous across the restart");
-    assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
-    let _ = went_unready; // a fast restart may be over before /readyz is asked
-    drop(client);
+    assert_eq!(code, Some(4008), "the subscriber is told to recover");
+    let after = api.publish("h:restart", &json!("after")).await.unwrap();
+    assert_ne!(after["epoch"], before["epoch"], "a new epoch after the restart");
+    let (client, _events) = b.client().await;
+    let pos = StreamPosition { offset: 20, epoch: before["epoch"].as_str().unwrap().to_string() };
+    let sub = client.subscribe("h:restart", Some(pos)).await.unwrap();
+    assert!(!sub.recovered, "never a false recovered across a restart");
+    let last = sub.publications.last().map(|p| p.1.clone());
+    assert_eq!(last, Some(json!("after")), "what history holds of the new epoch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
