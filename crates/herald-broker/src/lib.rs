@@ -25,6 +25,7 @@
 //! ([`HistoryPage::more`]).
 
 pub mod history;
+mod io_thread;
 pub mod memory;
 pub mod nats;
 pub mod redis;

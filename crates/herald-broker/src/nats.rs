@@ -45,6 +45,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::history::{self, VoidEpoch};
+use crate::io_thread::IoThread;
 use crate::{
     Broker, BrokerError, BrokerHandler, ControlHandler, HistoryPage, HistoryQuery, Publication,
     PublishOptions,
@@ -171,6 +172,8 @@ struct Shared {
 /// The NATS broker (see the module docs).
 pub struct NatsBroker {
     shared: Arc<Shared>,
+    /// The thread that runs the connection and the channel tasks (see [`IoThread`]).
+    io: Arc<IoThread>,
     display_url: String,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     ops: mpsc::UnboundedSender<SubOp>,
@@ -277,7 +280,14 @@ impl NatsBroker {
             .iter()
             .map(|s| s.parse().map_err(|e| backend("URL", e)))
             .collect::<Result<_, _>>()?;
-        let client = options.connect(addrs).await.map_err(|e| backend("connect", e))?;
+        // Connected on the broker's thread, where async-nats spawns the connection's task.
+        let io = Arc::new(IoThread::start("herald-nats")?);
+        let client = io
+            .handle
+            .spawn(async move { options.connect(addrs).await })
+            .await
+            .map_err(|e| backend("connect", e))?
+            .map_err(|e| backend("connect", e))?;
         let js = jetstream::ContextBuilder::new().timeout(NATS_TIMEOUT).build(client.clone());
         let (ops, ops_rx) = mpsc::unbounded_channel();
         Ok(NatsBroker {
@@ -294,6 +304,7 @@ impl NatsBroker {
                 reconnects: reconnects.subscribe(),
                 stream_generation: AtomicU64::new(0),
             }),
+            io,
             display_url: without_password(url),
             handler: OnceLock::new(),
             ops,
@@ -905,7 +916,7 @@ impl Broker for NatsBroker {
         let ops =
             self.ops_rx.lock().take().ok_or(BrokerError::Backend("already started".into()))?;
         tracing::info!(url = %self.display_url, "connecting to nats");
-        tokio::spawn(run_subscriptions(
+        self.io.handle.spawn(run_subscriptions(
             self.shared.clone(),
             handler.clone(),
             ops,
@@ -917,7 +928,7 @@ impl Broker for NatsBroker {
         let sender = self.sender.clone();
         let nodes = self.nodes.clone();
         let mut reconnected = self.reconnects.subscribe();
-        tokio::spawn(async move {
+        self.io.handle.spawn(async move {
             let Ok(mut control_sub) = shared.client.subscribe(CONTROL_SUBJECT).await else {
                 return;
             };
@@ -966,7 +977,7 @@ impl Broker for NatsBroker {
         });
         // The stream, in the background (NATS may be away at start).
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        self.io.handle.spawn(async move {
             let mut backoff = Duration::from_millis(50);
             while let Err(e) = shared.stream_for(None).await {
                 tracing::debug!(error = %e, "the jetstream stream is not ready; retrying");

@@ -51,6 +51,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::history::{self, VoidEpoch};
+use crate::io_thread::IoThread;
 use crate::{
     Broker, BrokerError, BrokerHandler, ControlHandler, HistoryPage, HistoryQuery, Publication,
     PublishOptions,
@@ -224,40 +225,6 @@ pub struct RedisBroker {
     sender: Arc<str>,
 }
 
-/// A thread of the broker's own, with a single-threaded runtime: it runs the command
-/// connection's driver and the pub/sub task, which hands each publication to the hub, whose
-/// fan-out pushes it into the subscribers' queues. On the node's connection runtime instead,
-/// every publication from Redis would be fanned out between two rounds of the writers it
-/// wakes, so each writer would send one frame per wake-up: at saturation (one node, 3,000
-/// subscribers, HTTP publishers) 12 times fewer deliveries per second than the memory broker,
-/// whose publishers fan out from the API runtime. Here, as there, queues fill while writers
-/// write, and each wake-up sends what accumulated in one vectored write.
-struct IoThread {
-    handle: tokio::runtime::Handle,
-    /// Dropped with the broker: the thread's runtime then stops, with its tasks.
-    _stop: oneshot::Sender<()>,
-}
-
-impl IoThread {
-    fn start() -> Result<IoThread, BrokerError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| BrokerError::Backend(format!("cannot start the redis thread: {e}")))?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("herald-redis".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })
-            .map_err(|e| BrokerError::Backend(format!("cannot start the redis thread: {e}")))?;
-        Ok(IoThread { handle, _stop: stop })
-    }
-}
-
 /// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
 #[derive(Clone)]
 struct Reader {
@@ -386,7 +353,7 @@ impl RedisBroker {
     pub fn with_tls(url: &str, tls: &RedisTls) -> Result<RedisBroker, BrokerError> {
         let client = client_for(url, tls)?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
-        let io = Arc::new(IoThread::start()?);
+        let io = Arc::new(IoThread::start("herald-redis")?);
         let commands = Arc::new(Commands {
             client: client.clone(),
             link: parking_lot::RwLock::new(None),
