@@ -65,6 +65,9 @@ const NODES_SUBJECT: &str = "herald.nodes";
 const NATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Attempts of one publication against concurrent publishers before it fails.
 const MAX_ATTEMPTS: usize = 64;
+/// Channels whose last message a node keeps between publications (beyond, the idle ones are
+/// dropped: their next publication reads the last message again).
+const MAX_CACHED_CHANNELS: usize = 10_000;
 /// Most publications one catch-up delivers; a longer gap ends the channel's subscriptions.
 const MAX_CATCH_UP: u64 = 10_000;
 /// Publications per history read of a catch-up.
@@ -157,8 +160,9 @@ struct Shared {
     /// Serializes stream creation and limit updates.
     configuring: tokio::sync::Mutex<()>,
     /// Per channel publishing on this node: the lock serializes its publications, and holds
-    /// the channel's last stored message while publications queue behind it. Entries exist
-    /// only while a publication of the channel is in flight.
+    /// the channel's last stored message as this node last saw it (stale when another node
+    /// published since: the append is then refused and the message read again). At most
+    /// [`MAX_CACHED_CHANNELS`] idle entries.
     publishing: Mutex<HashMap<ChannelName, Arc<tokio::sync::Mutex<Option<Stored>>>>>,
     /// The probe came back recently.
     probe_ok: AtomicBool,
@@ -490,10 +494,12 @@ impl Shared {
             let mut last = lock.lock().await;
             self.append(&stream, channel, data, options, &mut last).await
         };
-        // The entry goes once nobody else waits on it.
+        // The entry stays as a cache of the channel's last message (a channel published from
+        // one node then costs one round trip); past the bound, every idle entry goes.
+        drop(lock);
         let mut map = self.publishing.lock();
-        if Arc::strong_count(&lock) == 2 {
-            map.remove(channel);
+        if map.len() > MAX_CACHED_CHANNELS {
+            map.retain(|_, entry| Arc::strong_count(entry) > 1);
         }
         result
     }
