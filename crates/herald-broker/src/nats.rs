@@ -61,10 +61,17 @@ const LIVE: &str = "herald.l.";
 const CONTROL_SUBJECT: &str = "herald.control";
 /// Node announcements.
 const NODES_SUBJECT: &str = "herald.nodes";
+/// Announced nodes kept at most, and the longest TTL an announcement gets.
+const MAX_NODES: usize = 4096;
+const MAX_NODE_TTL_MS: u64 = 60_000;
 /// Longest wait for NATS to answer a request.
 const NATS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a publication may take, queueing behind the channel's others included.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(4);
 /// Attempts of one publication against concurrent publishers before it fails.
 const MAX_ATTEMPTS: usize = 64;
+/// History reads this close to the newest message walk back instead of searching.
+const WALK_BACK: u64 = 32;
 /// Channels whose last message a node keeps between publications (beyond, the idle ones are
 /// dropped: their next publication reads the last message again).
 const MAX_CACHED_CHANNELS: usize = 10_000;
@@ -124,19 +131,47 @@ struct Stored {
 }
 
 impl Stored {
+    /// The message's position, from its headers; `None` unless every header is well formed:
+    /// an epoch of 8 characters of `[0-9a-z]` (what Herald generates), numbers below 2^53.
     fn parse(seq: u64, headers: &HeaderMap, data: Bytes) -> Option<Stored> {
+        const MAX: u64 = 1 << 53;
         let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
-        let num = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
+        let num = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok()).filter(|&n| n < MAX);
+        let epoch = get(H_EPOCH)?;
+        let well_formed = epoch.len() == history::INSTANCE_LEN
+            && epoch.bytes().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase());
+        let offset = num(H_OFFSET).filter(|&o| o >= 1)?;
+        well_formed.then_some(())?;
         Some(Stored {
             seq,
-            epoch: Arc::from(get(H_EPOCH)?.as_str()),
-            offset: num(H_OFFSET)?,
+            epoch: Arc::from(epoch.as_str()),
+            offset,
             created: num(H_CREATED)?,
             time: num(H_TIME)?,
             prev: num(H_PREV)?,
             run: get(H_RUN),
             data,
         })
+    }
+
+    /// A stored message Herald did not write (or cannot read): it ends whatever epoch came
+    /// before it, and the next publication appends after it in a new epoch.
+    fn foreign(seq: u64) -> Stored {
+        Stored {
+            seq,
+            epoch: Arc::from(""),
+            offset: 0,
+            created: 0,
+            time: 0,
+            prev: 0,
+            run: None,
+            data: Bytes::new(),
+        }
+    }
+
+    fn read(m: jetstream::message::StreamMessage) -> Stored {
+        Stored::parse(m.sequence, &m.headers, m.payload)
+            .unwrap_or_else(|| Stored::foreign(m.sequence))
     }
 
     fn expired(&self, now: u64, ttl: Duration) -> bool {
@@ -273,6 +308,12 @@ impl NatsBroker {
                         async_nats::Event::Disconnected => {
                             tracing::warn!("nats connection lost; reconnecting");
                         }
+                        async_nats::Event::SlowConsumer(_) => {
+                            // A subscription's buffer overflowed and dropped messages: every
+                            // channel catches up from history, as after a reconnect.
+                            tracing::warn!("a nats subscription fell behind; catching up");
+                            reconnect_tx.send_modify(|n| *n += 1);
+                        }
                         other => tracing::debug!(event = %other, "nats event"),
                     }
                 }
@@ -343,7 +384,9 @@ impl Shared {
     /// True when `last` still continues its channel's stream at `now`: not expired, and
     /// written by this server process (see [`Shared::run`]).
     fn continues(&self, last: &Stored, now: u64, ttl: Duration) -> bool {
-        !last.expired(now, ttl) && self.run().is_none_or(|run| last.run.as_deref() == Some(&*run))
+        !last.epoch.is_empty()
+            && !last.expired(now, ttl)
+            && self.run().is_none_or(|run| last.run.as_deref() == Some(&*run))
     }
 
     /// The stream, created when missing; with `raise`, its limits raised so that it keeps that
@@ -385,37 +428,39 @@ impl Shared {
             allow_direct: true,
             ..Default::default()
         };
-        let mut s = match self.js.get_stream(STREAM).await {
-            Ok(mut s) => {
-                let info =
-                    s.info().await.map_err(|e| self.request_failed("stream info", e))?.clone();
-                let have_size = usize::try_from(info.config.max_messages_per_subject).unwrap_or(0);
-                let have_age = u64::try_from(info.config.max_age.as_millis()).unwrap_or(u64::MAX);
-                if have_size < size || (have_age != 0 && have_age < age) {
-                    let config = stream::Config {
-                        max_messages_per_subject: i64::try_from(size.max(have_size))
-                            .unwrap_or(i64::MAX),
-                        max_age: Duration::from_millis(age.max(have_age)),
-                        ..info.config.clone()
-                    };
-                    self.js
-                        .update_stream(&config)
-                        .await
-                        .map_err(|e| self.request_failed("update stream", e))?;
-                    self.js
-                        .get_stream(STREAM)
-                        .await
-                        .map_err(|e| self.request_failed("stream", e))?
-                } else {
-                    s
-                }
+        // Another node may raise the limits at the same time (the last update wins) or an
+        // operator may lower them: update until a fresh read shows at least what is needed.
+        let mut s = None;
+        for _ in 0..5 {
+            let mut current = match self.js.get_stream(STREAM).await {
+                Ok(current) => current,
+                Err(_) => self
+                    .js
+                    .get_or_create_stream(config.clone())
+                    .await
+                    .map_err(|e| self.request_failed("create stream", e))?,
+            };
+            let info =
+                current.info().await.map_err(|e| self.request_failed("stream info", e))?.clone();
+            let have_size = usize::try_from(info.config.max_messages_per_subject).unwrap_or(0);
+            let have_age = u64::try_from(info.config.max_age.as_millis()).unwrap_or(u64::MAX);
+            if have_size >= size && (have_age == 0 || have_age >= age) {
+                s = Some(current);
+                break;
             }
-            Err(_) => self
-                .js
-                .get_or_create_stream(config)
+            let raised = stream::Config {
+                max_messages_per_subject: i64::try_from(size.max(have_size)).unwrap_or(i64::MAX),
+                max_age: Duration::from_millis(age.max(have_age)),
+                ..info.config.clone()
+            };
+            self.js
+                .update_stream(&raised)
                 .await
-                .map_err(|e| self.request_failed("create stream", e))?,
-        };
+                .map_err(|e| self.request_failed("update stream", e))?;
+        }
+        let mut s = s.ok_or_else(|| {
+            BrokerError::Backend("nats: the HERALD stream's limits could not be raised".into())
+        })?;
         let info = s.info().await.map_err(|e| self.request_failed("stream info", e))?.clone();
         self.max_per_subject.store(
             usize::try_from(info.config.max_messages_per_subject).unwrap_or(0),
@@ -448,7 +493,7 @@ impl Shared {
     ) -> Result<Option<Stored>, BrokerError> {
         let subject = format!("{STORED}{}", subject_token(channel));
         match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => Ok(Stored::parse(m.sequence, &m.headers, m.payload)),
+            Ok(m) => Ok(Some(Stored::read(m))),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(self.request_failed("read", e)),
         }
@@ -461,9 +506,36 @@ impl Shared {
         seq: u64,
     ) -> Result<Option<Stored>, BrokerError> {
         match stream.get_raw_message(seq).await {
-            Ok(m) => Ok(Stored::parse(m.sequence, &m.headers, m.payload)),
+            Ok(m) => Ok(Some(Stored::read(m))),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(self.request_failed("read", e)),
+        }
+    }
+
+    /// The first stored message of `subject` at or after stream sequence `seq`.
+    async fn first_from(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        seq: u64,
+    ) -> Result<Option<Stored>, BrokerError> {
+        match stream.get_first_raw_message_by_subject(subject, seq).await {
+            Ok(m) => Ok(Some(Stored::read(m))),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(self.request_failed("read", e)),
+        }
+    }
+
+    /// A core publish, within [`NATS_TIMEOUT`] (async-nats waits for room in its command
+    /// queue, which does not drain while the server is frozen).
+    async fn core_publish(&self, subject: String, payload: Bytes) -> Result<(), BrokerError> {
+        if !self.connected() {
+            return Err(unavailable());
+        }
+        match tokio::time::timeout(NATS_TIMEOUT, self.client.publish(subject, payload)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.request_failed("publish", e)),
+            Err(_) => Err(BrokerError::Unavailable("nats did not take the publication in time")),
         }
     }
 
@@ -478,8 +550,26 @@ impl Shared {
         }
     }
 
-    /// Publishes one publication with history (see the module docs).
+    /// Publishes one publication with history (see the module docs), within
+    /// [`PUBLISH_DEADLINE`] (waiting behind the channel's other publications included).
     async fn publish_stored(
+        &self,
+        channel: &ChannelName,
+        data: Bytes,
+        options: &PublishOptions,
+    ) -> Result<StreamPosition, BrokerError> {
+        match tokio::time::timeout(
+            PUBLISH_DEADLINE,
+            self.publish_stored_now(channel, data, options),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::Unavailable("nats did not answer in time")),
+        }
+    }
+
+    async fn publish_stored_now(
         &self,
         channel: &ChannelName,
         data: Bytes,
@@ -492,7 +582,11 @@ impl Shared {
         };
         let result = {
             let mut last = lock.lock().await;
-            self.append(&stream, channel, data, options, &mut last).await
+            if self.connected() {
+                self.append(&stream, channel, data, options, &mut last).await
+            } else {
+                Err(unavailable())
+            }
         };
         // The entry stays as a cache of the channel's last message (a channel published from
         // one node then costs one round trip); past the bound, every idle entry goes.
@@ -521,7 +615,7 @@ impl Shared {
             let now = now_ms();
             let (epoch, offset, created) = match &last {
                 Some(l) if self.continues(l, now, options.history_ttl) => {
-                    (l.epoch.clone(), l.offset + 1, l.created)
+                    (l.epoch.clone(), l.offset.saturating_add(1), l.created)
                 }
                 _ => (history::new_instance_id(), 1, now),
             };
@@ -588,7 +682,9 @@ impl Shared {
         let at = now.saturating_sub(CLOCK_ALLOWANCE_MS);
         let Some(last) = last.filter(|l| self.continues(l, now, ttl)) else {
             // No stream: position 0 of a void epoch of this read.
-            let complete = void.is_some_and(|v| v.covers(at, ttl))
+            // Judged at the read's real time (a stricter bound than `at`): a node whose clock
+            // is behind the reader's by less than the allowance cannot hide a lost stream.
+            let complete = void.is_some_and(|v| v.covers(now, ttl))
                 && query.since.as_ref().is_some_and(|s| s.offset == 0);
             let epoch = VoidEpoch { instance: &instance, at_ms: at }.encode();
             return Ok(HistoryPage {
@@ -619,28 +715,10 @@ impl Shared {
                 (top - count + 1).max(oldest)
             }
         };
-        // Walk back from the newest to `from` along Herald-Prev, within the epoch.
-        let mut got: Vec<Stored> = Vec::new();
-        let mut lowest = top + 1;
-        let mut at_msg = (from <= top).then(|| last.clone());
-        while let Some(m) = at_msg.take() {
-            if m.offset < from || *m.epoch != *last.epoch || m.offset >= lowest {
-                break;
-            }
-            lowest = m.offset;
-            let (prev, offset) = (m.prev, m.offset);
-            got.push(m);
-            if offset == from || prev == 0 {
-                break;
-            }
-            at_msg = self.by_seq(&stream, prev).await?;
-        }
-        got.reverse();
+        let subject = format!("{STORED}{}", subject_token(channel));
+        let (got, lowest) = self.collect(&stream, &subject, &last, from, limit).await?;
         // JetStream may hold less than the channel's history (trimmed by age or count).
-        let complete = reaches.is_some() && (from > top || lowest == from);
-        if query.since.is_some() {
-            got.truncate(limit); // from the oldest
-        }
+        let complete = reaches.is_some() && lowest == from;
         let publications = got
             .into_iter()
             .map(|m| Publication { offset: Some(m.offset), epoch: Some(m.epoch), data: m.data })
@@ -651,6 +729,75 @@ impl Shared {
             complete: complete && query.since.is_some(),
             more: false,
         })
+    }
+}
+
+impl Shared {
+    /// The stored messages of `last`'s epoch from offset `from` on (at most `max`, oldest
+    /// first), and the lowest offset JetStream still holds at or after `from` (`from` when
+    /// nothing is due). Near the top it walks back along `Herald-Prev`; further back it finds
+    /// the first message by a binary search over stream sequences (offsets rise with the
+    /// sequence within an epoch) and reads forward: about log2(sequence) + `max` requests,
+    /// never more than `max` messages held.
+    async fn collect(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        last: &Stored,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<Stored>, u64), BrokerError> {
+        let top = last.offset;
+        if from > top || max == 0 {
+            return Ok((Vec::new(), from));
+        }
+        let same = |m: &Stored| *m.epoch == *last.epoch;
+        if top - from < WALK_BACK {
+            let mut got = vec![last.clone()];
+            while let Some(m) = got.last() {
+                if m.offset <= from || m.prev == 0 {
+                    break;
+                }
+                let want = m.offset - 1;
+                match self.by_seq(stream, m.prev).await? {
+                    Some(p) if same(&p) && p.offset == want => got.push(p),
+                    _ => break, // trimmed, or the epoch began there
+                }
+            }
+            got.reverse();
+            let lowest = got.first().map_or(from, |m| m.offset);
+            got.truncate(max);
+            return Ok((got, lowest));
+        }
+        // The smallest sequence whose next message of the channel is in the epoch at or
+        // after `from` (the last message qualifies, so the search ends on one).
+        let (mut lo, mut hi) = (1u64, last.seq);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.first_from(stream, subject, mid).await? {
+                Some(m) if same(&m) && m.offset >= from => hi = mid,
+                // Every sequence up to m's leads to m: skip past it.
+                Some(m) => lo = m.seq.max(mid).saturating_add(1).min(hi),
+                None => hi = mid,
+            }
+        }
+        let Some(mut cur) = self.first_from(stream, subject, lo).await?.filter(same) else {
+            return Ok((Vec::new(), top + 1));
+        };
+        let lowest = cur.offset;
+        let mut got = Vec::new();
+        loop {
+            let (seq, offset) = (cur.seq, cur.offset);
+            got.push(cur);
+            if offset >= top || got.len() >= max {
+                break;
+            }
+            match self.first_from(stream, subject, seq + 1).await? {
+                Some(n) if same(&n) && n.offset == offset + 1 => cur = n,
+                _ => break,
+            }
+        }
+        Ok((got, lowest))
     }
 }
 
@@ -680,10 +827,15 @@ struct ChannelTask {
 impl ChannelTask {
     /// Hands a live message over, first filling any gap before it from history.
     async fn deliver(&mut self, headers: Option<&HeaderMap>, data: Bytes) -> Result<(), ()> {
+        let positioned = headers.is_some_and(|h| h.get(H_OFFSET).is_some());
         let stored = headers.and_then(|h| {
             let seq = h.get("Nats-Sequence").and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
             Stored::parse(seq, h, data.clone())
         });
+        if positioned && stored.is_none() {
+            tracing::warn!(channel = %self.channel, "a malformed message on the live subject: dropped");
+            return Ok(());
+        }
         let Some(m) = stored else {
             let p = Publication { offset: None, epoch: None, data };
             self.handler.handle_publication(&self.channel, &p);
@@ -817,21 +969,42 @@ async fn run_channel(
                 behind = true;
             }
             msg = sub.next() => {
-                let Some(msg) = msg else { break };
+                let Some(msg) = msg else {
+                    // The subscription ended (the client closed it): the channel's subscribers
+                    // here would hear nothing more; they recover elsewhere or on resubscribing.
+                    tracing::warn!(channel = %task.channel, "the nats subscription ended");
+                    task.lose();
+                    break;
+                };
                 if task.deliver(msg.headers.as_ref(), msg.payload).await.is_err() {
                     behind = true;
                 }
             }
         }
         while behind {
-            if task.resync().await.is_ok() {
-                behind = false;
-            } else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // Stoppable while it retries: an unsubscribe never waits for NATS to come back.
+            tokio::select! {
+                _ = &mut stop => {
+                    let _ = sub.unsubscribe().await;
+                    return;
+                }
+                ok = task.resync() => {
+                    if ok.is_ok() {
+                        behind = false;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
             }
         }
     }
     let _ = sub.unsubscribe().await;
+}
+
+/// A channel's running task.
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The subscription side: one task per subscribed channel, reconciled in order.
@@ -841,19 +1014,26 @@ async fn run_subscriptions(
     mut ops: mpsc::UnboundedReceiver<SubOp>,
     reconnects: watch::Receiver<u64>,
 ) {
-    let mut running: HashMap<ChannelName, oneshot::Sender<()>> = HashMap::new();
+    let mut running: HashMap<ChannelName, Running> = HashMap::new();
     while let Some(op) = ops.recv().await {
         let want = handler.has_subscribers(&op.channel);
+        // A task that ended by itself (its subscription closed) is not running.
+        if running.get(&op.channel).is_some_and(|r| r.task.is_finished()) {
+            running.remove(&op.channel);
+        }
         let have = running.contains_key(&op.channel);
         let result = match (want, have) {
             (true, false) => {
-                subscribe_channel(&shared, &handler, &op.channel, &reconnects).await.map(|stop| {
-                    running.insert(op.channel.clone(), stop);
+                subscribe_channel(&shared, &handler, &op.channel, &reconnects).await.map(|r| {
+                    running.insert(op.channel.clone(), r);
                 })
             }
             (false, true) => {
-                if let Some(stop) = running.remove(&op.channel) {
-                    let _ = stop.send(());
+                if let Some(r) = running.remove(&op.channel) {
+                    let _ = r.stop.send(());
+                    // The task ends before another can start for the channel: two would hand
+                    // its publications over concurrently.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), r.task).await;
                 }
                 Ok(())
             }
@@ -871,7 +1051,7 @@ async fn subscribe_channel(
     handler: &Arc<dyn BrokerHandler>,
     channel: &ChannelName,
     reconnects: &watch::Receiver<u64>,
-) -> Result<oneshot::Sender<()>, BrokerError> {
+) -> Result<Running, BrokerError> {
     if !shared.connected() {
         return Err(unavailable());
     }
@@ -900,13 +1080,13 @@ async fn subscribe_channel(
         handler: handler.clone(),
         channel: channel.clone(),
         options_hint: PublishOptions {
-            history_size: CATCH_UP_PAGE,
+            history_size: usize::try_from(MAX_CATCH_UP).unwrap_or(usize::MAX),
             history_ttl: options.history_ttl,
         },
         position,
     };
-    tokio::spawn(run_channel(task, sub, stopped, reconnects.clone()));
-    Ok(stop)
+    let task = tokio::spawn(run_channel(task, sub, stopped, reconnects.clone()));
+    Ok(Running { stop, task })
 }
 
 #[async_trait::async_trait]
@@ -957,7 +1137,13 @@ impl Broker for NatsBroker {
                         let mut parts = text.splitn(3, ' ');
                         if let (Some(ttl), Some(id), Some(info)) = (parts.next(), parts.next(), parts.next()) {
                             if let Ok(ttl) = ttl.parse::<u64>() {
-                                nodes.lock().insert(id.to_string(), (Bytes::from(info.to_string()), now_ms() + ttl));
+                                let now = now_ms();
+                                let until = now.saturating_add(ttl.min(MAX_NODE_TTL_MS));
+                                let mut nodes = nodes.lock();
+                                nodes.retain(|_, (_, u)| *u > now);
+                                if nodes.len() < MAX_NODES || nodes.contains_key(id) {
+                                    nodes.insert(id.to_string(), (Bytes::from(info.to_string()), until));
+                                }
                             }
                         }
                     }
@@ -976,7 +1162,7 @@ impl Broker for NatsBroker {
                             tracing::warn!("nats probe did not come back: reconnecting");
                             let _ = shared.client.force_reconnect().await;
                         }
-                        let _ = shared.client.publish(probe.clone(), Bytes::from_static(b"p")).await;
+                        let _ = shared.core_publish(probe.clone(), Bytes::from_static(b"p")).await;
                     }
                 }
             }
@@ -1001,11 +1187,8 @@ impl Broker for NatsBroker {
         options: &PublishOptions,
     ) -> Result<Option<StreamPosition>, BrokerError> {
         if options.history_size == 0 {
-            if !self.shared.connected() {
-                return Err(unavailable());
-            }
             let subject = format!("{LIVE}{}", subject_token(channel));
-            self.shared.client.publish(subject, data).await.map_err(|e| backend("publish", e))?;
+            self.shared.core_publish(subject, data).await?;
             return Ok(None);
         }
         self.shared.publish_stored(channel, data, options).await.map(Some)
@@ -1071,11 +1254,7 @@ impl Broker for NatsBroker {
         payload.extend_from_slice(self.sender.as_bytes());
         payload.push(b' ');
         payload.extend_from_slice(&message);
-        self.shared
-            .client
-            .publish(CONTROL_SUBJECT, Bytes::from(payload))
-            .await
-            .map_err(|e| backend("publish", e))
+        self.shared.core_publish(CONTROL_SUBJECT.into(), Bytes::from(payload)).await
     }
 
     fn set_control(&self, handler: ControlHandler) {
@@ -1088,11 +1267,7 @@ impl Broker for NatsBroker {
         payload.extend_from_slice(&info);
         // Our own entry at once (our subscription sees it too).
         self.nodes.lock().insert(id.to_string(), (info, now_ms() + ttl));
-        self.shared
-            .client
-            .publish(NODES_SUBJECT, Bytes::from(payload))
-            .await
-            .map_err(|e| backend("publish", e))
+        self.shared.core_publish(NODES_SUBJECT.into(), Bytes::from(payload)).await
     }
 
     async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
@@ -1151,6 +1326,44 @@ mod tests {
         assert_eq!(without_password("nats://u:secret@h1:4222"), "nats://u:***@h1:4222");
         assert!(parse_url("redis://x").is_err());
         assert!(parse_url("nats://").is_err());
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    }
+
+    #[test]
+    fn stored_positions_are_read_only_from_well_formed_headers() {
+        let good = [
+            (H_EPOCH, "abcd1234"),
+            (H_OFFSET, "7"),
+            (H_CREATED, "1"),
+            (H_TIME, "2"),
+            (H_PREV, "3"),
+        ];
+        let m = Stored::parse(9, &headers(&good), Bytes::from("x")).unwrap();
+        assert_eq!((m.seq, m.offset, &*m.epoch, m.prev), (9, 7, "abcd1234", 3));
+        // Forged or garbled: no position (a live one is dropped, a stored one ends the epoch).
+        for (k, v) in [
+            (H_OFFSET, "18446744073709551615"),
+            (H_OFFSET, "0"),
+            (H_OFFSET, "-1"),
+            (H_EPOCH, "ABCD1234"),
+            (H_EPOCH, "short"),
+            (H_EPOCH, "abcd12345"),
+            (H_PREV, "x"),
+            (H_TIME, "9007199254740993"),
+        ] {
+            let mut h: Vec<(&str, &str)> = good.iter().filter(|(n, _)| *n != k).copied().collect();
+            h.push((k, v));
+            assert!(Stored::parse(1, &headers(&h), Bytes::new()).is_none(), "{k}: {v}");
+        }
+        let missing: Vec<(&str, &str)> = good[1..].to_vec();
+        assert!(Stored::parse(1, &headers(&missing), Bytes::new()).is_none());
     }
 
     #[test]

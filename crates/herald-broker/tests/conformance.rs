@@ -550,3 +550,52 @@ async fn history_answers_agree_with_the_memory_broker_on_random_streams() {
         }
     }
 }
+
+/// Long histories, interleaved with another channel's publications (so a channel's messages
+/// are not contiguous in a shared log), read far from the newest publication: every backend
+/// answers as the memory broker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_histories_read_far_back_answer_as_the_memory_broker() {
+    let all = backends().await;
+    let (reference, others) = all.split_first().unwrap();
+    let (c, other) = (ch("long:a"), ch("long:b"));
+    let o = opts(200);
+    let mut epochs = Vec::new();
+    for b in std::iter::once(reference).chain(others) {
+        let items: Vec<(ChannelName, Bytes, PublishOptions)> = (1..=250u64)
+            .flat_map(|i| {
+                [(c.clone(), Bytes::from(format!("a{i}")), o), (other.clone(), Bytes::from("b"), o)]
+            })
+            .collect();
+        let results = b.1.publish_many(items).await;
+        epochs.push(results[0].as_ref().unwrap().as_ref().unwrap().epoch.clone());
+    }
+    let queries = |epoch: &str| {
+        vec![
+            since(60, epoch, Some(10)),
+            since(51, epoch, None),
+            since(50, epoch, Some(3)),
+            since(49, epoch, Some(5)),
+            since(120, epoch, Some(100)),
+            since(10, epoch, Some(7)),
+            since(10, "another", Some(7)),
+            HistoryQuery { since: None, limit: Some(150) },
+            HistoryQuery { since: None, limit: None },
+        ]
+    };
+    for (k, b) in others.iter().enumerate() {
+        for (q, reference_q) in queries(&epochs[k + 1]).into_iter().zip(queries(&epochs[0])) {
+            let page = b.1.history(&c, &o, &q).await.unwrap();
+            let want = reference.1.history(&c, &o, &reference_q).await.unwrap();
+            let data = |p: &herald_broker::HistoryPage| -> Vec<Bytes> {
+                p.publications.iter().map(|p| p.data.clone()).collect()
+            };
+            assert_eq!(
+                (offsets(&page), data(&page), page.complete),
+                (offsets(&want), data(&want), want.complete),
+                "{} vs memory: {q:?}",
+                b.0
+            );
+        }
+    }
+}
