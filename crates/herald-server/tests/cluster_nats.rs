@@ -199,3 +199,35 @@ async fn nodes_subscribe_in_nats_only_to_the_channels_their_clients_use() {
     assert!(sub.recovered);
     assert_eq!(sub.publications.iter().map(|p| p.0).collect::<Vec<_>>(), [Some(2)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_several_nodes_get_contiguous_offsets() {
+    let Some(nats) = NatsServer::start() else { return };
+    cluster::concurrent_publishers_on_several_nodes_get_contiguous_offsets(&config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_are_used_and_never_logged() {
+    let Some(nats) = NatsServer::start_with(&["--user", "herald", "--pass", "s3cret-pw"]) else {
+        return;
+    };
+    let url = |pass: &str| format!("nats://herald:{pass}@127.0.0.1:{}", nats.port);
+    let good = format!("broker = \"{}\"\n[namespaces.h]\nhistory_size = 10\n", url("s3cret-pw"));
+    let node = Server::start(&good, &[]);
+    common::wait_ready(&node, TIMEOUT).await;
+    let mut api = node.api().await;
+    let r = api.publish("h:auth", &json!(1)).await.unwrap();
+    assert_eq!(r["offset"], json!(1));
+    let bad = format!("broker = \"{}\"\n", url("wrong-pw"));
+    let refused = Server::start(&bad, &[]);
+    let mut api = refused.api().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _, _) = api.request("GET", "/readyz", None).await.unwrap();
+    assert_eq!(status, 503, "a wrong password: never ready");
+    let body = serde_json::to_vec(&json!({"channel": "plain", "data": 1})).unwrap();
+    let (status, _, _) = api.request("POST", "/api/publish", Some(&body)).await.unwrap();
+    assert_eq!(status, 503);
+    for log in [node.log(), refused.log()] {
+        assert!(!log.contains("s3cret-pw") && !log.contains("wrong-pw"), "a password in the log");
+    }
+}

@@ -486,3 +486,9 @@ async fn nodes_reach_redis_over_tls_and_an_untrusting_node_stays_unready() {
     }
     drop((client, other));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_several_nodes_get_contiguous_offsets() {
+    let Some(redis) = RedisServer::start() else { return };
+    cluster::concurrent_publishers_on_several_nodes_get_contiguous_offsets(&config(&redis)).await;
+}

@@ -341,3 +341,43 @@ pub async fn a_disconnect_by_user_acts_on_every_node(config: &str) {
     }
     assert!(other.history("h:x", None, Some(0)).await.is_ok(), "another user stays");
 }
+
+/// Publishers on two nodes at once, four each, all into one channel: the offsets the
+/// publishers are given are distinct and contiguous (1..=N, nothing skipped, nothing twice),
+/// and a subscriber on a third node receives every publication once, in offset order, with
+/// the offset its publisher was given.
+pub async fn concurrent_publishers_on_several_nodes_get_contiguous_offsets(config: &str) {
+    const EACH: u64 = 100;
+    let nodes = nodes(config, 3).await;
+    let (client, mut events) = nodes[2].client().await;
+    client.subscribe("h:multi", None).await.unwrap();
+    let mut publishers = Vec::new();
+    for (n, node) in nodes[..2].iter().enumerate() {
+        for p in 0..4u64 {
+            let base = node.http_base();
+            publishers.push(tokio::spawn(async move {
+                let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+                let mut given = Vec::new();
+                for i in 0..EACH {
+                    let data = json!(format!("{n}.{p}.{i}"));
+                    let r = api.publish("h:multi", &data).await.unwrap();
+                    given.push((r["offset"].as_u64().unwrap(), data));
+                }
+                given
+            }));
+        }
+    }
+    let mut given: Vec<(u64, Value)> = Vec::new();
+    for p in publishers {
+        given.extend(p.await.unwrap());
+    }
+    given.sort_by_key(|g| g.0);
+    let total = given.len() as u64;
+    let offsets: Vec<u64> = given.iter().map(|g| g.0).collect();
+    assert_eq!(offsets, (1..=total).collect::<Vec<u64>>(), "distinct and contiguous");
+    for (offset, data) in &given {
+        let (_, got, d) = events.next_pub(TIMEOUT).await.unwrap();
+        assert_eq!((got, &d), (Some(*offset), data), "in offset order, as given");
+    }
+    assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
+}

@@ -440,10 +440,16 @@ pub struct NatsServer {
     pub monitor: u16,
     dir: tempfile::TempDir,
     exe: &'static str,
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> Option<NatsServer> {
+        Self::start_with(&[])
+    }
+
+    /// A server with `extra` arguments (kept across restarts), e.g. `--user` and `--pass`.
+    pub fn start_with(extra: &[&str]) -> Option<NatsServer> {
         let exe = ["nats-server", "/usr/sbin/nats-server"]
             .into_iter()
             .find(|exe| Command::new(exe).arg("--version").output().is_ok());
@@ -457,13 +463,15 @@ impl NatsServer {
         };
         let dir = tempfile::tempdir().unwrap();
         let (port, monitor) = (free_addr().port(), free_addr().port());
-        let child = Self::spawn(exe, port, monitor, dir.path());
-        Some(NatsServer { child, port, monitor, dir, exe })
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = Self::spawn(exe, port, monitor, dir.path(), &extra);
+        Some(NatsServer { child, port, monitor, dir, exe, extra })
     }
 
-    fn spawn(exe: &str, port: u16, monitor: u16, dir: &std::path::Path) -> Child {
+    fn spawn(exe: &str, port: u16, monitor: u16, dir: &std::path::Path, extra: &[String]) -> Child {
         let child = Command::new(exe)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string()])
+            .args(extra)
             .arg("-sd")
             .arg(dir)
             .stdout(Stdio::null())
@@ -482,7 +490,7 @@ impl NatsServer {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = Self::spawn(self.exe, self.port, self.monitor, self.dir.path());
+        self.child = Self::spawn(self.exe, self.port, self.monitor, self.dir.path(), &self.extra);
     }
 
     pub fn url(&self) -> String {
