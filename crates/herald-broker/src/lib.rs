@@ -277,6 +277,15 @@ pub trait Broker: Send + Sync + 'static {
         HistoryStats::default()
     }
 
+    /// True while publications reach this node's hub late: the broker's delivery to this node
+    /// lags behind what publishers hand it (its own publications come back late). The node
+    /// then slows its publishers as when its own queues are full: through a broker, a publish
+    /// returns before any node fanned it out, so the queues alone do not show the load.
+    /// Default: never (the memory broker fans out within the publish).
+    fn is_behind(&self) -> bool {
+        false
+    }
+
     /// True once the broker can deliver (connected).
     fn is_ready(&self) -> bool;
 }

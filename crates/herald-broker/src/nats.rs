@@ -91,6 +91,12 @@ const H_CREATED: &str = "Herald-Created";
 const H_TIME: &str = "Herald-Time";
 const H_PREV: &str = "Herald-Prev";
 const H_RUN: &str = "Herald-Run";
+/// The publishing node (its broker's id), to measure how late its own publications return.
+const H_NODE: &str = "Herald-Node";
+/// A node whose own publications come back later than this is behind ([`Broker::is_behind`]).
+const BEHIND_LAG_MS: u64 = 50;
+/// How long one late publication keeps the node behind (renewed by each late one).
+const BEHIND_HOLD_MS: u64 = 100;
 
 /// The subject token of a channel: `.` becomes `~` (reversible: channel names have no `~`).
 pub fn subject_token(channel: &ChannelName) -> String {
@@ -206,6 +212,10 @@ struct Shared {
     /// time then makes every void position read from the old one prove nothing).
     reconnects: watch::Receiver<u64>,
     stream_generation: AtomicU64,
+    /// This node's id in `Herald-Node` headers.
+    node: Arc<str>,
+    /// Until when (ms since the epoch) the node counts as behind.
+    behind_until: AtomicU64,
 }
 
 /// The NATS broker (see the module docs).
@@ -335,6 +345,7 @@ impl NatsBroker {
             .map_err(|e| backend("connect", e))?;
         let js = jetstream::ContextBuilder::new().timeout(NATS_TIMEOUT).build(client.clone());
         let (ops, ops_rx) = mpsc::unbounded_channel();
+        let sender = history::new_instance_id();
         Ok(NatsBroker {
             shared: Arc::new(Shared {
                 client,
@@ -348,6 +359,8 @@ impl NatsBroker {
                 probe_ok: AtomicBool::new(false),
                 reconnects: reconnects.subscribe(),
                 stream_generation: AtomicU64::new(0),
+                node: sender.clone(),
+                behind_until: AtomicU64::new(0),
             }),
             io,
             display_url: without_password(url),
@@ -356,7 +369,7 @@ impl NatsBroker {
             ops_rx: Mutex::new(Some(ops_rx)),
             reconnects,
             control: Arc::new(OnceLock::new()),
-            sender: history::new_instance_id(),
+            sender,
             nodes: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -379,6 +392,20 @@ impl Shared {
         let info = self.client.server_info();
         (info.connect_urls.is_empty() && !info.server_id.is_empty())
             .then(|| info.server_id.chars().take(history::INSTANCE_LEN).collect())
+    }
+
+    /// Notes how late one of this node's own publications came back (see
+    /// [`Broker::is_behind`]).
+    fn note_lag(&self, headers: Option<&HeaderMap>) {
+        let Some(h) = headers else { return };
+        if h.get(H_NODE).map(|v| v.as_str()) != Some(&*self.node) {
+            return;
+        }
+        let Some(sent) = h.get(H_TIME).and_then(|v| v.as_str().parse::<u64>().ok()) else { return };
+        let now = now_ms();
+        if now.saturating_sub(sent) > BEHIND_LAG_MS {
+            self.behind_until.store(now + BEHIND_HOLD_MS, Ordering::Relaxed);
+        }
     }
 
     /// True when `last` still continues its channel's stream at `now`: not expired, and
@@ -528,11 +555,22 @@ impl Shared {
 
     /// A core publish, within [`NATS_TIMEOUT`] (async-nats waits for room in its command
     /// queue, which does not drain while the server is frozen).
-    async fn core_publish(&self, subject: String, payload: Bytes) -> Result<(), BrokerError> {
+    async fn core_publish(
+        &self,
+        subject: String,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+    ) -> Result<(), BrokerError> {
         if !self.connected() {
             return Err(unavailable());
         }
-        match tokio::time::timeout(NATS_TIMEOUT, self.client.publish(subject, payload)).await {
+        let publish = async {
+            match headers {
+                Some(h) => self.client.publish_with_headers(subject, h, payload).await,
+                None => self.client.publish(subject, payload).await,
+            }
+        };
+        match tokio::time::timeout(NATS_TIMEOUT, publish).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.request_failed("publish", e)),
             Err(_) => Err(BrokerError::Unavailable("nats did not take the publication in time")),
@@ -626,6 +664,7 @@ impl Shared {
             headers.insert(H_CREATED, created.to_string());
             headers.insert(H_TIME, now.to_string());
             headers.insert(H_PREV, prev.to_string());
+            headers.insert(H_NODE, &*self.node);
             let run = self.run();
             if let Some(run) = &run {
                 headers.insert(H_RUN, run.as_str());
@@ -827,6 +866,7 @@ struct ChannelTask {
 impl ChannelTask {
     /// Hands a live message over, first filling any gap before it from history.
     async fn deliver(&mut self, headers: Option<&HeaderMap>, data: Bytes) -> Result<(), ()> {
+        self.shared.note_lag(headers);
         let positioned = headers.is_some_and(|h| h.get(H_OFFSET).is_some());
         let stored = headers.and_then(|h| {
             let seq = h.get("Nats-Sequence").and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
@@ -1162,7 +1202,7 @@ impl Broker for NatsBroker {
                             tracing::warn!("nats probe did not come back: reconnecting");
                             let _ = shared.client.force_reconnect().await;
                         }
-                        let _ = shared.core_publish(probe.clone(), Bytes::from_static(b"p")).await;
+                        let _ = shared.core_publish(probe.clone(), None, Bytes::from_static(b"p")).await;
                     }
                 }
             }
@@ -1188,7 +1228,10 @@ impl Broker for NatsBroker {
     ) -> Result<Option<StreamPosition>, BrokerError> {
         if options.history_size == 0 {
             let subject = format!("{LIVE}{}", subject_token(channel));
-            self.shared.core_publish(subject, data).await?;
+            let mut headers = HeaderMap::new();
+            headers.insert(H_NODE, &*self.shared.node);
+            headers.insert(H_TIME, now_ms().to_string());
+            self.shared.core_publish(subject, Some(headers), data).await?;
             return Ok(None);
         }
         self.shared.publish_stored(channel, data, options).await.map(Some)
@@ -1254,7 +1297,7 @@ impl Broker for NatsBroker {
         payload.extend_from_slice(self.sender.as_bytes());
         payload.push(b' ');
         payload.extend_from_slice(&message);
-        self.shared.core_publish(CONTROL_SUBJECT.into(), Bytes::from(payload)).await
+        self.shared.core_publish(CONTROL_SUBJECT.into(), None, Bytes::from(payload)).await
     }
 
     fn set_control(&self, handler: ControlHandler) {
@@ -1267,7 +1310,7 @@ impl Broker for NatsBroker {
         payload.extend_from_slice(&info);
         // Our own entry at once (our subscription sees it too).
         self.nodes.lock().insert(id.to_string(), (info, now_ms() + ttl));
-        self.shared.core_publish(NODES_SUBJECT.into(), Bytes::from(payload)).await
+        self.shared.core_publish(NODES_SUBJECT.into(), None, Bytes::from(payload)).await
     }
 
     async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
@@ -1275,6 +1318,10 @@ impl Broker for NatsBroker {
         let mut nodes = self.nodes.lock();
         nodes.retain(|_, (_, until)| *until > now);
         Ok(Some(nodes.iter().map(|(id, (info, _))| (id.clone(), info.clone())).collect()))
+    }
+
+    fn is_behind(&self) -> bool {
+        now_ms() < self.shared.behind_until.load(Ordering::Relaxed)
     }
 
     fn is_ready(&self) -> bool {

@@ -465,9 +465,11 @@ impl Node {
         })
     }
 
-    /// True while the fan-out backlog is above `limits.max_backlog_bytes`.
+    /// True while the fan-out backlog is above `limits.max_backlog_bytes`, or the broker
+    /// delivers to this node late ([`Broker::is_behind`]).
     pub fn is_saturated(&self) -> bool {
         self.metrics.backlog_bytes.load(Ordering::Relaxed) > self.limits.max_backlog_bytes as i64
+            || self.broker.is_behind()
     }
 
     /// Waits, bounded by `limits.publish_timeout`, while the node is saturated: its own backlog
