@@ -34,12 +34,14 @@
 //! A subscribe call returns once Redis confirmed the subscription: publications from then on
 //! reach the node, which the subscribe-then-read-history protocol of the hub relies on.
 //!
-//! Message format on pub/sub: `h<offset> <epoch> <data>` for a channel with history, `n<data>`
-//! without.
+//! Message format on pub/sub: `t<node> <ms> ` (the publishing node's broker id and its clock
+//! when it published: a node measures how late its own publications come back, see
+//! [`Broker::is_behind`]), then `h<offset> <epoch> <data>` for a channel with history,
+//! `n<data>` without. Messages without the `t` part are read too.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -68,18 +70,19 @@ use crate::{
 /// is more than `ttl / 16` old, so a stream still lives at least `ttl` after its last
 /// publication and at most `ttl + ttl / 16`.
 ///
-/// KEYS are each publication's stream hash; ARGV: the Redis process id, a fresh epoch, then per
-/// publication its data, history size and TTL (ms). The pub/sub channel is the key without its
+/// KEYS are each publication's stream hash; ARGV: the Redis process id, a fresh epoch, the
+/// message prefix (the publishing node and time, see the module docs), then per publication
+/// its data, history size and TTL (ms). The pub/sub channel is the key without its
 /// `:s`. Returns `{offset1, epoch1, offset2, epoch2, ...}`. A batch shares the script call's own
 /// cost; a single publication is a batch of one.
 pub const PUBLISH_MANY_SCRIPT: &str = r#"
-local run, fresh = ARGV[1], ARGV[2]
+local run, fresh, prefix = ARGV[1], ARGV[2], ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, #KEYS do
   local s = KEYS[i]
-  local j = 3 * i
+  local j = 3 * i + 1
   local data, size, ttl = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
   local m = redis.call('HMGET', s, 'e', 'r', 'o', 'z', 'x')
   local epoch, top, z, x = m[1], tonumber(m[3]), tonumber(m[4]), tonumber(m[5])
@@ -105,12 +108,17 @@ for i = 1, #KEYS do
   if renew then
     redis.call('PEXPIRE', s, ttl + slack)
   end
-  redis.call('PUBLISH', string.sub(s, 1, -3), 'h' .. top .. ' ' .. epoch .. ' ' .. data)
+  redis.call('PUBLISH', string.sub(s, 1, -3), prefix .. 'h' .. top .. ' ' .. epoch .. ' ' .. data)
   out[#out + 1] = top
   out[#out + 1] = epoch
 end
 return out
 "#;
+
+/// A node whose own publications come back later than this is behind ([`Broker::is_behind`]).
+const BEHIND_LAG_MS: u64 = 50;
+/// How long one late publication keeps the node behind (renewed by each late one).
+const BEHIND_HOLD_MS: u64 = 100;
 
 /// Most publications one [`PUBLISH_MANY_SCRIPT`] call carries (Redis runs nothing else
 /// meanwhile).
@@ -221,8 +229,10 @@ pub struct RedisBroker {
     publish_many_script: Script,
     reader: Reader,
     control: Arc<OnceLock<ControlHandler>>,
-    /// This broker's id in control messages.
+    /// This broker's id in control messages and message origins.
     sender: Arc<str>,
+    /// Until when (ms since the epoch) this node counts as behind ([`Broker::is_behind`]).
+    behind_until: Arc<AtomicU64>,
 }
 
 /// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
@@ -375,6 +385,7 @@ impl RedisBroker {
             publish_many_script: Script::new(PUBLISH_MANY_SCRIPT),
             control: Arc::new(OnceLock::new()),
             sender: history::new_instance_id(),
+            behind_until: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -464,8 +475,37 @@ fn channel_of(pubsub: &str) -> Option<ChannelName> {
     ChannelName::parse(name).ok()
 }
 
-/// Decodes a pub/sub message (see the module docs).
+/// The publishing node and its time, if the message names them, and the rest of it.
+fn split_origin(payload: &[u8]) -> (Option<(&[u8], u64)>, &[u8]) {
+    let origin = || {
+        let rest = payload.strip_prefix(b"t")?;
+        let sp = rest.iter().position(|&b| b == b' ')?;
+        let node = &rest[..sp];
+        let rest = &rest[sp + 1..];
+        let sp = rest.iter().position(|&b| b == b' ')?;
+        let ms: u64 = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        Some(((node, ms), &rest[sp + 1..]))
+    };
+    match origin() {
+        Some((o, rest)) => (Some(o), rest),
+        None => (None, payload),
+    }
+}
+
+/// The `t<node> <ms> ` prefix of this node's messages, now.
+fn origin_prefix(node: &str) -> String {
+    format!("t{node} {} ", now_ms())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Decodes a pub/sub message (see the module docs), without its origin.
 fn decode_message(payload: &[u8]) -> Option<Publication> {
+    let (_, payload) = split_origin(payload);
     match payload.split_first()? {
         (b'n', data) => {
             Some(Publication { offset: None, epoch: None, data: Bytes::copy_from_slice(data) })
@@ -553,6 +593,8 @@ struct Follower {
     reader: Reader,
     subscribed: HashSet<ChannelName>,
     positions: Positions,
+    /// Until when (ms since the epoch) this node counts as behind.
+    behind_until: Arc<AtomicU64>,
 }
 
 impl Follower {
@@ -698,6 +740,19 @@ impl Follower {
             }
         }
         Ok(())
+    }
+
+    /// Notes how late one of this node's own publications came back (see
+    /// [`Broker::is_behind`]).
+    fn note_lag(&self, payload: &[u8]) {
+        let (Some((node, sent)), _) = split_origin(payload) else { return };
+        if node != self.sender.as_bytes() {
+            return;
+        }
+        let now = now_ms();
+        if now.saturating_sub(sent) > BEHIND_LAG_MS {
+            self.behind_until.store(now + BEHIND_HOLD_MS, Ordering::Relaxed);
+        }
     }
 
     /// Hands a control message of another node to the control handler.
@@ -873,6 +928,7 @@ async fn run_pubsub(
                         continue;
                     }
                     let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
+                    follower.note_lag(msg.get_payload_bytes());
                     match decode_message(msg.get_payload_bytes()) {
                         Some(p) => {
                             if follower.deliver(channel, p).await.is_err() {
@@ -938,6 +994,7 @@ impl Broker for RedisBroker {
             reader: self.reader.clone(),
             subscribed: HashSet::new(),
             positions: HashMap::new(),
+            behind_until: self.behind_until.clone(),
         };
         let task = run_pubsub(self.client.clone(), follower, ops, self.pubsub_ready.clone());
         self.io.handle.spawn(task);
@@ -976,7 +1033,9 @@ impl Broker for RedisBroker {
         // Every call is created (and so its command sent) in order, then awaited together.
         let plain = without.into_iter().map(|(i, (channel, data, _))| {
             let mut conn = link.conn.clone();
-            let mut message = Vec::with_capacity(data.len() + 1);
+            let prefix = origin_prefix(&self.sender);
+            let mut message = Vec::with_capacity(prefix.len() + data.len() + 1);
+            message.extend_from_slice(prefix.as_bytes());
             message.push(b'n');
             message.extend_from_slice(&data);
             let mut cmd = ::redis::cmd("PUBLISH");
@@ -1005,7 +1064,7 @@ impl Broker for RedisBroker {
                 call.arg(key.as_str());
             }
             let fresh = history::new_instance_id();
-            call.arg(link.run_id.as_ref()).arg(fresh.as_ref());
+            call.arg(link.run_id.as_ref()).arg(fresh.as_ref()).arg(origin_prefix(&self.sender));
             let mut order = Vec::with_capacity(chunk.len());
             for (i, (_, data, options)) in &chunk {
                 let ttl_ms =
@@ -1150,6 +1209,10 @@ impl Broker for RedisBroker {
         Ok(Some(alive))
     }
 
+    fn is_behind(&self) -> bool {
+        now_ms() < self.behind_until.load(Ordering::Relaxed)
+    }
+
     fn is_ready(&self) -> bool {
         self.commands.is_connected() && self.pubsub_ready.load(Ordering::Acquire)
     }
@@ -1262,6 +1325,13 @@ mod tests {
         for bad in [&b""[..], b"x1", b"h", b"hx e d", b"h1 e"] {
             assert!(decode_message(bad).is_none(), "{bad:?}");
         }
+        // With the publishing node and time in front.
+        let with = b"tabcd1234 1700000000000 h42 abcd1234 {}";
+        let (origin, _) = split_origin(with);
+        assert_eq!(origin, Some((&b"abcd1234"[..], 1_700_000_000_000)));
+        let p = decode_message(with).unwrap();
+        assert_eq!((p.offset, &p.data[..]), (Some(42), &b"{}"[..]));
+        assert!(decode_message(b"tnode 12 n[]").is_some_and(|p| p.offset.is_none()));
     }
 
     #[test]
