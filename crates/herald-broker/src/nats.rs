@@ -1332,6 +1332,12 @@ impl Broker for NatsBroker {
 }
 
 impl NatsBroker {
+    /// This broker's id: in control messages, announcements and the `Herald-Node` header of
+    /// its publications.
+    pub fn node_id(&self) -> &str {
+        &self.sender
+    }
+
     async fn reconcile(&self, channel: &ChannelName) -> Result<(), BrokerError> {
         let (done, answer) = oneshot::channel();
         self.ops

@@ -1292,6 +1292,12 @@ impl Reader {
 }
 
 impl RedisBroker {
+    /// This broker's id: in control messages and in the origin (`t<node> <ms>`) of its
+    /// publications.
+    pub fn node_id(&self) -> &str {
+        &self.sender
+    }
+
     /// Asks the pub/sub task to bring `channel`'s subscription in line with the hub and waits
     /// until it has.
     async fn reconcile(&self, channel: &ChannelName) -> Result<(), BrokerError> {

@@ -599,3 +599,73 @@ async fn long_histories_read_far_back_answer_as_the_memory_broker() {
         }
     }
 }
+
+/// A node whose own publications come back from the broker late is behind
+/// (`Broker::is_behind`) for a moment, and not otherwise: a message naming this node with a
+/// send time a second old is put on the channel's live path by a plain client of the same
+/// server, as a node too slow to fan out would see its own publications arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_own_publications_come_back_late_is_behind() {
+    let old = || {
+        let ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+                as u64;
+        ms - 1000
+    };
+    if let Some(server) = redis_server() {
+        let redis = RedisBroker::new(&format!("redis://127.0.0.1:{}", server.port)).unwrap();
+        let id = redis.node_id().to_string();
+        let rec = Arc::new(Recorder::default());
+        redis.start(rec.clone()).await.unwrap();
+        let broker: Arc<dyn Broker> = Arc::new(redis);
+        wait_ready(&broker).await;
+        subscribe(&broker, &rec, "late:r").await;
+        broker.publish(&ch("late:r"), Bytes::from("1"), &opts(0)).await.unwrap();
+        rec.wait_for("late:r", 1).await;
+        assert!(!broker.is_behind(), "redis: on time");
+        let client = ::redis::Client::open(format!("redis://127.0.0.1:{}", server.port)).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let message = format!("t{id} {} n2", old());
+        let _: i64 = ::redis::cmd("PUBLISH")
+            .arg("herald:{late:r}")
+            .arg(message)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        rec.wait_for("late:r", 2).await;
+        assert!(broker.is_behind(), "redis: its own publication came back a second late");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!broker.is_behind(), "redis: not behind once nothing late arrives");
+    }
+    if let Some(server) = nats_server() {
+        let url = format!("nats://127.0.0.1:{}", server.port);
+        let nats = NatsBroker::connect(&url).await.unwrap();
+        let id = nats.node_id().to_string();
+        let rec = Arc::new(Recorder::default());
+        nats.start(rec.clone()).await.unwrap();
+        let broker: Arc<dyn Broker> = Arc::new(nats);
+        wait_ready(&broker).await;
+        subscribe(&broker, &rec, "late:n").await;
+        broker.publish(&ch("late:n"), Bytes::from("1"), &opts(0)).await.unwrap();
+        rec.wait_for("late:n", 1).await;
+        assert!(!broker.is_behind(), "nats: on time");
+        let client = async_nats::connect(url.as_str()).await.unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Herald-Node", id.as_str());
+        headers.insert("Herald-Time", old().to_string().as_str());
+        client.publish_with_headers("herald.l.late:n", headers, Bytes::from("2")).await.unwrap();
+        client.flush().await.unwrap();
+        rec.wait_for("late:n", 2).await;
+        assert!(broker.is_behind(), "nats: its own publication came back a second late");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!broker.is_behind(), "nats: not behind once nothing late arrives");
+    }
+}
+
+async fn wait_ready(broker: &Arc<dyn Broker>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.is_ready() {
+        assert!(Instant::now() < deadline, "the broker did not get ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
