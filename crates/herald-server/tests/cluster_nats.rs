@@ -231,3 +231,49 @@ async fn credentials_in_the_url_are_used_and_never_logged() {
         assert!(!log.contains("s3cret-pw") && !log.contains("wrong-pw"), "a password in the log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_different_servers_of_a_nats_cluster_behave_as_one() {
+    // Three nats-servers in one cluster (JetStream clustered), each Herald node connected to
+    // another server: publications on one node reach subscribers on the others in order, a
+    // client recovers on another node, offsets stay contiguous with publishers on two nodes.
+    let Some(nats) = common::NatsCluster::start() else { return };
+    let config =
+        |i: usize| format!("broker = \"{}\"\n[namespaces.h]\nhistory_size = 1000\n", nats.url(i));
+    let nodes: Vec<Server> = (0..3).map(|i| Server::start(&config(i), &[])).collect();
+    // JetStream elects its meta leader first: allow for it.
+    for node in &nodes {
+        common::wait_ready(node, TIMEOUT * 6).await;
+    }
+    let (cb, mut eb) = nodes[1].client().await;
+    let (cc, mut ec) = nodes[2].client().await;
+    let sub = cb.subscribe("h:nc", None).await.unwrap();
+    cc.subscribe("h:nc", None).await.unwrap();
+    let mut api_a = nodes[0].api().await;
+    let mut api_c = nodes[2].api().await;
+    for i in 1..=40u64 {
+        let api = if i % 2 == 0 { &mut api_a } else { &mut api_c };
+        let r = api.publish("h:nc", &json!(i)).await.unwrap();
+        assert_eq!(r["offset"], json!(i), "contiguous offsets across servers");
+    }
+    for (name, events) in [("B", &mut eb), ("C", &mut ec)] {
+        for i in 1..=40u64 {
+            let (_, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+            assert_eq!((offset, data), (Some(i), json!(i)), "node {name}");
+        }
+    }
+    // A client of B that saw 25 recovers the rest on A.
+    let epoch = {
+        let (_, _, body) =
+            api_a.request("GET", "/api/history?channel=h:nc&limit=0", None).await.unwrap();
+        let h: Value = serde_json::from_slice(&body).unwrap();
+        h["epoch"].as_str().unwrap().to_string()
+    };
+    let _ = sub;
+    let (ca, _ea) = nodes[0].client().await;
+    let got = ca.subscribe("h:nc", Some(StreamPosition { offset: 25, epoch })).await.unwrap();
+    assert!(got.recovered);
+    let offsets: Vec<Option<u64>> = got.publications.iter().map(|p| p.0).collect();
+    assert_eq!(offsets, (26..=40).map(Some).collect::<Vec<_>>());
+    drop((cb, cc));
+}

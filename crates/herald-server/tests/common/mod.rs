@@ -522,3 +522,70 @@ impl Drop for NatsServer {
         let _ = self.child.wait();
     }
 }
+
+/// Three `nats-server`s with JetStream joined in one cluster (routes between them), each on
+/// free loopback ports with a store of its own; killed on drop.
+pub struct NatsCluster {
+    pub servers: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl NatsCluster {
+    pub fn start() -> Option<NatsCluster> {
+        let exe = ["nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|exe| Command::new(exe).arg("--version").output().is_ok());
+        let Some(exe) = exe else {
+            assert!(
+                std::env::var("HERALD_REQUIRE_NATS").is_err(),
+                "nats-server is required (HERALD_REQUIRE_NATS is set) but not found"
+            );
+            eprintln!("nats-server not found: test skipped");
+            return None;
+        };
+        let ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
+        let routes_ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
+        let routes: Vec<String> =
+            routes_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        let mut servers = Vec::new();
+        let mut dirs = Vec::new();
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let child = Command::new(exe)
+                .args(["-js", "-a", "127.0.0.1", "-p", &ports[i].to_string()])
+                .args(["-n", &format!("n{i}"), "--cluster_name", "herald-test"])
+                .args(["--cluster", &routes[i], "--routes", &routes.join(",")])
+                .arg("-sd")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server starts");
+            servers.push(child);
+            dirs.push(dir);
+        }
+        for port in &ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Some(NatsCluster { servers, ports, _dirs: dirs })
+    }
+
+    /// The URL of server `i` alone.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i])
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
