@@ -214,6 +214,9 @@ struct Shared {
     stream_generation: AtomicU64,
     /// This node's id in `Herald-Node` headers.
     node: Arc<str>,
+    /// The stream lives in a JetStream cluster (its info names one): nodes talk to different
+    /// servers, whatever the servers advertise (`no_advertise` hides them).
+    clustered: AtomicBool,
     /// Until when (ms since the epoch) the node counts as behind.
     behind_until: AtomicU64,
 }
@@ -361,6 +364,7 @@ impl NatsBroker {
                 stream_generation: AtomicU64::new(0),
                 node: sender.clone(),
                 behind_until: AtomicU64::new(0),
+                clustered: AtomicBool::new(false),
             }),
             io,
             display_url: without_password(url),
@@ -381,14 +385,17 @@ impl Shared {
     }
 
     /// The NATS server process this node is connected to (the first 8 characters of its
-    /// `server_id`, new at every start), when NATS is a single server (it advertises no other
-    /// servers); `None` in a NATS cluster, where nodes talk to different servers and the
-    /// stream's replicas carry durability.
+    /// `server_id`, new at every start), when NATS is a single server (the stream's info names
+    /// no JetStream cluster and the server advertises no others); `None` in a NATS cluster,
+    /// where nodes talk to different servers and the stream's replicas carry durability.
     ///
     /// On a single server, a stream written by another process counts as ended, as on Redis:
     /// a restarted server may have lost the newest acknowledged messages (an OS crash before
     /// the sync interval), and continuing the epoch would hand out their offsets again.
     fn run(&self) -> Option<String> {
+        if self.clustered.load(Ordering::Acquire) {
+            return None;
+        }
         let info = self.client.server_info();
         (info.connect_urls.is_empty() && !info.server_id.is_empty())
             .then(|| info.server_id.chars().take(history::INSTANCE_LEN).collect())
@@ -453,6 +460,10 @@ impl Shared {
                 headers_only: false,
             }),
             allow_direct: true,
+            // Three replicas where the server says there are at least two others: a
+            // clustered stream survives the loss of one server (the single-server restart
+            // check is off there, see `run`).
+            num_replicas: if self.client.server_info().connect_urls.len() >= 2 { 3 } else { 1 },
             ..Default::default()
         };
         // Another node may raise the limits at the same time (the last update wins) or an
@@ -497,6 +508,8 @@ impl Shared {
             u64::try_from(info.config.max_age.as_millis()).unwrap_or(u64::MAX),
             Ordering::Release,
         );
+        let clustered = info.cluster.as_ref().is_some_and(|c| c.name.is_some());
+        self.clustered.store(clustered, Ordering::Release);
         let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
         let run = self.run().unwrap_or_default();
         let run_bits = run.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
@@ -581,6 +594,12 @@ impl Shared {
     /// frozen server keeps its connection open), a backend error otherwise.
     fn request_failed(&self, what: &str, e: impl std::fmt::Display) -> BrokerError {
         let text = e.to_string();
+        if text.contains("no stream found") {
+            // The stream is changing leader (a server of a JetStream cluster died), or it was
+            // deleted: look it up (or create it) again at the next call.
+            self.stream_generation.store(u64::MAX, Ordering::Release);
+            return BrokerError::Unavailable("the nats stream is not available");
+        }
         if !self.connected() || text.contains("timed out") || text.contains("no responders") {
             unavailable()
         } else {

@@ -275,5 +275,58 @@ async fn nodes_on_different_servers_of_a_nats_cluster_behave_as_one() {
     assert!(got.recovered);
     let offsets: Vec<Option<u64>> = got.publications.iter().map(|p| p.0).collect();
     assert_eq!(offsets, (26..=40).map(Some).collect::<Vec<_>>());
+    // The stream was created with three replicas: it survives the loss of one server.
+    let replicas = (0..3).find_map(|i| nats.stream_replicas(i));
+    assert_eq!(replicas, Some(3), "a clustered stream is replicated");
+    // The server of node C dies: C's connection moves to another server of the cluster (the
+    // client learned them), the replicated stream goes on, and B and C both end with the same
+    // contiguous sequence (a publish refused while the stream changes leader is retried, and
+    // may then be stored twice: "maybe published").
+    let _ = nats_kill(&mut nats_servers(&nats), 2);
+    let mut accepted = 0;
+    for i in 41..=60u64 {
+        let deadline = std::time::Instant::now() + TIMEOUT * 3;
+        loop {
+            let body = serde_json::to_vec(&json!({"channel": "h:nc", "data": i})).unwrap();
+            let (status, _, answer) =
+                api_a.request("POST", "/api/publish", Some(&body)).await.unwrap();
+            if status == 200 {
+                accepted += 1;
+                break;
+            }
+            let answer = String::from_utf8_lossy(&answer).to_string();
+            assert_eq!(status, 503, "a refused publish says 503: {answer}");
+            assert!(std::time::Instant::now() < deadline, "publishing never resumed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(accepted, 20);
+    common::wait_ready(&nodes[2], TIMEOUT * 3).await;
+    let mut seen = Vec::new();
+    for (name, events) in [("B", &mut eb), ("C", &mut ec)] {
+        let mut got = Vec::new();
+        loop {
+            let (_, offset, data) = events.next_pub(TIMEOUT * 3).await.unwrap();
+            got.push((offset.unwrap(), data.clone()));
+            if data == json!(60) {
+                break;
+            }
+        }
+        let offsets: Vec<u64> = got.iter().map(|g| g.0).collect();
+        let want: Vec<u64> = (41..41 + offsets.len() as u64).collect();
+        assert_eq!(offsets, want, "node {name}: contiguous after the server died");
+        seen.push(got);
+    }
+    assert_eq!(seen[0], seen[1], "B and C got the same sequence");
     drop((cb, cc));
+}
+
+/// The cluster's server processes (to kill one).
+fn nats_servers(nats: &common::NatsCluster) -> Vec<u32> {
+    nats.servers.iter().map(std::process::Child::id).collect()
+}
+
+/// Kills server `i` of `pids` (SIGKILL).
+fn nats_kill(pids: &mut [u32], i: usize) -> std::io::Result<std::process::ExitStatus> {
+    std::process::Command::new("kill").args(["-KILL", &pids[i].to_string()]).status()
 }

@@ -528,6 +528,8 @@ impl Drop for NatsServer {
 pub struct NatsCluster {
     pub servers: Vec<Child>,
     pub ports: Vec<u16>,
+    /// Monitoring ports.
+    pub monitors: Vec<u16>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -545,6 +547,7 @@ impl NatsCluster {
             return None;
         };
         let ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
+        let monitors: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
         let routes_ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
         let routes: Vec<String> =
             routes_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
@@ -554,6 +557,7 @@ impl NatsCluster {
             let dir = tempfile::tempdir().unwrap();
             let child = Command::new(exe)
                 .args(["-js", "-a", "127.0.0.1", "-p", &ports[i].to_string()])
+                .args(["-m", &monitors[i].to_string()])
                 .args(["-n", &format!("n{i}"), "--cluster_name", "herald-test"])
                 .args(["--cluster", &routes[i], "--routes", &routes.join(",")])
                 .arg("-sd")
@@ -572,7 +576,24 @@ impl NatsCluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Some(NatsCluster { servers, ports, _dirs: dirs })
+        Some(NatsCluster { servers, ports, monitors, _dirs: dirs })
+    }
+
+    /// The replicas of the `HERALD` stream, from server `i`'s `/jsz` (`None` before it exists
+    /// there).
+    pub fn stream_replicas(&self, i: usize) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.monitors[i])).ok()?;
+        s.write_all(b"GET /jsz?streams=true&config=true HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let body = text.split("\r\n\r\n").nth(1)?;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["account_details"].as_array()?.iter().find_map(|a| {
+            a["stream_detail"].as_array()?.iter().find_map(|st| {
+                (st["name"] == "HERALD").then(|| st["config"]["num_replicas"].as_u64()).flatten()
+            })
+        })
     }
 
     /// The URL of server `i` alone.
