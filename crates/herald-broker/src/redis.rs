@@ -1030,18 +1030,24 @@ impl Broker for RedisBroker {
             Ok(link) => link,
             Err(e) => return (0..n).map(|_| Err(e.clone())).collect(),
         };
-        // Every call is created (and so its command sent) in order, then awaited together.
-        let plain = without.into_iter().map(|(i, (channel, data, _))| {
-            let mut conn = link.conn.clone();
-            let prefix = origin_prefix(&self.sender);
+        // One pipeline, written at once in this order: the plain publishes in item order, then
+        // the script calls in chunk order (a channel is all plain or all scripted). Separate
+        // futures would each send when first polled, which tokio's budget can reorder.
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        let mut slots: Vec<Vec<usize>> = Vec::new();
+        let prefix = origin_prefix(&self.sender);
+        for (i, (channel, data, _)) in without {
             let mut message = Vec::with_capacity(prefix.len() + data.len() + 1);
             message.extend_from_slice(prefix.as_bytes());
             message.push(b'n');
             message.extend_from_slice(&data);
             let mut cmd = ::redis::cmd("PUBLISH");
             cmd.arg(pubsub_channel(&channel)).arg(message);
-            async move { (i, cmd.exec_async(&mut conn).await.map(|()| None)) }
-        });
+            pipe.add_command(cmd);
+            slots.push(vec![i]);
+        }
+        let plain_count = slots.len();
         let chunks: Vec<Vec<(usize, (ChannelName, Bytes, PublishOptions))>> = {
             let mut chunks = Vec::new();
             let mut it = with.into_iter().peekable();
@@ -1050,8 +1056,7 @@ impl Broker for RedisBroker {
             }
             chunks
         };
-        let scripted = chunks.into_iter().map(|chunk| {
-            let mut conn = link.conn.clone();
+        for chunk in chunks {
             // EVALSHA without the automatic load-and-retry: a retried chunk could overtake the
             // next one. The script was loaded when the connection opened.
             let mut call = ::redis::cmd("EVALSHA");
@@ -1064,7 +1069,7 @@ impl Broker for RedisBroker {
                 call.arg(key.as_str());
             }
             let fresh = history::new_instance_id();
-            call.arg(link.run_id.as_ref()).arg(fresh.as_ref()).arg(origin_prefix(&self.sender));
+            call.arg(link.run_id.as_ref()).arg(fresh.as_ref()).arg(prefix.as_str());
             let mut order = Vec::with_capacity(chunk.len());
             for (i, (_, data, options)) in &chunk {
                 let ttl_ms =
@@ -1072,18 +1077,27 @@ impl Broker for RedisBroker {
                 call.arg(&data[..]).arg(options.history_size).arg(ttl_ms);
                 order.push(*i);
             }
-            async move { (order, call.query_async::<Value>(&mut conn).await) }
-        });
-        let (plain, scripted) = futures_util::future::join(
-            futures_util::future::join_all(plain),
-            futures_util::future::join_all(scripted),
-        )
-        .await;
-        for (i, r) in plain {
-            results[i] = Some(r.map_err(|e| self.commands.failed(&link, &e)));
+            pipe.add_command(call);
+            slots.push(order);
         }
-        for (order, r) in scripted {
-            match r {
+        let mut conn = link.conn.clone();
+        let replies: Result<Vec<::redis::RedisResult<Value>>, _> =
+            pipe.query_async(&mut conn).await;
+        let replies = match replies {
+            Ok(replies) if replies.len() == slots.len() => replies,
+            Ok(_) => return (0..n).map(|_| Err(bad_reply("publish"))).collect(),
+            Err(e) => {
+                let error = self.commands.failed(&link, &e);
+                return (0..n).map(|_| Err(error.clone())).collect();
+            }
+        };
+        for (k, (order, reply)) in slots.into_iter().zip(replies).enumerate() {
+            if k < plain_count {
+                let r = reply.map(|_| None).map_err(|e| self.commands.failed(&link, &e));
+                results[order[0]] = Some(r);
+                continue;
+            }
+            match reply {
                 Ok(Value::Array(items)) if items.len() == 2 * order.len() => {
                     for (k, i) in order.into_iter().enumerate() {
                         let position = match (as_u64(&items[2 * k]), as_string(&items[2 * k + 1])) {

@@ -669,3 +669,35 @@ async fn wait_ready(broker: &Arc<dyn Broker>) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A batch as large as the default `max_batch_publications` (10,000 items over a channel with
+/// history and one without) keeps each channel's order: offsets follow item order, and both
+/// channels are delivered in item order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_keeps_each_channels_order() {
+    for (name, broker, rec, _server) in backends().await {
+        subscribe(&broker, &rec, "big:h").await;
+        subscribe(&broker, &rec, "big:n").await;
+        let items: Vec<(ChannelName, Bytes, PublishOptions)> = (0..10_000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    (ch("big:n"), Bytes::from(format!("{i}")), opts(0))
+                } else {
+                    (ch("big:h"), Bytes::from(format!("{i}")), opts(10_000))
+                }
+            })
+            .collect();
+        let results = broker.publish_many(items).await;
+        let offsets: Vec<u64> =
+            results.iter().filter_map(|r| r.as_ref().unwrap().as_ref().map(|p| p.offset)).collect();
+        assert_eq!(offsets, (1..=5_000).collect::<Vec<u64>>(), "{name}: offsets in item order");
+        let got: Vec<Bytes> = rec.wait_for("big:h", 5_000).await.into_iter().map(|g| g.1).collect();
+        let want: Vec<Bytes> =
+            (0..10_000).filter(|i| i % 2 == 1).map(|i| Bytes::from(format!("{i}"))).collect();
+        assert_eq!(got, want, "{name}: the history channel in item order");
+        let got: Vec<Bytes> = rec.wait_for("big:n", 5_000).await.into_iter().map(|g| g.1).collect();
+        let want: Vec<Bytes> =
+            (0..10_000).filter(|i| i % 2 == 0).map(|i| Bytes::from(format!("{i}"))).collect();
+        assert_eq!(got, want, "{name}: the plain channel in item order");
+    }
+}
