@@ -194,6 +194,9 @@ const CONTROL_CHANNEL: &str = "herald:control";
 const NODES_KEY: &str = "herald:nodes";
 /// Prefix of the key holding one node's announced info.
 const NODE_KEY: &str = "herald:node:";
+/// After a failed connection attempt, commands fail at once for this long rather than queue
+/// for attempts of their own.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts to reach Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest wait for Redis to answer a command or accept a connection: a frozen Redis makes a
@@ -256,6 +259,8 @@ struct Commands {
     scripts: [&'static str; 2],
     /// When a failed connection attempt was last logged.
     last_warning: Mutex<Option<std::time::Instant>>,
+    /// When the last connection attempt failed.
+    last_failure: Mutex<Option<std::time::Instant>>,
     /// Where the connection's driver task runs.
     io: tokio::runtime::Handle,
 }
@@ -278,6 +283,20 @@ impl Commands {
         if let Some(link) = self.link.read().clone() {
             return Ok(link);
         }
+        // Callers that queued behind an attempt that just failed fail too, instead of each
+        // making its own attempt of up to 2 s in turn (a frozen Redis would make the last of
+        // many publishers wait for all of them).
+        if self.last_failure.lock().is_some_and(|t| t.elapsed() < RETRY_AFTER_FAILURE) {
+            return Err(BrokerError::Unavailable("redis is not reachable"));
+        }
+        let opened = self.open().await;
+        *self.last_failure.lock() = opened.is_err().then(std::time::Instant::now);
+        opened
+    }
+
+    /// Opens a command connection (the caller holds `connecting`): connects, reads the Redis
+    /// process id, loads the scripts.
+    async fn open(&self) -> Result<Link, BrokerError> {
         let config = ::redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_connection_timeout(Some(REDIS_TIMEOUT));
@@ -370,6 +389,7 @@ impl RedisBroker {
             connecting: tokio::sync::Mutex::new(()),
             scripts: [PUBLISH_MANY_SCRIPT, READ_SCRIPT],
             last_warning: Mutex::new(None),
+            last_failure: Mutex::new(None),
             io: io.handle.clone(),
         });
         Ok(RedisBroker {

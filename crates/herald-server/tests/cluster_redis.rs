@@ -235,6 +235,24 @@ async fn a_frozen_redis_makes_publishes_fail_fast_and_nothing_is_lost_after() {
     let pid = redis.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let mut api_b = b.api().await;
+    // Sixteen publishers at once while Redis is frozen: each answers within the Redis timeout
+    // and a margin, not after the others' connection attempts in turn.
+    let crowd: Vec<_> = (0..16)
+        .map(|k| {
+            let base = a.http_base();
+            tokio::spawn(async move {
+                let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+                // Once the first timeouts dropped the node's connection to Redis: each
+                // publish now needs a new one.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                let body = json!({"channel": "h:crowd", "data": k}).to_string();
+                let started = tokio::time::Instant::now();
+                let (status, _, _) =
+                    api.request("POST", "/api/publish", Some(body.as_bytes())).await.unwrap();
+                (status, started.elapsed())
+            })
+        })
+        .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut went_unready = false;
     while tokio::time::Instant::now() < deadline {
@@ -244,6 +262,11 @@ async fn a_frozen_redis_makes_publishes_fail_fast_and_nothing_is_lost_after() {
     }
     assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     assert!(went_unready, "/readyz turned 503 while redis was frozen");
+    for publish in crowd {
+        let (status, took) = publish.await.unwrap();
+        assert!(status == 503 || status == 200, "a crowd publish answered {status}");
+        assert!(took < Duration::from_secs(5), "a crowd publish waited {took:?}");
+    }
     let (acknowledged, refused, slowest) = pump.await.unwrap();
     assert!(refused > 0, "publishes were refused while redis was frozen");
     assert!(slowest < Duration::from_secs(4), "no publish hung: slowest {slowest:?}");
