@@ -89,7 +89,7 @@ for i = 1, #KEYS do
   if not epoch or m[2] ~= run or not z then
     redis.call('DEL', s)
     epoch, top, z, x = fresh, 0, size, nil
-    redis.call('HSET', s, 'e', epoch, 'r', run, 'c', now, 'z', z)
+    redis.call('HSET', s, 'e', epoch, 'r', run, 'c', now, 'z', z, 't', ttl)
   end
   top = top + 1
   local slack = math.floor(ttl / 16)
@@ -139,7 +139,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local run = ARGV[8]
 local instance = string.sub(run, 1, 8)
-local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c', 'r', 'z')
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'c', 'r', 'z', 't')
 if not m[1] or m[4] ~= run or not m[5] then
   return {now, instance}
 end
@@ -153,6 +153,7 @@ if mode == 'v' and ARGV[7] ~= instance then
 end
 if mode == 'v' then
   local at, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+  if ttl < 0 then ttl = tonumber(m[6]) or 0 end
   if at <= created and created + 1 <= at + ttl then
     mode, since_epoch = 's', epoch
   else
@@ -622,7 +623,7 @@ impl Follower {
     /// this read and the subscription's confirmation is then a gap the next message reveals.
     async fn baseline(&mut self, channel: &ChannelName) -> Result<(), BrokerError> {
         let query = HistoryQuery { since: None, limit: Some(0) };
-        let page = self.reader.read(channel, Duration::from_secs(1), &query).await?;
+        let page = self.reader.read(channel, Some(Duration::from_secs(1)), &query).await?;
         if let Some(pos) = page.position {
             self.positions.insert(channel.clone(), (Arc::from(pos.epoch.as_str()), pos.offset));
         }
@@ -689,7 +690,7 @@ impl Follower {
             };
             let read = match first.take() {
                 Some(page) => Ok(page),
-                None => self.reader.read(channel, Duration::from_secs(1), &query).await,
+                None => self.reader.read(channel, Some(Duration::from_secs(1)), &query).await,
             };
             let page = match read {
                 Ok(page) => page,
@@ -839,20 +840,26 @@ async fn first_page(
     let (epoch, from) = if VoidEpoch::parse(&epoch).is_none() {
         (epoch, from)
     } else {
-        // Nothing seen yet: a stream that exists now was created after the baseline read, all
-        // of it is due.
-        let newest = HistoryQuery { since: None, limit: Some(0) };
-        let page = reader.read(channel, Duration::from_secs(1), &newest).await?;
-        match page.position.filter(|p| VoidEpoch::parse(&p.epoch).is_none()) {
-            Some(pos) => (Arc::from(pos.epoch.as_str()), 0),
-            None => return Ok(None),
-        }
+        // Nothing seen yet: what exists now is due from its start, if the void position proves
+        // that no earlier stream was created and lost meanwhile (judged with the TTL the stream
+        // was created with); if it cannot, the page is incomplete and the subscribers recover.
+        let query = HistoryQuery {
+            since: Some(StreamPosition { offset: 0, epoch: epoch.to_string() }),
+            limit: Some(CATCH_UP_PAGE),
+        };
+        let page = reader.read(channel, None, &query).await?;
+        return Ok(match page.position.clone() {
+            Some(pos) if VoidEpoch::parse(&pos.epoch).is_none() => {
+                Some((Arc::from(pos.epoch.as_str()), 0, page))
+            }
+            _ => None,
+        });
     };
     let query = HistoryQuery {
         since: Some(StreamPosition { offset: from, epoch: epoch.to_string() }),
         limit: Some(CATCH_UP_PAGE),
     };
-    let page = reader.read(channel, Duration::from_secs(1), &query).await?;
+    let page = reader.read(channel, Some(Duration::from_secs(1)), &query).await?;
     Ok(Some((epoch, from, page)))
 }
 
@@ -1165,7 +1172,7 @@ impl Broker for RedisBroker {
         if options.history_size == 0 {
             return Ok(HistoryPage::default());
         }
-        self.reader.read(channel, options.history_ttl, query).await
+        self.reader.read(channel, Some(options.history_ttl), query).await
     }
 
     /// `PUBLISH herald:control "<sender> <message>"`.
@@ -1258,12 +1265,14 @@ impl Reader {
     async fn read(
         &self,
         channel: &ChannelName,
-        ttl: Duration,
+        ttl: Option<Duration>,
         query: &HistoryQuery,
     ) -> Result<HistoryPage, BrokerError> {
         let link = self.commands.get().await?;
         let mut conn = link.conn.clone();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        // Unknown (a catch-up of a channel whose TTL this task does not know): the script
+        // judges a void position with the TTL the stream was created with.
+        let ttl_ms: i64 = ttl.map_or(-1, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
         let void = query.since.as_ref().and_then(|s| VoidEpoch::parse(&s.epoch));
         let (mode, epoch, offset, at, void_instance) = match (&query.since, &void) {
             (None, _) => ("n", "", 0, 0, ""),
@@ -1292,7 +1301,7 @@ impl Reader {
         let void = void.filter(|v| v.instance == instance);
         if items.len() == 2 {
             // No stream: position 0 of a void epoch of this read.
-            let complete = void.is_some_and(|v| v.covers(now, ttl))
+            let complete = void.is_some_and(|v| ttl.is_some_and(|t| v.covers(now, t)))
                 && query.since.as_ref().is_some_and(|s| s.offset == 0);
             let epoch = VoidEpoch { instance: &instance, at_ms: now }.encode();
             return Ok(HistoryPage {

@@ -34,6 +34,8 @@ type Backend = (&'static str, Arc<dyn Broker>, Arc<Recorder>, Option<ServerProce
 struct Recorder {
     got: Mutex<Vec<Delivery>>,
     wanted: Mutex<HashSet<String>>,
+    /// Channels the broker said it lost publications of.
+    lost: Mutex<Vec<String>>,
 }
 
 impl BrokerHandler for Recorder {
@@ -47,6 +49,9 @@ impl BrokerHandler for Recorder {
     }
     fn has_subscribers(&self, channel: &ChannelName) -> bool {
         self.wanted.lock().contains(channel.as_str())
+    }
+    fn channel_lost(&self, channel: &ChannelName) {
+        self.lost.lock().push(channel.to_string());
     }
 }
 
@@ -700,4 +705,65 @@ async fn a_large_batch_keeps_each_channels_order() {
             (0..10_000).filter(|i| i % 2 == 0).map(|i| Bytes::from(format!("{i}"))).collect();
         assert_eq!(got, want, "{name}: the plain channel in item order");
     }
+}
+
+/// Redis: a node subscribed to a channel that had no stream loses its pub/sub connection and
+/// cannot reconnect for a while (Redis starts requiring a password); meanwhile a stream is
+/// created, expires, and a second one starts. When the node is back it cannot prove that
+/// the second stream is the first since its position, so it says the channel lost
+/// publications (its subscribers recover) instead of handing over the second stream as if
+/// it were everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_and_lost_while_a_node_was_away_is_told() {
+    let Some(server) = redis_server() else { return };
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let broker = Arc::new(RedisBroker::new(&url).unwrap());
+    let rec = Arc::new(Recorder::default());
+    broker.start(rec.clone()).await.unwrap();
+    let broker: Arc<dyn Broker> = broker;
+    wait_ready(&broker).await;
+    subscribe(&broker, &rec, "away:a").await;
+    // An admin connection, authenticated before the password exists.
+    let admin = ::redis::Client::open(url.as_str()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("pw")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let o = PublishOptions { history_size: 10, history_ttl: Duration::from_millis(300) };
+    for i in 1..=3 {
+        broker.publish(&ch("away:a"), Bytes::from(format!("e1.{i}")), &o).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for i in 1..=2 {
+        broker.publish(&ch("away:a"), Bytes::from(format!("e2.{i}")), &o).await.unwrap();
+    }
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rec.lost.lock().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost stream was never told: got {:?}",
+            rec.of("away:a")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got: Vec<Bytes> = rec.of("away:a").into_iter().map(|g| g.1).collect();
+    assert!(!got.contains(&Bytes::from("e2.1")), "the second stream was not handed over as whole");
 }
