@@ -217,7 +217,7 @@ struct Shared {
     /// The stream lives in a JetStream cluster (its info names one): nodes talk to different
     /// servers, whatever the servers advertise (`no_advertise` hides them).
     clustered: AtomicBool,
-    /// Until when (ms since the epoch) the node counts as behind.
+    /// Until when (on [`crate::monotonic_ms`]) the node counts as behind.
     behind_until: AtomicU64,
 }
 
@@ -411,7 +411,7 @@ impl Shared {
         let Some(sent) = h.get(H_TIME).and_then(|v| v.as_str().parse::<u64>().ok()) else { return };
         let now = now_ms();
         if now.saturating_sub(sent) > BEHIND_LAG_MS {
-            self.behind_until.store(now + BEHIND_HOLD_MS, Ordering::Relaxed);
+            self.behind_until.store(crate::monotonic_ms() + BEHIND_HOLD_MS, Ordering::Relaxed);
         }
     }
 
@@ -1340,7 +1340,7 @@ impl Broker for NatsBroker {
     }
 
     fn is_behind(&self) -> bool {
-        now_ms() < self.shared.behind_until.load(Ordering::Relaxed)
+        crate::monotonic_ms() < self.shared.behind_until.load(Ordering::Relaxed)
     }
 
     fn is_ready(&self) -> bool {

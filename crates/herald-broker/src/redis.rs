@@ -235,7 +235,7 @@ pub struct RedisBroker {
     control: Arc<OnceLock<ControlHandler>>,
     /// This broker's id in control messages and message origins.
     sender: Arc<str>,
-    /// Until when (ms since the epoch) this node counts as behind ([`Broker::is_behind`]).
+    /// Until when (on [`crate::monotonic_ms`]) this node counts as behind ([`Broker::is_behind`]).
     behind_until: Arc<AtomicU64>,
 }
 
@@ -614,7 +614,7 @@ struct Follower {
     reader: Reader,
     subscribed: HashSet<ChannelName>,
     positions: Positions,
-    /// Until when (ms since the epoch) this node counts as behind.
+    /// Until when (on [`crate::monotonic_ms`]) this node counts as behind.
     behind_until: Arc<AtomicU64>,
 }
 
@@ -772,7 +772,7 @@ impl Follower {
         }
         let now = now_ms();
         if now.saturating_sub(sent) > BEHIND_LAG_MS {
-            self.behind_until.store(now + BEHIND_HOLD_MS, Ordering::Relaxed);
+            self.behind_until.store(crate::monotonic_ms() + BEHIND_HOLD_MS, Ordering::Relaxed);
         }
     }
 
@@ -1251,7 +1251,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_behind(&self) -> bool {
-        now_ms() < self.behind_until.load(Ordering::Relaxed)
+        crate::monotonic_ms() < self.behind_until.load(Ordering::Relaxed)
     }
 
     fn is_ready(&self) -> bool {
