@@ -40,3 +40,33 @@ impl IoThread {
         Ok(IoThread { handle, _stop: stop })
     }
 }
+
+/// Clears a readiness flag when dropped: a broker task that ends (or panics) takes the node's
+/// readiness with it, so `/readyz` says so instead of staying green over a dead task.
+pub(crate) struct ClearOnExit(pub(crate) std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ClearOnExit {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::ClearOnExit;
+
+    #[tokio::test]
+    async fn a_task_that_panics_takes_readiness_with_it() {
+        let ready = Arc::new(AtomicBool::new(true));
+        let guard = ClearOnExit(ready.clone());
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a broker task fails");
+        });
+        assert!(task.await.is_err());
+        assert!(!ready.load(Ordering::Acquire), "not ready once the task is gone");
+    }
+}

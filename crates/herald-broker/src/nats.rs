@@ -1060,6 +1060,16 @@ async fn run_channel(
     let _ = sub.unsubscribe().await;
 }
 
+/// Clears the probe's verdict when the task that runs it ends (or panics): `/readyz` then
+/// says the node cannot prove its connection.
+struct ProbeGone(Arc<Shared>);
+
+impl Drop for ProbeGone {
+    fn drop(&mut self) {
+        self.0.probe_ok.store(false, Ordering::Release);
+    }
+}
+
 /// A channel's running task.
 struct Running {
     stop: oneshot::Sender<()>,
@@ -1174,6 +1184,8 @@ impl Broker for NatsBroker {
         let nodes = self.nodes.clone();
         let mut reconnected = self.reconnects.subscribe();
         self.io.handle.spawn(async move {
+            // This task proves the connection (the probe): if it ends, the node is not ready.
+            let _not_ready_after = ProbeGone(shared.clone());
             let Ok(mut control_sub) = shared.client.subscribe(CONTROL_SUBJECT).await else {
                 return;
             };

@@ -882,6 +882,7 @@ async fn run_pubsub(
     mut ops: mpsc::UnboundedReceiver<SubOp>,
     ready: Arc<AtomicBool>,
 ) {
+    let _not_ready_after = crate::io_thread::ClearOnExit(ready.clone());
     // This node's own probe channel (outside the `herald:{C}` space of Herald channels).
     let probe = format!("herald:probe:{}", history::new_instance_id());
     let mut connected_before = false;
