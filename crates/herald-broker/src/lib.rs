@@ -26,6 +26,7 @@
 
 pub mod history;
 mod io_thread;
+mod lateness;
 pub mod memory;
 pub mod nats;
 pub mod redis;
@@ -39,14 +40,6 @@ use herald_protocol::{ChannelName, StreamPosition};
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
 pub use redis::{RedisBroker, RedisTls};
-
-/// Milliseconds on a clock that never goes back (counted from its first use in this process):
-/// for deadlines that a wall-clock step must not stretch.
-pub(crate) fn monotonic_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
 
 /// One publication as the broker delivers it.
 #[derive(Debug, Clone)]

@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::history::{self, VoidEpoch};
 use crate::io_thread::IoThread;
+use crate::lateness::{now_ms, without_password, Lateness};
 use crate::{
     Broker, BrokerError, BrokerHandler, ControlHandler, HistoryPage, HistoryQuery, Publication,
     PublishOptions,
@@ -93,20 +94,10 @@ const H_PREV: &str = "Herald-Prev";
 const H_RUN: &str = "Herald-Run";
 /// The publishing node (its broker's id), to measure how late its own publications return.
 const H_NODE: &str = "Herald-Node";
-/// A node whose own publications come back later than this is behind ([`Broker::is_behind`]).
-const BEHIND_LAG_MS: u64 = 50;
-/// How long one late publication keeps the node behind (renewed by each late one).
-const BEHIND_HOLD_MS: u64 = 100;
 
 /// The subject token of a channel: `.` becomes `~` (reversible: channel names have no `~`).
 pub fn subject_token(channel: &ChannelName) -> String {
     channel.as_str().replace('.', "~")
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -217,8 +208,8 @@ struct Shared {
     /// The stream lives in a JetStream cluster (its info names one): nodes talk to different
     /// servers, whatever the servers advertise (`no_advertise` hides them).
     clustered: AtomicBool,
-    /// Until when (on [`crate::monotonic_ms`]) the node counts as behind.
-    behind_until: AtomicU64,
+    /// Whether this node's own publications come back late.
+    lateness: Lateness,
 }
 
 /// The NATS broker (see the module docs).
@@ -279,20 +270,6 @@ fn parse_url(url: &str) -> Result<(Vec<String>, Option<Credentials>), BrokerErro
         return Err(BrokerError::Backend("a NATS URL names at least one HOST:PORT".into()));
     }
     Ok((servers, credentials))
-}
-
-/// The URL without its password, for logs.
-fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
 }
 
 impl NatsBroker {
@@ -363,7 +340,7 @@ impl NatsBroker {
                 reconnects: reconnects.subscribe(),
                 stream_generation: AtomicU64::new(0),
                 node: sender.clone(),
-                behind_until: AtomicU64::new(0),
+                lateness: Lateness::default(),
                 clustered: AtomicBool::new(false),
             }),
             io,
@@ -408,19 +385,17 @@ impl Shared {
         if h.get(H_NODE).map(|v| v.as_str()) != Some(&*self.node) {
             return;
         }
-        let Some(sent) = h.get(H_TIME).and_then(|v| v.as_str().parse::<u64>().ok()) else { return };
-        let now = now_ms();
-        if now.saturating_sub(sent) > BEHIND_LAG_MS {
-            self.behind_until.store(crate::monotonic_ms() + BEHIND_HOLD_MS, Ordering::Relaxed);
+        if let Some(sent) = h.get(H_TIME).and_then(|v| v.as_str().parse::<u64>().ok()) {
+            self.lateness.returned(sent);
         }
     }
 
     /// True when `last` still continues its channel's stream at `now`: not expired, and
-    /// written by this server process (see [`Shared::run`]).
-    fn continues(&self, last: &Stored, now: u64, ttl: Duration) -> bool {
+    /// written by the server process `run` (the current [`Shared::run`]).
+    fn continues(last: &Stored, now: u64, ttl: Duration, run: Option<&str>) -> bool {
         !last.epoch.is_empty()
             && !last.expired(now, ttl)
-            && self.run().is_none_or(|run| last.run.as_deref() == Some(&*run))
+            && run.is_none_or(|run| last.run.as_deref() == Some(run))
     }
 
     /// The stream, created when missing; with `raise`, its limits raised so that it keeps that
@@ -670,8 +645,10 @@ impl Shared {
                 None => self.last(stream, channel).await?,
             };
             let now = now_ms();
+            // One reading for the check and the header: both name the same server process.
+            let run = self.run();
             let (epoch, offset, created) = match &last {
-                Some(l) if self.continues(l, now, options.history_ttl) => {
+                Some(l) if Self::continues(l, now, options.history_ttl, run.as_deref()) => {
                     (l.epoch.clone(), l.offset.saturating_add(1), l.created)
                 }
                 _ => (history::new_instance_id(), 1, now),
@@ -684,7 +661,6 @@ impl Shared {
             headers.insert(H_TIME, now.to_string());
             headers.insert(H_PREV, prev.to_string());
             headers.insert(H_NODE, &*self.node);
-            let run = self.run();
             if let Some(run) = &run {
                 headers.insert(H_RUN, run.as_str());
             }
@@ -738,7 +714,8 @@ impl Shared {
         // Void positions record the read's time minus the clock allowance: a node whose clock
         // is ahead of the others' cannot make a later stream look covered.
         let at = now.saturating_sub(CLOCK_ALLOWANCE_MS);
-        let Some(last) = last.filter(|l| self.continues(l, now, ttl)) else {
+        let run = self.run();
+        let Some(last) = last.filter(|l| Self::continues(l, now, ttl, run.as_deref())) else {
             // No stream: position 0 of a void epoch of this read.
             // Judged at the read's real time (a stricter bound than `at`): a node whose clock
             // is behind the reader's by less than the allowance cannot hide a lost stream.
@@ -1352,7 +1329,7 @@ impl Broker for NatsBroker {
     }
 
     fn is_behind(&self) -> bool {
-        crate::monotonic_ms() < self.shared.behind_until.load(Ordering::Relaxed)
+        self.shared.lateness.is_behind()
     }
 
     fn is_ready(&self) -> bool {

@@ -41,7 +41,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -54,6 +54,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::history::{self, VoidEpoch};
 use crate::io_thread::IoThread;
+use crate::lateness::{now_ms, without_password, Lateness};
 use crate::{
     Broker, BrokerError, BrokerHandler, ControlHandler, HistoryPage, HistoryQuery, Publication,
     PublishOptions,
@@ -114,11 +115,6 @@ for i = 1, #KEYS do
 end
 return out
 "#;
-
-/// A node whose own publications come back later than this is behind ([`Broker::is_behind`]).
-const BEHIND_LAG_MS: u64 = 50;
-/// How long one late publication keeps the node behind (renewed by each late one).
-const BEHIND_HOLD_MS: u64 = 100;
 
 /// Most publications one [`PUBLISH_MANY_SCRIPT`] call carries (Redis runs nothing else
 /// meanwhile).
@@ -235,8 +231,8 @@ pub struct RedisBroker {
     control: Arc<OnceLock<ControlHandler>>,
     /// This broker's id in control messages and message origins.
     sender: Arc<str>,
-    /// Until when (on [`crate::monotonic_ms`]) this node counts as behind ([`Broker::is_behind`]).
-    behind_until: Arc<AtomicU64>,
+    /// Whether this node's own publications come back late ([`Broker::is_behind`]).
+    lateness: Arc<Lateness>,
 }
 
 /// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
@@ -406,22 +402,8 @@ impl RedisBroker {
             publish_many_script: Script::new(PUBLISH_MANY_SCRIPT),
             control: Arc::new(OnceLock::new()),
             sender: history::new_instance_id(),
-            behind_until: Arc::new(AtomicU64::new(0)),
+            lateness: Arc::new(Lateness::default()),
         })
-    }
-}
-
-/// `redis://user:secret@host` → `redis://user:***@host`.
-fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -518,12 +500,6 @@ fn origin_prefix(node: &str) -> String {
     format!("t{node} {} ", now_ms())
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Decodes a pub/sub message (see the module docs), without its origin.
 fn decode_message(payload: &[u8]) -> Option<Publication> {
     let (_, payload) = split_origin(payload);
@@ -614,8 +590,8 @@ struct Follower {
     reader: Reader,
     subscribed: HashSet<ChannelName>,
     positions: Positions,
-    /// Until when (on [`crate::monotonic_ms`]) this node counts as behind.
-    behind_until: Arc<AtomicU64>,
+    /// Whether this node's own publications come back late ([`Broker::is_behind`]).
+    lateness: Arc<Lateness>,
 }
 
 impl Follower {
@@ -770,10 +746,7 @@ impl Follower {
         if node != self.sender.as_bytes() {
             return;
         }
-        let now = now_ms();
-        if now.saturating_sub(sent) > BEHIND_LAG_MS {
-            self.behind_until.store(crate::monotonic_ms() + BEHIND_HOLD_MS, Ordering::Relaxed);
-        }
+        self.lateness.returned(sent);
     }
 
     /// Hands a control message of another node to the control handler.
@@ -1022,7 +995,7 @@ impl Broker for RedisBroker {
             reader: self.reader.clone(),
             subscribed: HashSet::new(),
             positions: HashMap::new(),
-            behind_until: self.behind_until.clone(),
+            lateness: self.lateness.clone(),
         };
         let task = run_pubsub(self.client.clone(), follower, ops, self.pubsub_ready.clone());
         self.io.handle.spawn(task);
@@ -1252,7 +1225,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_behind(&self) -> bool {
-        crate::monotonic_ms() < self.behind_until.load(Ordering::Relaxed)
+        self.lateness.is_behind()
     }
 
     fn is_ready(&self) -> bool {
