@@ -348,11 +348,7 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "redis-server");
         child
     }
 
@@ -450,17 +446,7 @@ impl NatsServer {
 
     /// A server with `extra` arguments (kept across restarts), e.g. `--user` and `--pass`.
     pub fn start_with(extra: &[&str]) -> Option<NatsServer> {
-        let exe = ["nats-server", "/usr/sbin/nats-server"]
-            .into_iter()
-            .find(|exe| Command::new(exe).arg("--version").output().is_ok());
-        let Some(exe) = exe else {
-            assert!(
-                std::env::var("HERALD_REQUIRE_NATS").is_err(),
-                "nats-server is required (HERALD_REQUIRE_NATS is set) but not found"
-            );
-            eprintln!("nats-server not found: test skipped");
-            return None;
-        };
+        let exe = nats_exe()?;
         let dir = tempfile::tempdir().unwrap();
         let (port, monitor) = (free_addr().port(), free_addr().port());
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
@@ -478,11 +464,7 @@ impl NatsServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "nats-server");
         child
     }
 
@@ -535,17 +517,7 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start() -> Option<NatsCluster> {
-        let exe = ["nats-server", "/usr/sbin/nats-server"]
-            .into_iter()
-            .find(|exe| Command::new(exe).arg("--version").output().is_ok());
-        let Some(exe) = exe else {
-            assert!(
-                std::env::var("HERALD_REQUIRE_NATS").is_err(),
-                "nats-server is required (HERALD_REQUIRE_NATS is set) but not found"
-            );
-            eprintln!("nats-server not found: test skipped");
-            return None;
-        };
+        let exe = nats_exe()?;
         let ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
         let monitors: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
         let routes_ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
@@ -570,11 +542,7 @@ impl NatsCluster {
             dirs.push(dir);
         }
         for port in &ports {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
-                assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_listening(*port, "nats-server");
         }
         Some(NatsCluster { servers, ports, monitors, _dirs: dirs })
     }
@@ -609,4 +577,29 @@ impl Drop for NatsCluster {
             let _ = child.wait();
         }
     }
+}
+
+/// Waits (at most 10 s) until `what` accepts connections on loopback `port`.
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `nats-server` executable (Debian installs it in /usr/sbin, not always on the PATH);
+/// `None` (the test is skipped) when there is none, unless `HERALD_REQUIRE_NATS` is set.
+fn nats_exe() -> Option<&'static str> {
+    let exe = ["nats-server", "/usr/sbin/nats-server"]
+        .into_iter()
+        .find(|exe| Command::new(exe).arg("--version").output().is_ok());
+    if exe.is_none() {
+        assert!(
+            std::env::var("HERALD_REQUIRE_NATS").is_err(),
+            "nats-server is required (HERALD_REQUIRE_NATS is set) but not found"
+        );
+        eprintln!("nats-server not found: test skipped");
+    }
+    exe
 }
