@@ -52,6 +52,10 @@ use herald_protocol::{ChannelName, StreamPosition};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
+mod commands;
+mod slots;
+
+use self::commands::{is_redirect, Cluster, Commands, Link, Target};
 use crate::history::{self, VoidEpoch};
 use crate::io_thread::IoThread;
 use crate::lateness::{now_ms, without_password, Lateness};
@@ -71,19 +75,20 @@ use crate::{
 /// is more than `ttl / 16` old, so a stream still lives at least `ttl` after its last
 /// publication and at most `ttl + ttl / 16`.
 ///
-/// KEYS are each publication's stream hash; ARGV: the Redis process id, a fresh epoch, the
-/// message prefix (the publishing node and time, see the module docs), then per publication
-/// its data, history size and TTL (ms). The pub/sub channel is the key without its
+/// KEYS are each publication's stream hash (all in one slot on a Redis Cluster); ARGV: the
+/// Redis process id, a fresh epoch, the message prefix (the publishing node and time, see the
+/// module docs), the publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), then per
+/// publication its data, history size and TTL (ms). The pub/sub channel is the key without its
 /// `:s`. Returns `{offset1, epoch1, offset2, epoch2, ...}`. A batch shares the script call's own
 /// cost; a single publication is a batch of one.
 pub const PUBLISH_MANY_SCRIPT: &str = r#"
-local run, fresh, prefix = ARGV[1], ARGV[2], ARGV[3]
+local run, fresh, prefix, verb = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, #KEYS do
   local s = KEYS[i]
-  local j = 3 * i + 1
+  local j = 3 * i + 2
   local data, size, ttl = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
   local m = redis.call('HMGET', s, 'e', 'r', 'o', 'z', 'x')
   local epoch, top, z, x = m[1], tonumber(m[3]), tonumber(m[4]), tonumber(m[5])
@@ -109,7 +114,7 @@ for i = 1, #KEYS do
   if renew then
     redis.call('PEXPIRE', s, ttl + slack)
   end
-  redis.call('PUBLISH', string.sub(s, 1, -3), prefix .. 'h' .. top .. ' ' .. epoch .. ' ' .. data)
+  redis.call(verb, string.sub(s, 1, -3), prefix .. 'h' .. top .. ' ' .. epoch .. ' ' .. data)
   out[#out + 1] = top
   out[#out + 1] = epoch
 end
@@ -186,14 +191,11 @@ return out
 "#;
 
 /// The pub/sub channel of control messages between nodes.
-const CONTROL_CHANNEL: &str = "herald:control";
-/// The set of announced node ids.
-const NODES_KEY: &str = "herald:nodes";
+const CONTROL_CHANNEL: &str = "herald:{control}";
+/// The set of announced node ids (the registry's keys share one slot).
+const NODES_KEY: &str = "herald:{nodes}";
 /// Prefix of the key holding one node's announced info.
-const NODE_KEY: &str = "herald:node:";
-/// After a failed connection attempt, commands fail at once for this long rather than queue
-/// for attempts of their own.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+const NODE_KEY: &str = "herald:{nodes}:";
 /// Longest wait between two attempts to reach Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest wait for Redis to answer a command or accept a connection: a frozen Redis makes a
@@ -214,7 +216,8 @@ struct SubOp {
 
 /// The Redis broker (see the module docs).
 pub struct RedisBroker {
-    client: ::redis::Client,
+    /// Where the pub/sub connection goes.
+    subscriptions: SubscriptionTarget,
     /// The thread that runs the connections and the pub/sub task.
     io: Arc<IoThread>,
     /// The URL without its password, for logs.
@@ -235,129 +238,25 @@ pub struct RedisBroker {
     lateness: Arc<Lateness>,
 }
 
-/// Reads positions and history ([`READ_SCRIPT`]) on the command connection.
+/// Reads positions and history ([`READ_SCRIPT`]) on the command connections.
 #[derive(Clone)]
 struct Reader {
     commands: Arc<Commands>,
     script: Script,
 }
 
-/// The command connection: one multiplexed connection (many commands in flight) and the id of
-/// the Redis process it is connected to. A connection never outlives its Redis process, so the
-/// id read when it was opened is the one every script on it runs in: the scripts get it as an
-/// argument instead of asking Redis each time. A connection error drops it; the next command
-/// opens a new one and reads the id again.
-struct Commands {
-    client: ::redis::Client,
-    link: parking_lot::RwLock<Option<Link>>,
-    connecting: tokio::sync::Mutex<()>,
-    /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them: a batch
-    /// script must never be retried after a `NOSCRIPT`, which could reorder the batch.
-    scripts: [&'static str; 2],
-    /// When a failed connection attempt was last logged.
-    last_warning: Mutex<Option<std::time::Instant>>,
-    /// When the last connection attempt failed.
-    last_failure: Mutex<Option<std::time::Instant>>,
-    /// Where the connection's driver task runs.
-    io: tokio::runtime::Handle,
-}
-
-/// An open command connection and the Redis process behind it.
+/// Where a node's pub/sub connection goes.
 #[derive(Clone)]
-struct Link {
-    conn: ::redis::aio::MultiplexedConnection,
-    run_id: Arc<str>,
-    generation: u64,
-}
-
-impl Commands {
-    /// The open connection, or a new one.
-    async fn get(&self) -> Result<Link, BrokerError> {
-        if let Some(link) = self.link.read().clone() {
-            return Ok(link);
-        }
-        let _one = self.connecting.lock().await;
-        if let Some(link) = self.link.read().clone() {
-            return Ok(link);
-        }
-        // Callers that queued behind an attempt that just failed fail too, instead of each
-        // making its own attempt of up to 2 s in turn (a frozen Redis would make the last of
-        // many publishers wait for all of them).
-        if self.last_failure.lock().is_some_and(|t| t.elapsed() < RETRY_AFTER_FAILURE) {
-            return Err(BrokerError::Unavailable("redis is not reachable"));
-        }
-        let opened = self.open().await;
-        *self.last_failure.lock() = opened.is_err().then(std::time::Instant::now);
-        opened
-    }
-
-    /// Opens a command connection (the caller holds `connecting`): connects, reads the Redis
-    /// process id, loads the scripts.
-    async fn open(&self) -> Result<Link, BrokerError> {
-        let config = ::redis::AsyncConnectionConfig::new()
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_connection_timeout(Some(REDIS_TIMEOUT));
-        // Opened on the broker's thread, where redis-rs spawns the connection's driver.
-        let client = self.client.clone();
-        let opening = self.io.spawn(async move {
-            within(client.get_multiplexed_async_connection_with_config(&config)).await
-        });
-        let opened = opening.await.unwrap_or_else(|_| {
-            Err(::redis::RedisError::from((::redis::ErrorKind::Io, "the redis thread stopped")))
-        });
-        let mut conn = opened.map_err(|e| {
-            // The cause (refused, a TLS certificate not trusted, ...) for the operator, at
-            // most every 10 s: every command retries the connection while Redis is away.
-            let mut last = self.last_warning.lock();
-            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                *last = Some(std::time::Instant::now());
-                tracing::warn!(error = %e, "cannot connect to redis");
-            }
-            backend(e)
-        })?;
-        let info: String = within(::redis::cmd("INFO").arg("server").query_async(&mut conn))
-            .await
-            .map_err(backend)?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("run_id:"))
-            .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
-            .ok_or_else(|| bad_reply("INFO server"))?;
-        for script in &self.scripts {
-            let _: String =
-                within(::redis::cmd("SCRIPT").arg("LOAD").arg(*script).query_async(&mut conn))
-                    .await
-                    .map_err(backend)?;
-        }
-        let mut slot = self.link.write();
-        let generation = slot.as_ref().map_or(0, |l| l.generation) + 1;
-        let link = Link { conn, run_id: Arc::from(run_id.to_ascii_lowercase()), generation };
-        *slot = Some(link.clone());
-        Ok(link)
-    }
-
-    /// Notes that a command on `link` failed with `e`: a lost connection is dropped (the next
-    /// command opens a new one).
-    fn failed(&self, link: &Link, e: &::redis::RedisError) -> BrokerError {
-        // NOSCRIPT: Redis lost its scripts (SCRIPT FLUSH); a new connection loads them again.
-        let no_script = e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript);
-        if no_script
-            || e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-        {
-            let mut slot = self.link.write();
-            if slot.as_ref().is_some_and(|l| l.generation == link.generation) {
-                *slot = None;
-            }
-        }
-        backend(e.clone())
-    }
-
-    fn is_connected(&self) -> bool {
-        self.link.read().is_some()
-    }
+enum SubscriptionTarget {
+    /// One Redis: `SUBSCRIBE` on a RESP2 pub/sub connection.
+    Single(::redis::Client),
+    /// A Redis Cluster: sharded pub/sub (`SSUBSCRIBE`) through redis-rs's cluster connection
+    /// (RESP3), which sends each subscription to the master of its slot.
+    Cluster {
+        /// Each configured node's URL.
+        urls: Vec<String>,
+        tls: RedisTls,
+    },
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -377,20 +276,23 @@ impl RedisBroker {
     /// as `tls` says (without a CA file: the system's roots). Certificate verification cannot
     /// be turned off: redis-rs's `#insecure` URL fragment is refused.
     pub fn with_tls(url: &str, tls: &RedisTls) -> Result<RedisBroker, BrokerError> {
-        let client = client_for(url, tls)?;
+        let (target, subscriptions) = if url.starts_with("redis-cluster://")
+            || url.starts_with("rediss-cluster://")
+        {
+            cluster_targets(url, tls)?
+        } else {
+            let client = client_for(url, tls)?;
+            (Target::Single(client.clone()), SubscriptionTarget::Single(client))
+        };
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let io = Arc::new(IoThread::start("herald-redis")?);
-        let commands = Arc::new(Commands {
-            client: client.clone(),
-            link: parking_lot::RwLock::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            scripts: [PUBLISH_MANY_SCRIPT, READ_SCRIPT],
-            last_warning: Mutex::new(None),
-            last_failure: Mutex::new(None),
-            io: io.handle.clone(),
-        });
+        let commands = Arc::new(Commands::new(
+            target,
+            [PUBLISH_MANY_SCRIPT, READ_SCRIPT],
+            io.handle.clone(),
+        ));
         Ok(RedisBroker {
-            client,
+            subscriptions,
             io,
             display_url: without_password(url),
             reader: Reader { commands: commands.clone(), script: Script::new(READ_SCRIPT) },
@@ -405,6 +307,45 @@ impl RedisBroker {
             lateness: Arc::new(Lateness::default()),
         })
     }
+}
+
+/// The command and subscription targets of a `redis-cluster://[user:pass@]H1:P1,H2:P2,...`
+/// URL (`rediss-cluster://` for TLS): any reachable node of the list tells where the others
+/// are.
+fn cluster_targets(
+    url: &str,
+    tls: &RedisTls,
+) -> Result<(Target, SubscriptionTarget), BrokerError> {
+    let shown = without_password(url);
+    let bad = |why: &str| BrokerError::Backend(format!("bad redis cluster URL {shown}: {why}"));
+    let (scheme, rest) = match url.split_once("-cluster://") {
+        Some(("redis", rest)) => ("redis", rest),
+        Some(("rediss", rest)) => ("rediss", rest),
+        _ => return Err(bad("expected redis-cluster:// or rediss-cluster://")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (userinfo, hosts) = match rest.rsplit_once('@') {
+        Some((user, hosts)) => (format!("{user}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let mut seeds: Vec<Arc<str>> = Vec::new();
+    for host in hosts.split(',').map(str::trim) {
+        let port = host.rsplit_once(':').and_then(|(h, p)| (!h.is_empty()).then_some(p));
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) || host.contains('/')
+        {
+            return Err(bad(&format!(
+                "{host:?} is not HOST:PORT (a cluster has one database; list nodes with commas)"
+            )));
+        }
+        seeds.push(Arc::from(host));
+    }
+    let prefix = format!("{scheme}://{userinfo}");
+    let urls: Vec<String> = seeds.iter().map(|s| format!("{prefix}{s}")).collect();
+    for url in &urls {
+        client_for(url, tls)?;
+    }
+    let target = Target::Cluster(Cluster::new(prefix, tls.clone(), seeds));
+    Ok((target, SubscriptionTarget::Cluster { urls, tls: tls.clone() }))
 }
 
 /// How a `rediss://` connection verifies the server and, optionally, proves who the node is.
@@ -470,6 +411,12 @@ fn stream_key(channel: &ChannelName) -> String {
 /// The pub/sub channel of a Herald channel.
 fn pubsub_channel(channel: &ChannelName) -> String {
     format!("herald:{{{channel}}}")
+}
+
+/// The hash slot of a channel's keys and pub/sub channel on a Redis Cluster (channel names
+/// have no braces, so the tag `{C}` is the whole name).
+fn channel_slot(channel: &ChannelName) -> u16 {
+    slots::slot(channel.as_str().as_bytes())
 }
 
 /// The Herald channel of a pub/sub channel name.
@@ -543,15 +490,6 @@ fn as_string(v: &Value) -> Option<String> {
 
 fn bad_reply(what: &str) -> BrokerError {
     BrokerError::Backend(format!("unexpected reply from redis to {what}"))
-}
-
-/// Opens the command connection in the background at start, retrying until Redis answers.
-async fn connect_commands(commands: Arc<Commands>) {
-    let mut backoff = Duration::from_millis(50);
-    while commands.get().await.is_err() {
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
 }
 
 /// Most publications one catch-up read delivers; a longer gap ends the channel's subscriptions
@@ -773,7 +711,7 @@ impl Follower {
     /// Subscribes or unsubscribes `channel` as the hub wants now.
     async fn reconcile(
         &mut self,
-        sink: &mut ::redis::aio::PubSubSink,
+        link: &mut Subscription,
         channel: &ChannelName,
     ) -> Result<(), Refused> {
         let want = self.handler.has_subscribers(channel);
@@ -787,17 +725,28 @@ impl Follower {
                 self.baseline(channel)
                     .await
                     .map_err(|error| Refused { error, connection_lost: false })?;
-                within(sink.subscribe(&name)).await.map_err(lost)?;
+                link.subscribe(&name).await.map_err(lost)?;
                 self.subscribed.insert(channel.clone());
             }
             (false, true) => {
-                within(sink.unsubscribe(&name)).await.map_err(lost)?;
+                link.unsubscribe(&name).await.map_err(lost)?;
                 self.subscribed.remove(channel);
                 self.positions.remove(channel);
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Catches `channel` up from its position (after the cluster moved its subscription).
+    async fn catch_up_one(&mut self, channel: &ChannelName) -> Result<(), Unreadable> {
+        let behind: Vec<(ChannelName, Arc<str>, u64)> = self
+            .positions
+            .get(channel)
+            .map(|(e, o)| (channel.clone(), e.clone(), *o))
+            .into_iter()
+            .collect();
+        self.catch_up_all(behind).await
     }
 }
 
@@ -846,11 +795,192 @@ async fn within<T>(
     }
 }
 
-/// The pub/sub task: one connection, subscribed to what the hub wants, handing messages over in
-/// order; reconnects when the connection is lost, resubscribes, and catches each channel up
-/// from history.
+/// A node's open pub/sub connection.
+enum Subscription {
+    /// To one Redis (RESP2, `SUBSCRIBE`).
+    Single { sink: ::redis::aio::PubSubSink, stream: ::redis::aio::PubSubStream },
+    /// To a Redis Cluster: redis-rs's cluster connection (RESP3), sharded pub/sub; messages and
+    /// subscription changes arrive on `pushes`. `requested` counts the confirmations of this
+    /// node's own `SSUBSCRIBE` / `SUNSUBSCRIBE` calls not seen yet: any other is the cluster
+    /// moving a subscription by itself.
+    Cluster {
+        conn: ::redis::cluster_async::ClusterConnection,
+        pushes: mpsc::UnboundedReceiver<::redis::PushInfo>,
+        requested: HashMap<(bool, Vec<u8>), u32>,
+    },
+}
+
+/// What the pub/sub connection reports.
+enum Event {
+    /// A message.
+    Message(::redis::Msg),
+    /// The cluster dropped the subscription of a channel by itself (its slot moved to another
+    /// master): subscribe again, and catch up.
+    Dropped(String),
+    /// The cluster subscribed a channel again by itself: catch up.
+    Resubscribed(String),
+}
+
+impl Subscription {
+    /// Opens the pub/sub connection of `target`.
+    async fn open(target: &SubscriptionTarget) -> Result<Subscription, ::redis::RedisError> {
+        match target {
+            SubscriptionTarget::Single(client) => {
+                let (sink, stream) = within(client.get_async_pubsub()).await?.split();
+                Ok(Subscription::Single { sink, stream })
+            }
+            SubscriptionTarget::Cluster { urls, tls } => {
+                let (tx, pushes) = mpsc::unbounded_channel();
+                let mut builder = ::redis::cluster::ClusterClientBuilder::new(urls.clone())
+                    .use_protocol(::redis::ProtocolVersion::RESP3)
+                    .push_sender(tx)
+                    .connection_timeout(REDIS_TIMEOUT)
+                    .response_timeout(REDIS_TIMEOUT)
+                    .retries(3)
+                    .min_retry_wait(20)
+                    .max_retry_wait(200);
+                if tls.ca_pem.is_some() || tls.client.is_some() {
+                    builder = builder.certs(::redis::TlsCertificates {
+                        client_tls: tls.client.as_ref().map(|(cert, key)| {
+                            ::redis::ClientTlsConfig {
+                                client_cert: cert.clone(),
+                                client_key: key.clone(),
+                            }
+                        }),
+                        root_cert: tls.ca_pem.clone(),
+                    });
+                }
+                let conn = within(builder.build()?.get_async_connection()).await?;
+                Ok(Subscription::Cluster { conn, pushes, requested: HashMap::new() })
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, name: &str) -> Result<(), ::redis::RedisError> {
+        match self {
+            Subscription::Single { sink, .. } => within(sink.subscribe(name)).await,
+            Subscription::Cluster { conn, requested, .. } => {
+                let key = (true, name.as_bytes().to_vec());
+                *requested.entry(key.clone()).or_default() += 1;
+                let done = within(conn.ssubscribe(name)).await;
+                if done.is_err() {
+                    // Whether a confirmation comes is unknown: a later one counts as the
+                    // cluster's, which costs at most one catch-up read.
+                    requested.remove(&key);
+                }
+                done
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, name: &str) -> Result<(), ::redis::RedisError> {
+        match self {
+            Subscription::Single { sink, .. } => within(sink.unsubscribe(name)).await,
+            Subscription::Cluster { conn, requested, .. } => {
+                let key = (false, name.as_bytes().to_vec());
+                *requested.entry(key.clone()).or_default() += 1;
+                let done = within(conn.sunsubscribe(name)).await;
+                if done.is_err() {
+                    requested.remove(&key);
+                }
+                done
+            }
+        }
+    }
+
+    /// The next event; `None` when the connection (or, in a cluster, any node's) is lost.
+    async fn next(&mut self) -> Option<Event> {
+        match self {
+            Subscription::Single { stream, .. } => stream.next().await.map(Event::Message),
+            Subscription::Cluster { pushes, requested, .. } => loop {
+                let push = pushes.recv().await?;
+                let name = |push: &::redis::PushInfo| match push.data.first() {
+                    Some(Value::BulkString(b)) => b.clone(),
+                    _ => Vec::new(),
+                };
+                let own = |requested: &mut HashMap<(bool, Vec<u8>), u32>, key| {
+                    let Some(n) = requested.get_mut(&key) else { return false };
+                    *n -= 1;
+                    if *n == 0 {
+                        requested.remove(&key);
+                    }
+                    true
+                };
+                match push.kind {
+                    ::redis::PushKind::SMessage => {
+                        if let Some(msg) = ::redis::Msg::from_push_info(push) {
+                            return Some(Event::Message(msg));
+                        }
+                    }
+                    ::redis::PushKind::Disconnection => return None,
+                    ::redis::PushKind::SSubscribe => {
+                        let name = name(&push);
+                        if !own(requested, (true, name.clone())) {
+                            return Some(Event::Resubscribed(lossy(name)));
+                        }
+                    }
+                    ::redis::PushKind::SUnsubscribe => {
+                        let name = name(&push);
+                        if !own(requested, (false, name.clone())) {
+                            return Some(Event::Dropped(lossy(name)));
+                        }
+                    }
+                    _ => {}
+                }
+            },
+        }
+    }
+}
+
+fn lossy(name: Vec<u8>) -> String {
+    String::from_utf8_lossy(&name).into_owned()
+}
+
+/// Checks that the pub/sub connection still carries messages. One Redis: a message published
+/// on the command connection to `probe` must come back within [`PROBE_DEADLINE`] (`last`:
+/// when one last did). A cluster: every master answers `PING` on its pub/sub connection
+/// (replies and messages share that connection) within the deadline.
+async fn probe_alive(
+    link: &mut Subscription,
+    commands: &Arc<Commands>,
+    probe: &str,
+    last: tokio::time::Instant,
+) -> bool {
+    match link {
+        Subscription::Single { .. } => {
+            if last.elapsed() > PROBE_DEADLINE {
+                return false;
+            }
+            // Sent on the command connection, received on this one.
+            let commands = commands.clone();
+            let probe = probe.to_string();
+            tokio::spawn(async move {
+                let Ok(link) = commands.get(0).await else { return };
+                let mut conn = link.conn.clone();
+                let sent = ::redis::cmd("PUBLISH").arg(probe).arg("p").exec_async(&mut conn).await;
+                if let Err(e) = sent {
+                    commands.failed(&link, &e);
+                }
+            });
+            true
+        }
+        Subscription::Cluster { conn, .. } => {
+            use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+            let all = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            ));
+            let ping = conn.route_command(::redis::cmd("PING"), all);
+            matches!(tokio::time::timeout(PROBE_DEADLINE, ping).await, Ok(Ok(_)))
+        }
+    }
+}
+
+/// The pub/sub task: one connection (on a cluster, redis-rs's connection to every master),
+/// subscribed to what the hub wants, handing messages over in order; reconnects when the
+/// connection is lost, resubscribes, and catches each channel up from history.
 async fn run_pubsub(
-    client: ::redis::Client,
+    target: SubscriptionTarget,
     mut follower: Follower,
     mut ops: mpsc::UnboundedReceiver<SubOp>,
     ready: Arc<AtomicBool>,
@@ -858,11 +988,12 @@ async fn run_pubsub(
     let _not_ready_after = crate::io_thread::ClearOnExit(ready.clone());
     // This node's own probe channel (outside the `herald:{C}` space of Herald channels).
     let probe = format!("herald:probe:{}", history::new_instance_id());
+    let commands = follower.reader.commands.clone();
     let mut connected_before = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let pubsub = match within(client.get_async_pubsub()).await {
-            Ok(p) => p,
+        let mut link = match Subscription::open(&target).await {
+            Ok(link) => link,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open the redis pub/sub connection; retrying");
                 // Answer waiting subscribers: they get 503 and may retry.
@@ -875,18 +1006,19 @@ async fn run_pubsub(
             }
         };
         backoff = Duration::from_millis(50);
-        let (mut sink, mut stream) = pubsub.split();
         // Resubscribe what the hub still wants, then catch each channel up: what was
         // published while the connection was down is in history.
         let wanted: Vec<ChannelName> = std::mem::take(&mut follower.subscribed)
             .into_iter()
             .filter(|c| follower.handler.has_subscribers(c))
             .collect();
-        // The probe channel first: the liveness of this very connection; then control.
-        let mut failed = within(sink.subscribe(&probe)).await.is_err()
-            || within(sink.subscribe(CONTROL_CHANNEL)).await.is_err();
+        // The probe channel first (one Redis: the liveness of this very connection); then
+        // control.
+        let mut failed = matches!(link, Subscription::Single { .. })
+            && link.subscribe(&probe).await.is_err();
+        failed = failed || link.subscribe(CONTROL_CHANNEL).await.is_err();
         for channel in &wanted {
-            if failed || within(sink.subscribe(pubsub_channel(channel))).await.is_err() {
+            if failed || link.subscribe(&pubsub_channel(channel)).await.is_err() {
                 failed = true;
                 break;
             }
@@ -918,8 +1050,37 @@ async fn run_pubsub(
         loop {
             // Unbiased: a flood of messages cannot starve subscription requests or the probe.
             tokio::select! {
-                msg = stream.next() => {
-                    let Some(msg) = msg else { break };
+                event = link.next() => {
+                    let Some(event) = event else { break };
+                    let msg = match event {
+                        Event::Message(msg) => msg,
+                        Event::Dropped(name) => {
+                            // The slot moved: subscribe where it is now, then read what was
+                            // published meanwhile.
+                            let channel = channel_of(&name);
+                            let wanted = name == CONTROL_CHANNEL
+                                || channel.as_ref().is_some_and(|c| follower.subscribed.contains(c));
+                            if wanted && link.subscribe(&name).await.is_err() {
+                                break;
+                            }
+                            if let Some(channel) = channel.filter(|_| wanted) {
+                                if follower.catch_up_one(&channel).await.is_err() {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        Event::Resubscribed(name) => {
+                            if let Some(channel) = channel_of(&name) {
+                                if follower.subscribed.contains(&channel)
+                                    && follower.catch_up_one(&channel).await.is_err()
+                                {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                    };
                     if msg.get_channel_name() == probe {
                         last_probe = tokio::time::Instant::now();
                         continue;
@@ -940,25 +1101,14 @@ async fn run_pubsub(
                     }
                 }
                 _ = probe_tick.tick() => {
-                    if last_probe.elapsed() > PROBE_DEADLINE {
+                    if !probe_alive(&mut link, &commands, &probe, last_probe).await {
                         tracing::warn!("redis pub/sub probe did not come back: reconnecting");
                         break;
                     }
-                    // Sent on the command connection, received on this one.
-                    let commands = follower.reader.commands.clone();
-                    let probe = probe.clone();
-                    tokio::spawn(async move {
-                        let Ok(link) = commands.get().await else { return };
-                        let mut conn = link.conn.clone();
-                        let sent = ::redis::cmd("PUBLISH").arg(probe).arg("p").exec_async(&mut conn).await;
-                        if let Err(e) = sent {
-                            commands.failed(&link, &e);
-                        }
-                    });
                 }
                 op = ops.recv() => {
                     let Some(op) = op else { return };
-                    let result = follower.reconcile(&mut sink, &op.channel).await;
+                    let result = follower.reconcile(&mut link, &op.channel).await;
                     let lost = result.as_ref().is_err_and(|r| r.connection_lost);
                     let _ = op.done.send(result.map_err(|r| r.error));
                     if lost {
@@ -969,6 +1119,94 @@ async fn run_pubsub(
         }
         ready.store(false, Ordering::Release);
         tracing::warn!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+/// Publications of a batch that go as one command: one without history (`PUBLISH`), or up to
+/// [`PUBLISH_MANY_CHUNK`] with history, of one slot on a Redis Cluster ([`PUBLISH_MANY_SCRIPT`]).
+struct Unit {
+    slot: u16,
+    scripted: bool,
+    /// Each publication's index in the batch, channel, data and options.
+    items: Vec<(usize, ChannelName, Bytes, PublishOptions)>,
+}
+
+type Results = Vec<Option<Result<Option<StreamPosition>, BrokerError>>>;
+
+impl Unit {
+    /// A batch's commands, in item order per slot (every slot is 0 on a single Redis). A
+    /// channel is all plain or all scripted, so each channel's publications stay in order.
+    fn split(items: Vec<(ChannelName, Bytes, PublishOptions)>, cluster: bool) -> Vec<Unit> {
+        let mut units: Vec<Unit> = Vec::new();
+        // The chunk of each slot still being filled.
+        let mut filling: HashMap<u16, usize> = HashMap::new();
+        for (i, (channel, data, options)) in items.into_iter().enumerate() {
+            let slot = if cluster { channel_slot(&channel) } else { 0 };
+            let item = (i, channel, data, options);
+            if options.history_size == 0 {
+                units.push(Unit { slot, scripted: false, items: vec![item] });
+                continue;
+            }
+            match filling.get(&slot) {
+                Some(&u) if units[u].items.len() < PUBLISH_MANY_CHUNK => units[u].items.push(item),
+                _ => {
+                    filling.insert(slot, units.len());
+                    units.push(Unit { slot, scripted: true, items: vec![item] });
+                }
+            }
+        }
+        units
+    }
+
+    /// The command of this unit on `link` (whose Redis process id the script gets).
+    fn command(&self, link: &Link, prefix: &str, verb: &str, broker: &RedisBroker) -> ::redis::Cmd {
+        if !self.scripted {
+            let (_, channel, data, _) = &self.items[0];
+            let mut message = Vec::with_capacity(prefix.len() + data.len() + 1);
+            message.extend_from_slice(prefix.as_bytes());
+            message.push(b'n');
+            message.extend_from_slice(data);
+            let mut cmd = ::redis::cmd(verb);
+            cmd.arg(pubsub_channel(channel)).arg(message);
+            return cmd;
+        }
+        // EVALSHA without the automatic load-and-retry: a retried chunk could overtake the
+        // next one. The script was loaded when the connection opened.
+        let mut call = ::redis::cmd("EVALSHA");
+        call.arg(broker.publish_many_script.get_hash()).arg(self.items.len());
+        // KEYS, then ARGV, written straight into the command (no copy per argument).
+        let mut key = String::new();
+        for (_, channel, _, _) in &self.items {
+            key.clear();
+            let _ = write!(key, "herald:{{{channel}}}:s");
+            call.arg(key.as_str());
+        }
+        let fresh = history::new_instance_id();
+        call.arg(link.run_id.as_ref()).arg(fresh.as_ref()).arg(prefix).arg(verb);
+        for (_, _, data, options) in &self.items {
+            let ttl_ms = u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            call.arg(&data[..]).arg(options.history_size).arg(ttl_ms);
+        }
+        call
+    }
+
+    /// Records the result of each publication of this unit from the command's `reply`.
+    fn settle(&self, reply: Result<Value, BrokerError>, results: &mut Results) {
+        let mut put = |k: usize, r| results[self.items[k].0] = Some(r);
+        match reply {
+            Err(e) => (0..self.items.len()).for_each(|k| put(k, Err(e.clone()))),
+            Ok(_) if !self.scripted => put(0, Ok(None)),
+            Ok(Value::Array(values)) if values.len() == 2 * self.items.len() => {
+                for k in 0..self.items.len() {
+                    let position = match (as_u64(&values[2 * k]), as_string(&values[2 * k + 1])) {
+                        (Some(offset), Some(epoch)) => Ok(Some(StreamPosition { offset, epoch })),
+                        _ => Err(bad_reply("publish")),
+                    };
+                    put(k, position);
+                }
+            }
+            Ok(_) => (0..self.items.len()).for_each(|k| put(k, Err(bad_reply("publish")))),
+        }
     }
 }
 
@@ -987,7 +1225,7 @@ impl Broker for RedisBroker {
         let ops =
             self.ops_rx.lock().take().ok_or(BrokerError::Backend("already started".into()))?;
         tracing::info!(url = %self.display_url, "connecting to redis");
-        self.io.handle.spawn(connect_commands(self.commands.clone()));
+        self.io.handle.spawn(self.commands.clone().maintain());
         let follower = Follower {
             handler,
             control: self.control.clone(),
@@ -997,7 +1235,8 @@ impl Broker for RedisBroker {
             positions: HashMap::new(),
             lateness: self.lateness.clone(),
         };
-        let task = run_pubsub(self.client.clone(), follower, ops, self.pubsub_ready.clone());
+        let task =
+            run_pubsub(self.subscriptions.clone(), follower, ops, self.pubsub_ready.clone());
         self.io.handle.spawn(task);
         Ok(())
     }
@@ -1016,8 +1255,10 @@ impl Broker for RedisBroker {
             .unwrap_or(Err(BrokerError::Backend("a publication has no result".into())))
     }
 
-    /// Publications with history go in chunks of [`PUBLISH_MANY_CHUNK`] per script call, the
-    /// others as pipelined `PUBLISH`es; every command leaves in item order.
+    /// Publications with history go in chunks of [`PUBLISH_MANY_CHUNK`] per script call (of
+    /// one slot on a Redis Cluster), the others as pipelined `PUBLISH`es; each Redis gets one
+    /// pipeline, every command in item order. Commands that met a redirect (they did not run)
+    /// go again one by one, in the same order.
     async fn publish_many(
         &self,
         items: Vec<(ChannelName, Bytes, PublishOptions)>,
@@ -1025,103 +1266,71 @@ impl Broker for RedisBroker {
         let n = items.len();
         let mut results: Vec<Option<Result<Option<StreamPosition>, BrokerError>>> =
             (0..n).map(|_| None).collect();
-        let (with, without): (Vec<_>, Vec<_>) =
-            items.into_iter().enumerate().partition(|(_, (_, _, o))| o.history_size > 0);
-        let link = match self.commands.get().await {
-            Ok(link) => link,
-            Err(e) => return (0..n).map(|_| Err(e.clone())).collect(),
-        };
-        // One pipeline, written at once in this order: the plain publishes in item order, then
-        // the script calls in chunk order (a channel is all plain or all scripted). Separate
-        // futures would each send when first polled, which tokio's budget can reorder.
-        let mut pipe = ::redis::pipe();
-        pipe.ignore_errors();
-        let mut slots: Vec<Vec<usize>> = Vec::new();
+        let units = Unit::split(items, self.commands.is_cluster());
         let prefix = origin_prefix(&self.sender);
-        for (i, (channel, data, _)) in without {
-            let mut message = Vec::with_capacity(prefix.len() + data.len() + 1);
-            message.extend_from_slice(prefix.as_bytes());
-            message.push(b'n');
-            message.extend_from_slice(&data);
-            let mut cmd = ::redis::cmd("PUBLISH");
-            cmd.arg(pubsub_channel(&channel)).arg(message);
-            pipe.add_command(cmd);
-            slots.push(vec![i]);
-        }
-        let plain_count = slots.len();
-        let chunks: Vec<Vec<(usize, (ChannelName, Bytes, PublishOptions))>> = {
-            let mut chunks = Vec::new();
-            let mut it = with.into_iter().peekable();
-            while it.peek().is_some() {
-                chunks.push(it.by_ref().take(PUBLISH_MANY_CHUNK).collect());
-            }
-            chunks
-        };
-        for chunk in chunks {
-            // EVALSHA without the automatic load-and-retry: a retried chunk could overtake the
-            // next one. The script was loaded when the connection opened.
-            let mut call = ::redis::cmd("EVALSHA");
-            call.arg(self.publish_many_script.get_hash()).arg(chunk.len());
-            // KEYS, then ARGV, written straight into the command (no copy per argument).
-            let mut key = String::new();
-            for (_, (channel, _, _)) in &chunk {
-                key.clear();
-                let _ = write!(key, "herald:{{{channel}}}:s");
-                call.arg(key.as_str());
-            }
-            let fresh = history::new_instance_id();
-            call.arg(link.run_id.as_ref()).arg(fresh.as_ref()).arg(prefix.as_str());
-            let mut order = Vec::with_capacity(chunk.len());
-            for (i, (_, data, options)) in &chunk {
-                let ttl_ms =
-                    u64::try_from(options.history_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                call.arg(&data[..]).arg(options.history_size).arg(ttl_ms);
-                order.push(*i);
-            }
-            pipe.add_command(call);
-            slots.push(order);
-        }
-        let mut conn = link.conn.clone();
-        let replies: Result<Vec<::redis::RedisResult<Value>>, _> =
-            pipe.query_async(&mut conn).await;
-        let replies = match replies {
-            Ok(replies) if replies.len() == slots.len() => replies,
-            Ok(_) => return (0..n).map(|_| Err(bad_reply("publish"))).collect(),
-            Err(e) => {
-                let error = self.commands.failed(&link, &e);
-                return (0..n).map(|_| Err(error.clone())).collect();
-            }
-        };
-        for (k, (order, reply)) in slots.into_iter().zip(replies).enumerate() {
-            if k < plain_count {
-                let r = reply.map(|_| None).map_err(|e| self.commands.failed(&link, &e));
-                results[order[0]] = Some(r);
-                continue;
-            }
-            match reply {
-                Ok(Value::Array(items)) if items.len() == 2 * order.len() => {
-                    for (k, i) in order.into_iter().enumerate() {
-                        let position = match (as_u64(&items[2 * k]), as_string(&items[2 * k + 1])) {
-                            (Some(offset), Some(epoch)) => {
-                                Ok(Some(StreamPosition { offset, epoch }))
-                            }
-                            _ => Err(bad_reply("publish")),
-                        };
-                        results[i] = Some(position);
-                    }
+        let verb = if self.commands.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let command = |unit: &Unit, link: &Link| unit.command(link, &prefix, verb, self);
+        // One pipeline per Redis, written at once in unit order. Separate futures would each
+        // send when first polled, which tokio's budget can reorder.
+        let mut pipelines: Vec<(Link, ::redis::Pipeline, Vec<usize>)> = Vec::new();
+        for (u, unit) in units.iter().enumerate() {
+            let link = match self.commands.get(unit.slot).await {
+                Ok(link) => link,
+                Err(e) => {
+                    unit.settle(Err(e), &mut results);
+                    continue;
                 }
+            };
+            let k = match pipelines.iter().position(|(l, _, _)| l.addr == link.addr) {
+                Some(k) => k,
+                None => {
+                    let mut pipe = ::redis::pipe();
+                    pipe.ignore_errors();
+                    pipelines.push((link.clone(), pipe, Vec::new()));
+                    pipelines.len() - 1
+                }
+            };
+            let (link, pipe, order) = &mut pipelines[k];
+            pipe.add_command(command(unit, link));
+            order.push(u);
+        }
+        let sent = pipelines.into_iter().map(|(link, pipe, order)| async move {
+            let mut conn = link.conn.clone();
+            let replies: Result<Vec<::redis::RedisResult<Value>>, _> =
+                pipe.query_async(&mut conn).await;
+            (link, order, replies)
+        });
+        let mut again = Vec::new();
+        for (link, order, replies) in futures_util::future::join_all(sent).await {
+            let replies = match replies {
+                Ok(replies) if replies.len() == order.len() => replies,
                 Ok(_) => {
-                    for i in order {
-                        results[i] = Some(Err(bad_reply("publish")));
+                    for u in order {
+                        units[u].settle(Err(bad_reply("publish")), &mut results);
                     }
+                    continue;
                 }
                 Err(e) => {
                     let error = self.commands.failed(&link, &e);
-                    for i in order {
-                        results[i] = Some(Err(error.clone()));
+                    for u in order {
+                        units[u].settle(Err(error.clone()), &mut results);
                     }
+                    continue;
+                }
+            };
+            for (u, reply) in order.into_iter().zip(replies) {
+                match reply {
+                    Err(e) if is_redirect(&e) => again.push(u),
+                    Err(e) => units[u].settle(Err(self.commands.failed(&link, &e)), &mut results),
+                    Ok(value) => units[u].settle(Ok(value), &mut results),
                 }
             }
+        }
+        again.sort_unstable();
+        for u in again {
+            let unit = &units[u];
+            let reply = self.commands.run(unit.slot, |link| command(unit, link)).await;
+            unit.settle(reply, &mut results);
         }
         results
             .into_iter()
@@ -1149,65 +1358,77 @@ impl Broker for RedisBroker {
         self.reader.read(channel, Some(options.history_ttl), query).await
     }
 
-    /// `PUBLISH herald:control "<sender> <message>"`.
+    /// `PUBLISH herald:{control} "<sender> <message>"` (`SPUBLISH` on a Redis Cluster).
     async fn send_control(&self, message: Bytes) -> Result<(), BrokerError> {
-        let link = self.commands.get().await?;
-        let mut conn = link.conn.clone();
         let mut payload = Vec::with_capacity(self.sender.len() + 1 + message.len());
         payload.extend_from_slice(self.sender.as_bytes());
         payload.push(b' ');
         payload.extend_from_slice(&message);
-        ::redis::cmd("PUBLISH")
-            .arg(CONTROL_CHANNEL)
-            .arg(payload)
-            .exec_async(&mut conn)
+        let verb = if self.commands.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let slot = slots::slot(CONTROL_CHANNEL.as_bytes());
+        self.commands
+            .run(slot, |_| {
+                let mut cmd = ::redis::cmd(verb);
+                cmd.arg(CONTROL_CHANNEL).arg(&payload[..]);
+                cmd
+            })
             .await
-            .map_err(|e| self.commands.failed(&link, &e))
+            .map(|_| ())
     }
 
     fn set_control(&self, handler: ControlHandler) {
         let _ = self.control.set(handler);
     }
 
-    /// `herald:node:<id>` holds the info (expiring after `ttl`), the set `herald:nodes` the ids.
+    /// `herald:{nodes}:<id>` holds the info (expiring after `ttl`), the set `herald:{nodes}`
+    /// the ids (one slot).
     async fn announce(&self, id: &str, info: Bytes, ttl: Duration) -> Result<(), BrokerError> {
-        let link = self.commands.get().await?;
-        let mut conn = link.conn.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        ::redis::pipe()
-            .cmd("SET")
-            .arg(format!("{NODE_KEY}{id}"))
-            .arg(info.as_ref())
-            .arg("PX")
-            .arg(ttl_ms)
-            .ignore()
-            .cmd("SADD")
-            .arg(NODES_KEY)
-            .arg(id)
-            .ignore()
-            .exec_async(&mut conn)
+        let slot = slots::slot(NODES_KEY.as_bytes());
+        self.commands
+            .run(slot, |_| {
+                let mut cmd = ::redis::cmd("SET");
+                cmd.arg(format!("{NODE_KEY}{id}")).arg(info.as_ref()).arg("PX").arg(ttl_ms);
+                cmd
+            })
+            .await?;
+        self.commands
+            .run(slot, |_| {
+                let mut cmd = ::redis::cmd("SADD");
+                cmd.arg(NODES_KEY).arg(id);
+                cmd
+            })
             .await
-            .map_err(|e| self.commands.failed(&link, &e))
+            .map(|_| ())
     }
 
-    /// The ids in `herald:nodes` whose info has not expired; the others are removed.
+    /// The ids in `herald:{nodes}` whose info has not expired; the others are removed.
     async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
-        let link = self.commands.get().await?;
-        let mut conn = link.conn.clone();
-        let ids: Vec<String> = ::redis::cmd("SMEMBERS")
-            .arg(NODES_KEY)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.commands.failed(&link, &e))?;
+        let slot = slots::slot(NODES_KEY.as_bytes());
+        let reply = self
+            .commands
+            .run(slot, |_| {
+                let mut cmd = ::redis::cmd("SMEMBERS");
+                cmd.arg(NODES_KEY);
+                cmd
+            })
+            .await?;
+        let ids: Vec<String> =
+            ::redis::from_redis_value(reply).map_err(|_| bad_reply("SMEMBERS"))?;
         if ids.is_empty() {
             return Ok(Some(Vec::new()));
         }
         let keys: Vec<String> = ids.iter().map(|id| format!("{NODE_KEY}{id}")).collect();
-        let infos: Vec<Option<Vec<u8>>> = ::redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.commands.failed(&link, &e))?;
+        let reply = self
+            .commands
+            .run(slot, |_| {
+                let mut cmd = ::redis::cmd("MGET");
+                cmd.arg(&keys);
+                cmd
+            })
+            .await?;
+        let infos: Vec<Option<Vec<u8>>> =
+            ::redis::from_redis_value(reply).map_err(|_| bad_reply("MGET"))?;
         let mut alive = Vec::new();
         let mut gone = Vec::new();
         for (id, info) in ids.into_iter().zip(infos) {
@@ -1217,8 +1438,14 @@ impl Broker for RedisBroker {
             }
         }
         if !gone.is_empty() {
-            let _: Result<(), _> =
-                ::redis::cmd("SREM").arg(NODES_KEY).arg(&gone).exec_async(&mut conn).await;
+            let _ = self
+                .commands
+                .run(slot, |_| {
+                    let mut cmd = ::redis::cmd("SREM");
+                    cmd.arg(NODES_KEY).arg(&gone);
+                    cmd
+                })
+                .await;
         }
         alive.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Some(alive))
@@ -1242,8 +1469,6 @@ impl Reader {
         ttl: Option<Duration>,
         query: &HistoryQuery,
     ) -> Result<HistoryPage, BrokerError> {
-        let link = self.commands.get().await?;
-        let mut conn = link.conn.clone();
         // Unknown (a catch-up of a channel whose TTL this task does not know): the script
         // judges a void position with the TTL the stream was created with.
         let ttl_ms: i64 = ttl.map_or(-1, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
@@ -1254,20 +1479,17 @@ impl Reader {
             (Some(s), None) => ("s", s.epoch.as_str(), s.offset, 0, ""),
         };
         let limit: i64 = query.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let reply: Value = self
-            .script
-            .key(stream_key(channel))
-            .arg(mode)
-            .arg(epoch)
-            .arg(offset)
-            .arg(limit)
-            .arg(at)
-            .arg(ttl_ms)
-            .arg(void_instance)
-            .arg(link.run_id.as_ref())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.commands.failed(&link, &e))?;
+        let key = stream_key(channel);
+        let reply = self
+            .commands
+            .run(channel_slot(channel), |link| {
+                let mut cmd = ::redis::cmd("EVALSHA");
+                cmd.arg(self.script.get_hash()).arg(1).arg(&key);
+                cmd.arg(mode).arg(epoch).arg(offset).arg(limit).arg(at).arg(ttl_ms);
+                cmd.arg(void_instance).arg(link.run_id.as_ref());
+                cmd
+            })
+            .await?;
         let Value::Array(items) = reply else { return Err(bad_reply("history")) };
         let now = items.first().and_then(as_u64).ok_or_else(|| bad_reply("history"))?;
         let instance = items.get(1).and_then(as_string).ok_or_else(|| bad_reply("history"))?;
