@@ -1,5 +1,6 @@
 //! One broker conformance suite, run against every backend: the memory broker, Redis (a real
-//! `redis-server` started on a free loopback port) and NATS (a real `nats-server` with
+//! `redis-server` started on a free loopback port), a Redis Cluster of three masters (started
+//! by `redis-cli --cluster create`) and NATS (a real `nats-server` with
 //! JetStream, likewise). Each case states a guarantee of the
 //! `Broker` trait (offsets, ordering, history, void positions, expiry, subscriptions) and checks
 //! it the same way on every backend.
@@ -22,6 +23,10 @@ use herald_broker::{
 };
 use herald_protocol::{ChannelName, StreamPosition};
 use parking_lot::Mutex;
+
+#[path = "support/redis_cluster.rs"]
+mod redis_cluster;
+use redis_cluster::RedisCluster;
 
 /// One delivery: channel, offset, epoch, data.
 type Delivery = (String, Option<u64>, Option<String>, Bytes);
@@ -73,18 +78,21 @@ impl Recorder {
     }
 }
 
-/// A `redis-server` or `nats-server` on a free port, stopped on drop.
+/// A `redis-server` or `nats-server` on a free port, or a Redis Cluster, stopped on drop.
 struct ServerProcess {
-    child: Child,
+    child: Option<Child>,
     port: u16,
     /// The NATS store directory.
     _dir: Option<tempfile::TempDir>,
+    _cluster: Option<RedisCluster>,
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -120,7 +128,7 @@ fn nats_server() -> Option<ServerProcess> {
         .spawn()
         .expect("nats-server starts");
     wait_listening(port, "nats-server");
-    Some(ServerProcess { child, port, _dir: Some(dir) })
+    Some(ServerProcess { child: Some(child), port, _dir: Some(dir), _cluster: None })
 }
 
 fn redis_server() -> Option<ServerProcess> {
@@ -141,7 +149,7 @@ fn redis_server() -> Option<ServerProcess> {
         .spawn()
         .expect("redis-server starts");
     wait_listening(port, "redis-server");
-    Some(ServerProcess { child, port, _dir: None })
+    Some(ServerProcess { child: Some(child), port, _dir: None, _cluster: None })
 }
 
 /// A started broker of each backend, with its recorder (and the Redis process it uses).
@@ -162,6 +170,19 @@ async fn backends() -> Vec<Backend> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         out.push(("redis", broker, rec, Some(server)));
+    }
+    if let Some(cluster) = RedisCluster::start(3, 0) {
+        let broker = Arc::new(RedisBroker::new(&cluster.url()).unwrap());
+        let rec = Arc::new(Recorder::default());
+        broker.start(rec.clone()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !broker.is_ready() {
+            assert!(Instant::now() < deadline, "the redis cluster broker did not get ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let port = cluster.ports[0];
+        let held = ServerProcess { child: None, port, _dir: None, _cluster: Some(cluster) };
+        out.push(("redis-cluster", broker, rec, Some(held)));
     }
     if let Some(server) = nats_server() {
         let url = format!("nats://127.0.0.1:{}", server.port);

@@ -1,0 +1,186 @@
+//! A real Redis Cluster for tests: `redis-server --cluster-enabled yes` processes on free
+//! loopback ports, joined by `redis-cli --cluster create`, killed on drop. Shared by the broker
+//! conformance suite and the server's cluster tests (included with `#[path]`).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Redis Cluster of masters and replicas (see the module docs).
+pub struct RedisCluster {
+    /// One process per node, `None` once killed.
+    pub nodes: Vec<Option<Child>>,
+    /// Each node's port (its cluster bus is port + 10000).
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each, every slot served; `None` (with a note)
+    /// when `redis-server` or `redis-cli` is missing, unless `HERALD_REQUIRE_REDIS` is set.
+    pub fn start(masters: usize, replicas: usize) -> Option<RedisCluster> {
+        let found = Command::new("redis-server").arg("--version").output().is_ok()
+            && Command::new("redis-cli").arg("--version").output().is_ok();
+        if !found {
+            assert!(
+                std::env::var("HERALD_REQUIRE_REDIS").is_err(),
+                "redis-server and redis-cli are required (HERALD_REQUIRE_REDIS is set)"
+            );
+            eprintln!("redis-server or redis-cli not found: Redis Cluster cases skipped");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = masters * (1 + replicas);
+        let ports: Vec<u16> = (0..n).map(|_| free_cluster_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            nodes.push(Some(child));
+        }
+        for port in &ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes, ports, _dir: dir };
+        cluster.wait_ok(Duration::from_secs(30));
+        // Every replica has synced with its master before a test kills one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster.replication_roles().iter().filter(|r| r.as_str() == "slave").count()
+            < masters * replicas
+        {
+            assert!(Instant::now() < deadline, "the replicas did not attach");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(cluster)
+    }
+
+    /// `redis-cluster://` with every node.
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis-cluster://{}", addrs.join(","))
+    }
+
+    /// Runs `redis-cli -p port args...` and returns its output.
+    pub fn cli(port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The ports of the nodes still running.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.ports.iter().zip(&self.nodes).filter(|(_, c)| c.is_some()).map(|(p, _)| *p).collect()
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and knows every slot is served.
+    pub fn wait_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let ok = self.live_ports().iter().all(|p| {
+                let info = Self::cli(*p, &["cluster", "info"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the redis cluster did not get ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `master` or `slave` for each live node.
+    pub fn replication_roles(&self) -> Vec<String> {
+        self.live_ports()
+            .iter()
+            .map(|p| {
+                let info = Self::cli(*p, &["info", "replication"]);
+                info.lines()
+                    .find_map(|l| l.trim().strip_prefix("role:").map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The port of the master serving `key` now, asked of any live node.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let port = self.live_ports()[0];
+        let slot: u16 =
+            Self::cli(port, &["cluster", "keyslot", key]).trim().parse().expect("a slot");
+        // `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slots...>`
+        let nodes = Self::cli(port, &["cluster", "nodes"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                matches!((first.parse::<u16>(), last.parse::<u16>()),
+                    (Ok(f), Ok(l)) if f <= slot && slot <= l)
+            });
+            if serves {
+                let addr = fields[1].split('@').next().expect("an address");
+                return addr.rsplit(':').next().expect("a port").parse().expect("a port");
+            }
+        }
+        panic!("no master serves slot {slot}: {nodes}");
+    }
+
+    /// Kills the node on `port` with SIGKILL.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node of this cluster");
+        if let Some(mut child) = self.nodes[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in self.nodes.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
