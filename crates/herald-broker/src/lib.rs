@@ -172,7 +172,7 @@ pub trait BrokerHandler: Send + Sync + 'static {
 /// Carries publications between publishers and the nodes that have subscribers.
 #[async_trait::async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// A short name for logs and `/api/info` (`memory`, `redis`, `nats`).
+    /// A short name for logs and `/api/info` (`memory`, `redis`, `redis-cluster`, `nats`).
     fn name(&self) -> &'static str;
 
     /// Starts delivering to `handler`. Called once, before any other call.

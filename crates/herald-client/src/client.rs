@@ -95,6 +95,9 @@ pub enum Event {
         channel: String,
         /// The publication's offset; `None` where the channel keeps no history.
         offset: Option<u64>,
+        /// The channel's new epoch, on the first publication of an epoch this connection had
+        /// not seen (its stream was reset: offsets start again).
+        epoch: Option<String>,
         /// The publication's data.
         data: Value,
         /// When the bytes carrying it were read from the socket (one instant per read, for

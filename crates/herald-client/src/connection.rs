@@ -341,8 +341,8 @@ impl Connection {
                         let _ = waiter.send(Ok(result));
                     }
                 }
-                Ok(ServerMessage::Pub { channel, offset, data }) => {
-                    self.emit(Event::Pub { channel, offset, data, received }).await;
+                Ok(ServerMessage::Pub { channel, offset, epoch, data }) => {
+                    self.emit(Event::Pub { channel, offset, epoch, data, received }).await;
                 }
                 Ok(ServerMessage::Ping) => {
                     if self.auto_pong && !self.close_sent {

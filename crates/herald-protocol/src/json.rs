@@ -301,6 +301,9 @@ pub enum ServerMessage {
         channel: String,
         /// The publication's offset, absent where the channel keeps no history.
         offset: Option<u64>,
+        /// The channel's epoch, on the first publication of an epoch the connection has not
+        /// seen yet (PROTOCOL.md section 3).
+        epoch: Option<String>,
         /// The publication's data.
         data: serde_json::Value,
     },
@@ -359,6 +362,8 @@ struct RawPub {
     channel: String,
     #[serde(default)]
     offset: Option<u64>,
+    #[serde(default)]
+    epoch: Option<String>,
     data: serde_json::Value,
 }
 
@@ -402,7 +407,12 @@ pub fn decode_server_message(line: &[u8]) -> Result<ServerMessage, serde_json::E
         return Ok(ServerMessage::Reply { id, result });
     }
     if let Some(p) = raw.publication {
-        return Ok(ServerMessage::Pub { channel: p.channel, offset: p.offset, data: p.data });
+        return Ok(ServerMessage::Pub {
+            channel: p.channel,
+            offset: p.offset,
+            epoch: p.epoch,
+            data: p.data,
+        });
     }
     if raw.ping.is_some() {
         return Ok(ServerMessage::Ping);
@@ -689,6 +699,7 @@ mod tests {
             &ServerMessage::Pub {
                 channel: "news".into(),
                 offset: Some(5),
+                epoch: None,
                 data: serde_json::json!({"x":1})
             }
         );
@@ -697,6 +708,7 @@ mod tests {
             &ServerMessage::Pub {
                 channel: "news".into(),
                 offset: None,
+                epoch: None,
                 data: serde_json::Value::Null
             }
         );

@@ -574,7 +574,7 @@ mod tests {
                 None => json!({"data": data.clone()}),
             };
             let want = vec![
-                ServerMessage::Pub { channel: channel.clone(), offset, data: data.clone() },
+                ServerMessage::Pub { channel: channel.clone(), offset, epoch: None, data: data.clone() },
                 ServerMessage::Ping,
                 ServerMessage::Disconnect {
                     code: close.as_u16(),

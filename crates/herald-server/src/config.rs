@@ -156,7 +156,13 @@ pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     }
     // The parser splits on ',' too; trimming each directive here avoids its trim bug (it
     // indexes the untrimmed text with the trimmed text's positions).
-    let directives: Vec<&str> = text.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    let mut directives: Vec<&str> =
+        text.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    // redis-rs logs a warning per attempt while a Redis Cluster fails over (hundreds a
+    // second); Herald says what matters itself. A filter that names `redis` wins.
+    if !directives.iter().any(|d| d.starts_with("redis")) {
+        directives.push("redis=error");
+    }
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
         .parse(directives.join(","))
@@ -206,7 +212,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Required as `Authorization: Bearer` on `/api/*` when set.
     pub api_key: Option<String>,
-    /// `memory`, or a `redis://`, `rediss://` or `nats://` URL.
+    /// `memory`, or a `redis://`, `rediss://`, `redis-cluster://`, `rediss-cluster://` or
+    /// `nats://` URL.
     pub broker: String,
     /// TLS files of a `rediss://` broker.
     pub broker_tls: BrokerTlsConfig,
@@ -508,15 +515,18 @@ impl Config {
             return Err(invalid("api_key", "must not be empty (leave it out instead)".into()));
         }
         let broker = get_str(t, &["broker"]).unwrap_or_else(|| "memory".into());
+        let tls_broker = broker.starts_with("rediss://") || broker.starts_with("rediss-cluster://");
         if !(broker == "memory"
             || broker.starts_with("redis://")
-            || broker.starts_with("rediss://")
+            || broker.starts_with("redis-cluster://")
+            || tls_broker
             || broker.starts_with("nats://"))
         {
             return Err(invalid(
                 "broker",
                 format!(
-                    "{broker:?}: expected \"memory\", redis://HOST:PORT, rediss://HOST:PORT or \
+                    "{broker:?}: expected \"memory\", redis://HOST:PORT, rediss://HOST:PORT, \
+                     redis-cluster://HOST:PORT,HOST:PORT,... (rediss-cluster:// for TLS) or \
                      nats://HOST:PORT"
                 ),
             ));
@@ -532,10 +542,10 @@ impl Config {
                 "cert_file and key_file go together (both or neither)".into(),
             ));
         }
-        if broker_tls != BrokerTlsConfig::default() && !broker.starts_with("rediss://") {
+        if broker_tls != BrokerTlsConfig::default() && !tls_broker {
             return Err(invalid(
                 "broker_tls",
-                "TLS files are set but `broker` is not a rediss:// URL".into(),
+                "TLS files are set but `broker` is not a rediss:// or rediss-cluster:// URL".into(),
             ));
         }
         let log_level = get_str(t, &["log_level"]).unwrap_or_else(|| "info".into());

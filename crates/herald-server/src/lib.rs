@@ -30,7 +30,7 @@ use crate::config::Config;
 pub enum StartError {
     /// The configured broker is not available in this build.
     #[error(
-        "config key `broker`: {0:?} is not supported (use \"memory\", \"redis://HOST:PORT\", \"rediss://HOST:PORT\" or \"nats://HOST:PORT\")"
+        "config key `broker`: {0:?} is not supported (use \"memory\", \"redis://HOST:PORT\", \"rediss://HOST:PORT\", \"redis-cluster://HOST:PORT,...\" or \"nats://HOST:PORT\")"
     )]
     UnsupportedBroker(String),
     /// A file named in the configuration could not be read.
@@ -75,7 +75,10 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
             spawn_stream_expiry(memory.clone(), config.namespace_options());
             memory
         }
-        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+        url if ["redis://", "rediss://", "redis-cluster://", "rediss-cluster://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme)) =>
+        {
             Arc::new(RedisBroker::with_tls(url, &redis_tls(&config.broker_tls)?)?)
         }
         url if url.starts_with("nats://") => Arc::new(NatsBroker::connect(url).await?),

@@ -158,8 +158,7 @@ impl Commands {
     pub(super) async fn refresh(&self) -> Result<(), BrokerError> {
         let Target::Cluster(cluster) = &self.target else { return Ok(()) };
         let mut last = cluster.refreshing.lock().await;
-        if last.is_some_and(|t| t.elapsed() < REFRESH_AT_MOST_EVERY)
-            && cluster.map.read().is_some()
+        if last.is_some_and(|t| t.elapsed() < REFRESH_AT_MOST_EVERY) && cluster.map.read().is_some()
         {
             return Ok(());
         }

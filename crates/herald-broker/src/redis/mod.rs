@@ -276,21 +276,17 @@ impl RedisBroker {
     /// as `tls` says (without a CA file: the system's roots). Certificate verification cannot
     /// be turned off: redis-rs's `#insecure` URL fragment is refused.
     pub fn with_tls(url: &str, tls: &RedisTls) -> Result<RedisBroker, BrokerError> {
-        let (target, subscriptions) = if url.starts_with("redis-cluster://")
-            || url.starts_with("rediss-cluster://")
-        {
-            cluster_targets(url, tls)?
-        } else {
-            let client = client_for(url, tls)?;
-            (Target::Single(client.clone()), SubscriptionTarget::Single(client))
-        };
+        let (target, subscriptions) =
+            if url.starts_with("redis-cluster://") || url.starts_with("rediss-cluster://") {
+                cluster_targets(url, tls)?
+            } else {
+                let client = client_for(url, tls)?;
+                (Target::Single(client.clone()), SubscriptionTarget::Single(client))
+            };
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let io = Arc::new(IoThread::start("herald-redis")?);
-        let commands = Arc::new(Commands::new(
-            target,
-            [PUBLISH_MANY_SCRIPT, READ_SCRIPT],
-            io.handle.clone(),
-        ));
+        let commands =
+            Arc::new(Commands::new(target, [PUBLISH_MANY_SCRIPT, READ_SCRIPT], io.handle.clone()));
         Ok(RedisBroker {
             subscriptions,
             io,
@@ -312,10 +308,7 @@ impl RedisBroker {
 /// The command and subscription targets of a `redis-cluster://[user:pass@]H1:P1,H2:P2,...`
 /// URL (`rediss-cluster://` for TLS): any reachable node of the list tells where the others
 /// are.
-fn cluster_targets(
-    url: &str,
-    tls: &RedisTls,
-) -> Result<(Target, SubscriptionTarget), BrokerError> {
+fn cluster_targets(url: &str, tls: &RedisTls) -> Result<(Target, SubscriptionTarget), BrokerError> {
     let shown = without_password(url);
     let bad = |why: &str| BrokerError::Backend(format!("bad redis cluster URL {shown}: {why}"));
     let (scheme, rest) = match url.split_once("-cluster://") {
@@ -331,8 +324,7 @@ fn cluster_targets(
     let mut seeds: Vec<Arc<str>> = Vec::new();
     for host in hosts.split(',').map(str::trim) {
         let port = host.rsplit_once(':').and_then(|(h, p)| (!h.is_empty()).then_some(p));
-        if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) || host.contains('/')
-        {
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) || host.contains('/') {
             return Err(bad(&format!(
                 "{host:?} is not HOST:PORT (a cluster has one database; list nodes with commas)"
             )));
@@ -1014,8 +1006,8 @@ async fn run_pubsub(
             .collect();
         // The probe channel first (one Redis: the liveness of this very connection); then
         // control.
-        let mut failed = matches!(link, Subscription::Single { .. })
-            && link.subscribe(&probe).await.is_err();
+        let mut failed =
+            matches!(link, Subscription::Single { .. }) && link.subscribe(&probe).await.is_err();
         failed = failed || link.subscribe(CONTROL_CHANNEL).await.is_err();
         for channel in &wanted {
             if failed || link.subscribe(&pubsub_channel(channel)).await.is_err() {
@@ -1213,7 +1205,11 @@ impl Unit {
 #[async_trait::async_trait]
 impl Broker for RedisBroker {
     fn name(&self) -> &'static str {
-        "redis"
+        if self.commands.is_cluster() {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
     }
 
     /// Connects in the background: the node starts (and answers `/readyz` 503) while Redis is
@@ -1235,8 +1231,7 @@ impl Broker for RedisBroker {
             positions: HashMap::new(),
             lateness: self.lateness.clone(),
         };
-        let task =
-            run_pubsub(self.subscriptions.clone(), follower, ops, self.pubsub_ready.clone());
+        let task = run_pubsub(self.subscriptions.clone(), follower, ops, self.pubsub_ready.clone());
         self.io.handle.spawn(task);
         Ok(())
     }

@@ -128,8 +128,7 @@ mod tests {
     }
 
     fn range(first: i64, last: i64, host: &str, port: i64) -> Value {
-        let node =
-            Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::Nil]);
+        let node = Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::Nil]);
         Value::Array(vec![Value::Int(first), Value::Int(last), node])
     }
 

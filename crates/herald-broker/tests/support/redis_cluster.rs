@@ -52,6 +52,7 @@ impl RedisCluster {
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-replica-validity-factor", "0"])
                 .arg("--dir")
                 .arg(&node_dir)
                 .stdout(Stdio::null())
@@ -80,12 +81,11 @@ impl RedisCluster {
         assert!(created.success(), "redis-cli --cluster create failed");
         let cluster = RedisCluster { nodes, ports, _dir: dir };
         cluster.wait_ok(Duration::from_secs(30));
-        // Every replica has synced with its master before a test kills one.
+        // Every replica has synced with its master before a test kills one (a replica that
+        // never synced cannot take over).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while cluster.replication_roles().iter().filter(|r| r.as_str() == "slave").count()
-            < masters * replicas
-        {
-            assert!(Instant::now() < deadline, "the replicas did not attach");
+        while cluster.synced_replicas() < masters * replicas {
+            assert!(Instant::now() < deadline, "the replicas did not sync");
             std::thread::sleep(Duration::from_millis(50));
         }
         Some(cluster)
@@ -128,17 +128,15 @@ impl RedisCluster {
         }
     }
 
-    /// `master` or `slave` for each live node.
-    pub fn replication_roles(&self) -> Vec<String> {
+    /// How many live nodes are replicas with their link to the master up.
+    pub fn synced_replicas(&self) -> usize {
         self.live_ports()
             .iter()
-            .map(|p| {
-                let info = Self::cli(*p, &["info", "replication"]);
-                info.lines()
-                    .find_map(|l| l.trim().strip_prefix("role:").map(str::to_string))
-                    .unwrap_or_default()
+            .filter(|p| {
+                let info = Self::cli(**p, &["info", "replication"]);
+                info.contains("role:slave") && info.contains("master_link_status:up")
             })
-            .collect()
+            .count()
     }
 
     /// The port of the master serving `key` now, asked of any live node.

@@ -603,3 +603,8 @@ fn nats_exe() -> Option<&'static str> {
     }
     exe
 }
+
+#[path = "../../../herald-broker/tests/support/redis_cluster.rs"]
+mod redis_cluster;
+#[allow(unused_imports)]
+pub use redis_cluster::RedisCluster;
