@@ -302,3 +302,108 @@ async fn a_killed_master_fails_over_and_every_subscriber_has_everything_or_was_t
         assert_eq!(epochs.len(), 2, "{c}: a new epoch after the failover");
     }
 }
+
+/// Moves `slot` from the master on `from` to the master on `to` the way `redis-cli --cluster
+/// reshard` does: importing and migrating states, the keys moved with `MIGRATE` (`pause`
+/// between each step, so commands meet `ASK` and `MOVED`), then the new owner told to every
+/// master.
+async fn move_slot(redis: &RedisCluster, slot: u16, from: u16, to: u16, pause: Duration) {
+    let id = |port: u16| RedisCluster::cli(port, &["cluster", "myid"]).trim().to_string();
+    let (from_id, to_id) = (id(from), id(to));
+    let slot = slot.to_string();
+    let ok = |out: String| assert!(out.contains("OK") || out.contains("NOKEY"), "{out}");
+    ok(RedisCluster::cli(to, &["cluster", "setslot", &slot, "importing", &from_id]));
+    ok(RedisCluster::cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]));
+    tokio::time::sleep(pause).await;
+    let keys = RedisCluster::cli(from, &["cluster", "getkeysinslot", &slot, "1000"]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    if !keys.is_empty() {
+        let port = to.to_string();
+        let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+        args.extend(keys.iter().copied());
+        ok(RedisCluster::cli(from, &args));
+    }
+    tokio::time::sleep(pause).await;
+    for port in redis.live_ports() {
+        if RedisCluster::cli(port, &["info", "replication"]).contains("role:master") {
+            RedisCluster::cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently() {
+    // The slot of one channel moves to another master while a publisher runs on another node:
+    // publishes keep succeeding (ASK during the move, MOVED after), the subscriber follows
+    // the channel to its new master, and ends with every acknowledged publication or was
+    // told. A channel of an untouched slot loses nothing and is never told.
+    let Some(redis) = RedisCluster::start(3, 0) else { return };
+    let nodes = nodes(&redis, 2).await;
+    let (moved, still) = ("h:m0".to_string(), "h:m1".to_string());
+    let from = redis.master_of(&moved);
+    let to = *redis.live_ports().iter().find(|p| **p != from).unwrap();
+    let slot: u16 =
+        RedisCluster::cli(from, &["cluster", "keyslot", &moved]).trim().parse().unwrap();
+    let stop = Arc::new(Mutex::new(false));
+    let mut followers = Vec::new();
+    let mut seen = Vec::new();
+    for c in [&moved, &still] {
+        let s = Arc::new(Mutex::new(Seen::default()));
+        seen.push((c.clone(), s.clone()));
+        followers.push(tokio::spawn(follow(nodes[1].ws_url(), c.clone(), s, stop.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let publisher = {
+        let base = nodes[0].http_base();
+        let channels = [moved.clone(), still.clone()];
+        tokio::spawn(async move {
+            let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+            let mut acked: HashMap<String, Vec<(String, u64, Value)>> = HashMap::new();
+            for round in 1..=300u64 {
+                for c in &channels {
+                    let data = json!(format!("{c}.{round}"));
+                    let v = api.publish(c, &data).await.expect("every publish succeeds");
+                    let epoch = v["epoch"].as_str().unwrap().to_string();
+                    let offset = v["offset"].as_u64().unwrap();
+                    acked.entry(c.clone()).or_default().push((epoch, offset, data));
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    move_slot(&redis, slot, from, to, Duration::from_millis(300)).await;
+    let acked = publisher.await.unwrap();
+    assert_eq!(redis.master_of(&moved), to, "the slot moved");
+    let log = nodes[0].log();
+    for redirect in ["redis cluster redirect: ASK", "redis cluster redirect: MOVED"] {
+        assert!(log.contains(redirect), "the publisher's node followed {redirect}");
+    }
+    let deadline = Instant::now() + TIMEOUT * 2;
+    for (c, s) in &seen {
+        let last = acked[c].last().unwrap().clone();
+        while !s.lock().publications.contains(&last) {
+            assert!(Instant::now() < deadline, "{c}: the last publication did not arrive");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    *stop.lock() = true;
+    for f in followers {
+        f.await.unwrap();
+    }
+    for (c, s) in &seen {
+        let s = s.lock();
+        let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
+        assert_eq!(got.len(), s.publications.len(), "{c}: a publication arrived twice");
+        for p in &acked[c] {
+            assert!(
+                got.contains(p) || s.told_epochs.contains(&p.0),
+                "{c}: {p:?} was neither received nor told lost"
+            );
+        }
+        if *c == still {
+            assert!(s.told_epochs.is_empty() && s.cut == 0, "{c} did not move: never told");
+        }
+    }
+}

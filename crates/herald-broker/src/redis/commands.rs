@@ -391,6 +391,11 @@ impl Commands {
     /// Prepares the next attempt after a redirect: where it goes (`None`: the slot's owner),
     /// and whether it needs `ASKING`.
     async fn follow(&self, redirect: Redirect) -> Option<(Arc<str>, bool)> {
+        match &redirect {
+            Redirect::Moved(to) => tracing::debug!(?to, "redis cluster redirect: MOVED"),
+            Redirect::Ask(to) => tracing::debug!(%to, "redis cluster redirect: ASK"),
+            Redirect::Later => tracing::debug!("redis cluster: try again"),
+        }
         if let Target::Cluster(cluster) = &self.target {
             if !matches!(redirect, Redirect::Ask(_)) {
                 cluster.stale.store(true, Ordering::Release);
@@ -441,7 +446,8 @@ impl Commands {
 
 /// Where a command that failed with `e` must go again, when Redis promises it did not run.
 fn redirect(e: &RedisError) -> Option<Redirect> {
-    let to = || e.redirect_node().map(|(host, port)| Arc::from(format!("{host}:{port}")));
+    // The address (`host:port`) and the slot.
+    let to = || e.redirect_node().map(|(addr, _slot)| Arc::from(addr));
     match e.kind() {
         ErrorKind::Server(ServerErrorKind::Moved) => Some(Redirect::Moved(to())),
         ErrorKind::Server(ServerErrorKind::Ask) => to().map(Redirect::Ask),

@@ -47,7 +47,10 @@ impl Server {
             let mut cmd = Command::new(herald_bin());
             cmd.arg("--config").arg(&path).arg("--listen").arg(addr.to_string());
             cmd.args(flags);
-            cmd.env("RUST_LOG", "herald=debug,herald_server=debug,herald_core=debug,info");
+            cmd.env(
+                "RUST_LOG",
+                "herald=debug,herald_server=debug,herald_core=debug,herald_broker=debug,info",
+            );
             for (k, _) in std::env::vars() {
                 if k.starts_with("HERALD_") {
                     cmd.env_remove(k);
