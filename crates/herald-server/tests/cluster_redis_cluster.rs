@@ -271,7 +271,14 @@ async fn a_killed_master_fails_over_and_every_subscriber_has_everything_or_was_t
     for (c, s) in &seen {
         let s = s.lock();
         let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
-        assert_eq!(got.len(), s.publications.len(), "{c}: a publication arrived twice");
+        assert_eq!(
+            got.len(),
+            s.publications.len(),
+            "{c}: a publication arrived twice: {:?} (told {:?}, cut {})",
+            s.publications,
+            s.told_epochs,
+            s.cut
+        );
         for p in &acked[c] {
             assert!(
                 got.contains(p) || s.told_epochs.contains(&p.0),

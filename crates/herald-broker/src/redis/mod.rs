@@ -190,12 +190,14 @@ end
 return out
 "#;
 
-/// The pub/sub channel of control messages between nodes.
-const CONTROL_CHANNEL: &str = "herald:{control}";
+/// The pub/sub channel of control messages between nodes. Its own names, like every name below,
+/// lie outside the `herald:{C}` space of channels (a Herald channel may be called `control`);
+/// the hash tags put each on one slot of a Redis Cluster.
+const CONTROL_CHANNEL: &str = "herald:control:{control}";
 /// The set of announced node ids (the registry's keys share one slot).
-const NODES_KEY: &str = "herald:{nodes}";
+const NODES_KEY: &str = "herald:nodes:{nodes}";
 /// Prefix of the key holding one node's announced info.
-const NODE_KEY: &str = "herald:{nodes}:";
+const NODE_KEY: &str = "herald:nodes:{nodes}:";
 /// Longest wait between two attempts to reach Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest wait for Redis to answer a command or accept a connection: a frozen Redis makes a
@@ -928,34 +930,36 @@ fn lossy(name: Vec<u8>) -> String {
     String::from_utf8_lossy(&name).into_owned()
 }
 
-/// Checks that the pub/sub connection still carries messages. One Redis: a message published
-/// on the command connection to `probe` must come back within [`PROBE_DEADLINE`] (`last`:
-/// when one last did). A cluster: every master answers `PING` on its pub/sub connection
-/// (replies and messages share that connection) within the deadline.
+/// Checks that the pub/sub connection still carries messages in time: a message published on
+/// the command connection to `probe` must come back within [`PROBE_DEADLINE`] (`last`: when
+/// one last did), behind whatever waits in the queue of received messages. On a cluster,
+/// where the probe channel lives on one master, every master must also answer `PING` on its
+/// pub/sub connection (replies and messages share each connection) within the deadline.
 async fn probe_alive(
     link: &mut Subscription,
     commands: &Arc<Commands>,
     probe: &str,
     last: tokio::time::Instant,
 ) -> bool {
+    if last.elapsed() > PROBE_DEADLINE {
+        return false;
+    }
+    // Sent on the command connection, received on this one.
+    let verb = if commands.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+    let sender = commands.clone();
+    let channel = probe.to_string();
+    tokio::spawn(async move {
+        let slot = slots::slot(channel.as_bytes());
+        let _ = sender
+            .run(slot, |_| {
+                let mut cmd = ::redis::cmd(verb);
+                cmd.arg(&channel).arg("p");
+                cmd
+            })
+            .await;
+    });
     match link {
-        Subscription::Single { .. } => {
-            if last.elapsed() > PROBE_DEADLINE {
-                return false;
-            }
-            // Sent on the command connection, received on this one.
-            let commands = commands.clone();
-            let probe = probe.to_string();
-            tokio::spawn(async move {
-                let Ok(link) = commands.get(0).await else { return };
-                let mut conn = link.conn.clone();
-                let sent = ::redis::cmd("PUBLISH").arg(probe).arg("p").exec_async(&mut conn).await;
-                if let Err(e) = sent {
-                    commands.failed(&link, &e);
-                }
-            });
-            true
-        }
+        Subscription::Single { .. } => true,
         Subscription::Cluster { conn, .. } => {
             use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
             let all = RoutingInfo::MultiNode((
@@ -978,8 +982,9 @@ async fn run_pubsub(
     ready: Arc<AtomicBool>,
 ) {
     let _not_ready_after = crate::io_thread::ClearOnExit(ready.clone());
-    // This node's own probe channel (outside the `herald:{C}` space of Herald channels).
-    let probe = format!("herald:probe:{}", history::new_instance_id());
+    // This node's own probe channel (outside the `herald:{C}` space of Herald channels; its
+    // hash tag is the id, so on a cluster it lives on one master).
+    let probe = format!("herald:probe:{{{}}}", history::new_instance_id());
     let commands = follower.reader.commands.clone();
     let mut connected_before = false;
     let mut backoff = Duration::from_millis(50);
@@ -1004,11 +1009,9 @@ async fn run_pubsub(
             .into_iter()
             .filter(|c| follower.handler.has_subscribers(c))
             .collect();
-        // The probe channel first (one Redis: the liveness of this very connection); then
-        // control.
+        // The probe channel first (the liveness of this very connection); then control.
         let mut failed =
-            matches!(link, Subscription::Single { .. }) && link.subscribe(&probe).await.is_err();
-        failed = failed || link.subscribe(CONTROL_CHANNEL).await.is_err();
+            link.subscribe(&probe).await.is_err() || link.subscribe(CONTROL_CHANNEL).await.is_err();
         for channel in &wanted {
             if failed || link.subscribe(&pubsub_channel(channel)).await.is_err() {
                 failed = true;
@@ -1051,6 +1054,7 @@ async fn run_pubsub(
                             // published meanwhile.
                             let channel = channel_of(&name);
                             let wanted = name == CONTROL_CHANNEL
+                                || name == probe
                                 || channel.as_ref().is_some_and(|c| follower.subscribed.contains(c));
                             if wanted && link.subscribe(&name).await.is_err() {
                                 break;
@@ -1353,7 +1357,8 @@ impl Broker for RedisBroker {
         self.reader.read(channel, Some(options.history_ttl), query).await
     }
 
-    /// `PUBLISH herald:{control} "<sender> <message>"` (`SPUBLISH` on a Redis Cluster).
+    /// `PUBLISH herald:control:{control} "<sender> <message>"` (`SPUBLISH` on a Redis
+    /// Cluster).
     async fn send_control(&self, message: Bytes) -> Result<(), BrokerError> {
         let mut payload = Vec::with_capacity(self.sender.len() + 1 + message.len());
         payload.extend_from_slice(self.sender.as_bytes());
@@ -1375,8 +1380,8 @@ impl Broker for RedisBroker {
         let _ = self.control.set(handler);
     }
 
-    /// `herald:{nodes}:<id>` holds the info (expiring after `ttl`), the set `herald:{nodes}`
-    /// the ids (one slot).
+    /// `herald:nodes:{nodes}:<id>` holds the info (expiring after `ttl`), the set
+    /// `herald:nodes:{nodes}` the ids (one slot).
     async fn announce(&self, id: &str, info: Bytes, ttl: Duration) -> Result<(), BrokerError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let slot = slots::slot(NODES_KEY.as_bytes());
@@ -1397,7 +1402,7 @@ impl Broker for RedisBroker {
             .map(|_| ())
     }
 
-    /// The ids in `herald:{nodes}` whose info has not expired; the others are removed.
+    /// The ids in `herald:nodes:{nodes}` whose info has not expired; the others are removed.
     async fn nodes(&self) -> Result<Option<Vec<(String, Bytes)>>, BrokerError> {
         let slot = slots::slot(NODES_KEY.as_bytes());
         let reply = self
@@ -1580,6 +1585,16 @@ mod tests {
         assert_eq!(stream_key(&c), "herald:{market:btc/usd#u1,u2}:s");
         assert_eq!(channel_of(&pubsub_channel(&c)), Some(c));
         assert_eq!(channel_of("other"), None);
+        // The node's own channels and keys lie outside the channels' names, even for a
+        // channel called `control` or `nodes`.
+        for own in [CONTROL_CHANNEL, NODES_KEY, "herald:probe:{abcd1234}"] {
+            assert_eq!(channel_of(own), None, "{own}");
+        }
+        for name in ["control", "nodes"] {
+            let c = ChannelName::parse(name).unwrap();
+            assert_ne!(pubsub_channel(&c), CONTROL_CHANNEL);
+            assert!(!stream_key(&c).starts_with(NODE_KEY) && stream_key(&c) != NODES_KEY);
+        }
     }
 
     #[test]
