@@ -74,7 +74,7 @@ fn shard_channels(redis: &RedisCluster) -> HashMap<u16, Vec<String>> {
         .live_ports()
         .into_iter()
         .map(|port| {
-            let out = RedisCluster::cli(port, &["pubsub", "shardchannels", "herald:{h:*"]);
+            let out = redis.cli(port, &["pubsub", "shardchannels", "herald:{h:*"]);
             let mut names: Vec<String> =
                 out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
             names.sort();
@@ -315,25 +315,25 @@ async fn a_killed_master_fails_over_and_every_subscriber_has_everything_or_was_t
 /// between each step, so commands meet `ASK` and `MOVED`), then the new owner told to every
 /// master.
 async fn move_slot(redis: &RedisCluster, slot: u16, from: u16, to: u16, pause: Duration) {
-    let id = |port: u16| RedisCluster::cli(port, &["cluster", "myid"]).trim().to_string();
+    let id = |port: u16| redis.cli(port, &["cluster", "myid"]).trim().to_string();
     let (from_id, to_id) = (id(from), id(to));
     let slot = slot.to_string();
     let ok = |out: String| assert!(out.contains("OK") || out.contains("NOKEY"), "{out}");
-    ok(RedisCluster::cli(to, &["cluster", "setslot", &slot, "importing", &from_id]));
-    ok(RedisCluster::cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]));
+    ok(redis.cli(to, &["cluster", "setslot", &slot, "importing", &from_id]));
+    ok(redis.cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]));
     tokio::time::sleep(pause).await;
-    let keys = RedisCluster::cli(from, &["cluster", "getkeysinslot", &slot, "1000"]);
+    let keys = redis.cli(from, &["cluster", "getkeysinslot", &slot, "1000"]);
     let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
     if !keys.is_empty() {
         let port = to.to_string();
         let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
         args.extend(keys.iter().copied());
-        ok(RedisCluster::cli(from, &args));
+        ok(redis.cli(from, &args));
     }
     tokio::time::sleep(pause).await;
     for port in redis.live_ports() {
-        if RedisCluster::cli(port, &["info", "replication"]).contains("role:master") {
-            RedisCluster::cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
+        if redis.cli(port, &["info", "replication"]).contains("role:master") {
+            redis.cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
         }
     }
 }
@@ -349,8 +349,7 @@ async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently(
     let (moved, still) = ("h:m0".to_string(), "h:m1".to_string());
     let from = redis.master_of(&moved);
     let to = *redis.live_ports().iter().find(|p| **p != from).unwrap();
-    let slot: u16 =
-        RedisCluster::cli(from, &["cluster", "keyslot", &moved]).trim().parse().unwrap();
+    let slot: u16 = redis.cli(from, &["cluster", "keyslot", &moved]).trim().parse().unwrap();
     let stop = Arc::new(Mutex::new(false));
     let mut followers = Vec::new();
     let mut seen = Vec::new();
@@ -413,4 +412,37 @@ async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently(
             assert!(s.told_epochs.is_empty() && s.cut == 0, "{c} did not move: never told");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_a_tls_only_cluster_fan_out_and_recover() {
+    // Every master speaks only TLS and requires a client certificate (`rediss-cluster://`
+    // with `[broker_tls]`): nodes fan out and recover across nodes over it; a node without
+    // the client certificate never gets ready.
+    let pki = common::TestPki::new();
+    let p = |name: &str| pki.path(name).to_str().unwrap().to_string();
+    let tls = common::ClusterTls {
+        ca: p("ca.pem"),
+        server: (p("server.pem"), p("server.key")),
+        client: (p("client.pem"), p("client.key")),
+    };
+    let Some(redis) = RedisCluster::start_tls(3, 0, tls) else { return };
+    assert!(redis.url().starts_with("rediss-cluster://"));
+    let broker = |client: bool| {
+        let mut c =
+            format!("broker = \"{}\"\n[broker_tls]\nca_file = \"{}\"\n", redis.url(), p("ca.pem"));
+        if client {
+            c += &format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                p("client.pem"),
+                p("client.key")
+            );
+        }
+        c + "[namespaces.h]\nhistory_size = 1000\n"
+    };
+    cluster::a_client_recovers_on_another_node_what_it_missed(&broker(true)).await;
+    let anonymous = Server::start(&broker(false), &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _, _) = anonymous.api().await.request("GET", "/readyz", None).await.unwrap();
+    assert_eq!(status, 503, "no client certificate, never ready");
 }

@@ -13,7 +13,19 @@ pub struct RedisCluster {
     pub nodes: Vec<Option<Child>>,
     /// Each node's port (its cluster bus is port + 10000).
     pub ports: Vec<u16>,
+    /// Set when the nodes speak only TLS.
+    tls: Option<ClusterTls>,
     _dir: tempfile::TempDir,
+}
+
+/// PEM files of a TLS-only cluster: the CA that signed both certificates, the nodes' server
+/// certificate and key, and the client certificate and key that the nodes' cluster bus,
+/// `redis-cli` and Herald present (the nodes require one).
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub ca: String,
+    pub server: (String, String),
+    pub client: (String, String),
 }
 
 /// A free loopback port whose cluster bus port (+10000) is free too.
@@ -31,6 +43,19 @@ impl RedisCluster {
     /// `masters` masters with `replicas` replicas each, every slot served; `None` (with a note)
     /// when `redis-server` or `redis-cli` is missing, unless `HERALD_REQUIRE_REDIS` is set.
     pub fn start(masters: usize, replicas: usize) -> Option<RedisCluster> {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// As [`RedisCluster::start`], every node speaking only TLS (clients and cluster bus).
+    pub fn start_tls(masters: usize, replicas: usize, tls: ClusterTls) -> Option<RedisCluster> {
+        Self::start_with(masters, replicas, Some(tls))
+    }
+
+    fn start_with(
+        masters: usize,
+        replicas: usize,
+        tls: Option<ClusterTls>,
+    ) -> Option<RedisCluster> {
         let found = Command::new("redis-server").arg("--version").output().is_ok()
             && Command::new("redis-cli").arg("--version").output().is_ok();
         if !found {
@@ -48,8 +73,19 @@ impl RedisCluster {
         for port in &ports {
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir_all(&node_dir).expect("node dir");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut cmd = Command::new("redis-server");
+            match &tls {
+                None => cmd.args(["--port", &port.to_string()]),
+                Some(t) => cmd
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .args(["--tls-ca-cert-file", &t.ca, "--tls-auth-clients", "yes"])
+                    .args(["--tls-cert-file", &t.server.0, "--tls-key-file", &t.server.1])
+                    .args(["--tls-client-cert-file", &t.client.0])
+                    .args(["--tls-client-key-file", &t.client.1]),
+            };
+            let child = cmd
+                .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-replica-validity-factor", "0"])
@@ -70,6 +106,7 @@ impl RedisCluster {
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
+            .args(tls_args(tls.as_ref()))
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -79,7 +116,7 @@ impl RedisCluster {
             .status()
             .expect("redis-cli runs");
         assert!(created.success(), "redis-cli --cluster create failed");
-        let cluster = RedisCluster { nodes, ports, _dir: dir };
+        let cluster = RedisCluster { nodes, ports, tls, _dir: dir };
         cluster.wait_ok(Duration::from_secs(30));
         // Every replica has synced with its master before a test kills one (a replica that
         // never synced cannot take over).
@@ -91,15 +128,17 @@ impl RedisCluster {
         Some(cluster)
     }
 
-    /// `redis-cluster://` with every node.
+    /// `redis-cluster://` with every node (`rediss-cluster://` for a TLS cluster).
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis-cluster://{}", addrs.join(","))
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}-cluster://{}", addrs.join(","))
     }
 
     /// Runs `redis-cli -p port args...` and returns its output.
-    pub fn cli(port: u16, args: &[&str]) -> String {
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
+            .args(tls_args(self.tls.as_ref()))
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
             .output()
@@ -117,7 +156,7 @@ impl RedisCluster {
         let deadline = Instant::now() + limit;
         loop {
             let ok = self.live_ports().iter().all(|p| {
-                let info = Self::cli(*p, &["cluster", "info"]);
+                let info = self.cli(*p, &["cluster", "info"]);
                 info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
             });
             if ok {
@@ -133,7 +172,7 @@ impl RedisCluster {
         self.live_ports()
             .iter()
             .filter(|p| {
-                let info = Self::cli(**p, &["info", "replication"]);
+                let info = self.cli(**p, &["info", "replication"]);
                 info.contains("role:slave") && info.contains("master_link_status:up")
             })
             .count()
@@ -143,9 +182,9 @@ impl RedisCluster {
     pub fn master_of(&self, key: &str) -> u16 {
         let port = self.live_ports()[0];
         let slot: u16 =
-            Self::cli(port, &["cluster", "keyslot", key]).trim().parse().expect("a slot");
+            self.cli(port, &["cluster", "keyslot", key]).trim().parse().expect("a slot");
         // `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slots...>`
-        let nodes = Self::cli(port, &["cluster", "nodes"]);
+        let nodes = self.cli(port, &["cluster", "nodes"]);
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
@@ -180,5 +219,16 @@ impl Drop for RedisCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// `redis-cli`'s TLS options for a TLS cluster.
+fn tls_args(tls: Option<&ClusterTls>) -> Vec<String> {
+    match tls {
+        None => Vec::new(),
+        Some(t) => ["--tls", "--cacert", &t.ca, "--cert", &t.client.0, "--key", &t.client.1]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     }
 }

@@ -610,4 +610,4 @@ fn nats_exe() -> Option<&'static str> {
 #[path = "../../../herald-broker/tests/support/redis_cluster.rs"]
 mod redis_cluster;
 #[allow(unused_imports)]
-pub use redis_cluster::RedisCluster;
+pub use redis_cluster::{ClusterTls, RedisCluster};
