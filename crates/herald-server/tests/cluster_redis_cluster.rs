@@ -446,3 +446,53 @@ async fn nodes_on_a_tls_only_cluster_fan_out_and_recover() {
     let (status, _, _) = anonymous.api().await.request("GET", "/readyz", None).await.unwrap();
     assert_eq!(status, 503, "no client certificate, never ready");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_pubsub_connections_to_the_masters_are_caught_up_from_history() {
+    // Every master drops the nodes' pub/sub connections three times while a publisher runs
+    // into channels of every master: each subscriber gets its whole sequence, in order, once,
+    // and no channel is told it lost anything.
+    let Some(redis) = RedisCluster::start(3, 0) else { return };
+    let nodes = nodes(&redis, 2).await;
+    let channels: Vec<String> = (0..6).map(|i| format!("h:k{i}")).collect();
+    let masters: HashSet<u16> = channels.iter().map(|c| redis.master_of(c)).collect();
+    assert!(masters.len() >= 2, "the channels spread over masters");
+    let (client, mut events) = nodes[1].client().await;
+    for c in &channels {
+        client.subscribe(c, None).await.unwrap();
+    }
+    const ROUNDS: u64 = 150;
+    let pump = {
+        let base = nodes[0].http_base();
+        let channels = channels.clone();
+        tokio::spawn(async move {
+            let mut api = herald_client::HttpApi::connect(&base, None).await.unwrap();
+            for i in 1..=ROUNDS {
+                for c in &channels {
+                    api.publish(c, &json!(i)).await.unwrap();
+                }
+                if i % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for port in redis.live_ports() {
+            redis.cli(port, &["client", "kill", "type", "pubsub"]);
+        }
+    }
+    pump.await.unwrap();
+    let mut next: HashMap<String, u64> = channels.iter().map(|c| (c.clone(), 1)).collect();
+    for _ in 0..ROUNDS * channels.len() as u64 {
+        let (channel, offset, data) = events.next_pub(TIMEOUT).await.unwrap();
+        let want = next.get_mut(&channel).unwrap();
+        assert_eq!((offset, data), (Some(*want), json!(*want)), "{channel}: in order, once");
+        *want += 1;
+    }
+    assert!(events.next_pub(Duration::from_millis(300)).await.is_err(), "no duplicate");
+    let m = common::metrics(&nodes[1]).await;
+    assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
+    assert!(common::metric(&m, "herald_broker_reconnects_total") >= 1.0, "counted");
+}

@@ -88,13 +88,18 @@ enum Redirect {
     Ask(Arc<str>),
     /// The cluster cannot serve the slot right now (`TRYAGAIN`, `CLUSTERDOWN`).
     Later,
+    /// The Redis lost its scripts (`NOSCRIPT`, after `SCRIPT FLUSH`): again on a new
+    /// connection, which loads them.
+    Reload,
 }
 
 /// The command connections (see the module docs).
 pub(super) struct Commands {
     target: Target,
     links: RwLock<HashMap<Arc<str>, Link>>,
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while a connection to an address is opened (one attempt per address at a time;
+    /// a frozen master never delays connecting to another).
+    connecting: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them: a batch
     /// script must never be retried after a `NOSCRIPT`, which could reorder the batch.
     scripts: [&'static str; 2],
@@ -105,6 +110,8 @@ pub(super) struct Commands {
     generation: AtomicU64,
     /// Where the connections' driver tasks run.
     io: tokio::runtime::Handle,
+    /// This, for refreshes in the background (set by [`Commands::new`]).
+    me: std::sync::OnceLock<std::sync::Weak<Commands>>,
 }
 
 impl Commands {
@@ -112,16 +119,27 @@ impl Commands {
         target: Target,
         scripts: [&'static str; 2],
         io: tokio::runtime::Handle,
-    ) -> Commands {
-        Commands {
+    ) -> Arc<Commands> {
+        let commands = Arc::new(Commands {
             target,
             links: RwLock::new(HashMap::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: Mutex::new(HashMap::new()),
             scripts,
             last_warning: Mutex::new(None),
             failures: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             io,
+            me: std::sync::OnceLock::new(),
+        });
+        let _ = commands.me.set(Arc::downgrade(&commands));
+        commands
+    }
+
+    /// The cluster's slot map as last read (`None` on one Redis, or before the first read).
+    pub(super) fn slot_map(&self) -> Option<Arc<SlotMap>> {
+        match &self.target {
+            Target::Single(_) => None,
+            Target::Cluster(cluster) => cluster.map.read().clone(),
         }
     }
 
@@ -140,12 +158,15 @@ impl Commands {
     /// The address serving `slot` (empty for a single Redis).
     async fn owner(&self, slot: u16) -> Result<Arc<str>, BrokerError> {
         let Target::Cluster(cluster) = &self.target else { return Ok(Arc::from("")) };
-        if cluster.stale.load(Ordering::Acquire) || cluster.map.read().is_none() {
-            // A map read a moment ago still serves when this read fails.
-            if let Err(e) = self.refresh().await {
-                if cluster.map.read().is_none() {
-                    return Err(e);
-                }
+        if cluster.map.read().is_none() {
+            self.refresh().await?;
+        } else if cluster.stale.load(Ordering::Acquire) {
+            // The map in hand serves meanwhile (a redirect names the new owner itself); a
+            // command never waits for a refresh that may ask frozen nodes one by one.
+            if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
+                self.io.spawn(async move {
+                    let _ = me.refresh().await;
+                });
             }
         }
         let map = cluster.map.read().clone();
@@ -154,8 +175,15 @@ impl Commands {
     }
 
     /// Reads the slot map from a node that answers: a master already connected, else one of the
-    /// configured addresses.
+    /// configured addresses; gives up after [`REDIS_TIMEOUT`].
     pub(super) async fn refresh(&self) -> Result<(), BrokerError> {
+        match tokio::time::timeout(REDIS_TIMEOUT, self.refresh_now()).await {
+            Ok(done) => done,
+            Err(_) => Err(BrokerError::Unavailable("no redis cluster node answers")),
+        }
+    }
+
+    async fn refresh_now(&self) -> Result<(), BrokerError> {
         let Target::Cluster(cluster) = &self.target else { return Ok(()) };
         let mut last = cluster.refreshing.lock().await;
         if last.is_some_and(|t| t.elapsed() < REFRESH_AT_MOST_EVERY) && cluster.map.read().is_some()
@@ -242,7 +270,8 @@ impl Commands {
         if let Some(link) = self.links.read().get(addr).cloned() {
             return Ok(link);
         }
-        let _one = self.connecting.lock().await;
+        let lock = self.connecting.lock().entry(addr.clone()).or_default().clone();
+        let _one = lock.lock().await;
         if let Some(link) = self.links.read().get(addr).cloned() {
             return Ok(link);
         }
@@ -381,6 +410,9 @@ impl Commands {
             };
             match redirect(&e) {
                 Some(r) if Instant::now() < deadline => {
+                    if matches!(r, Redirect::Reload) {
+                        self.failed(&link, &e);
+                    }
                     next = self.follow(r).await;
                 }
                 _ => return Err(self.failed(&link, &e)),
@@ -395,6 +427,7 @@ impl Commands {
             Redirect::Moved(to) => tracing::debug!(?to, "redis cluster redirect: MOVED"),
             Redirect::Ask(to) => tracing::debug!(%to, "redis cluster redirect: ASK"),
             Redirect::Later => tracing::debug!("redis cluster: try again"),
+            Redirect::Reload => tracing::debug!("redis lost its scripts: loading them again"),
         }
         if let Target::Cluster(cluster) = &self.target {
             if !matches!(redirect, Redirect::Ask(_)) {
@@ -408,6 +441,7 @@ impl Commands {
                 tokio::time::sleep(TRY_AGAIN_AFTER).await;
                 None
             }
+            Redirect::Reload => None,
         }
     }
 
@@ -444,7 +478,8 @@ impl Commands {
     }
 }
 
-/// Where a command that failed with `e` must go again, when Redis promises it did not run.
+/// Where a command that failed with `e` must go again, when Redis promises it did not run
+/// (a redirect, or a script Redis does not have).
 fn redirect(e: &RedisError) -> Option<Redirect> {
     // The address (`host:port`) and the slot.
     let to = || e.redirect_node().map(|(addr, _slot)| Arc::from(addr));
@@ -454,6 +489,7 @@ fn redirect(e: &RedisError) -> Option<Redirect> {
         ErrorKind::Server(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown) => {
             Some(Redirect::Later)
         }
+        ErrorKind::Server(ServerErrorKind::NoScript) => Some(Redirect::Reload),
         _ => None,
     }
 }

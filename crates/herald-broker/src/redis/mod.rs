@@ -287,8 +287,7 @@ impl RedisBroker {
             };
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let io = Arc::new(IoThread::start("herald-redis")?);
-        let commands =
-            Arc::new(Commands::new(target, [PUBLISH_MANY_SCRIPT, READ_SCRIPT], io.handle.clone()));
+        let commands = Commands::new(target, [PUBLISH_MANY_SCRIPT, READ_SCRIPT], io.handle.clone());
         Ok(RedisBroker {
             subscriptions,
             io,
@@ -556,7 +555,11 @@ impl Follower {
             };
             if let Some(from) = from.filter(|&from| offset > from + 1) {
                 let missing = usize::try_from(offset - 1 - from).unwrap_or(usize::MAX);
-                self.catch_up(&channel, &epoch, from, Some(missing), None).await?;
+                if !self.catch_up(&channel, &epoch, from, Some(missing), None).await? {
+                    // The subscribers were told and recover by themselves; the channel's
+                    // position is what history said, which this message may lie behind.
+                    return Ok(());
+                }
             }
             self.positions.insert(channel.clone(), (epoch, offset));
         }
@@ -569,6 +572,7 @@ impl Follower {
     /// told to recover by themselves ([`BrokerHandler::channel_lost`]). `Err`: history could
     /// not be read (Redis unreachable, or still loading its data); nothing changed. `first`:
     /// the first page, already read (after a reconnect, see [`Follower::catch_up_all`]).
+    /// `Ok(false)`: the gap could not be filled and the subscribers were told.
     async fn catch_up(
         &mut self,
         channel: &ChannelName,
@@ -576,14 +580,14 @@ impl Follower {
         from: u64,
         limit: Option<usize>,
         mut first: Option<HistoryPage>,
-    ) -> Result<(), Unreadable> {
+    ) -> Result<bool, Unreadable> {
         // A gap of known length must be filled exactly; after a reconnect, whatever is there
         // (at most MAX_CATCH_UP). Read page by page: a long gap never comes as one reply.
         let exact = limit.is_some();
         let budget = limit.unwrap_or(MAX_CATCH_UP);
         if budget > MAX_CATCH_UP {
             self.lose(channel, None);
-            return Ok(());
+            return Ok(false);
         }
         let mut from = from;
         let mut total = 0usize;
@@ -616,7 +620,7 @@ impl Follower {
                 // Later gaps are judged from the channel's position now.
                 let now = page.position.map(|p| (Arc::from(p.epoch.as_str()), p.offset));
                 self.lose(channel, now);
-                return Ok(());
+                return Ok(false);
             }
             for p in &page.publications {
                 if let (Some(offset), Some(e)) = (p.offset, &p.epoch) {
@@ -633,7 +637,7 @@ impl Follower {
         if total > 0 {
             tracing::info!(%channel, publications = total, "caught up from redis history");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Catches up every channel in `behind` (channel, epoch, offset handed over last) after a
@@ -659,7 +663,8 @@ impl Follower {
         while let Some((channel, first)) = firsts.next().await {
             match first {
                 Ok(Some((epoch, from, page))) => {
-                    self.catch_up(&channel, &epoch, from, None, Some(page)).await?;
+                    // A gap history cannot fill was told to the subscribers already.
+                    let _filled = self.catch_up(&channel, &epoch, from, None, Some(page)).await?;
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -930,45 +935,83 @@ fn lossy(name: Vec<u8>) -> String {
     String::from_utf8_lossy(&name).into_owned()
 }
 
-/// Checks that the pub/sub connection still carries messages in time: a message published on
-/// the command connection to `probe` must come back within [`PROBE_DEADLINE`] (`last`: when
-/// one last did), behind whatever waits in the queue of received messages. On a cluster,
-/// where the probe channel lives on one master, every master must also answer `PING` on its
-/// pub/sub connection (replies and messages share each connection) within the deadline.
-async fn probe_alive(
-    link: &mut Subscription,
-    commands: &Arc<Commands>,
-    probe: &str,
-    last: tokio::time::Instant,
-) -> bool {
-    if last.elapsed() > PROBE_DEADLINE {
-        return false;
-    }
-    // Sent on the command connection, received on this one.
-    let verb = if commands.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
-    let sender = commands.clone();
-    let channel = probe.to_string();
-    tokio::spawn(async move {
-        let slot = slots::slot(channel.as_bytes());
-        let _ = sender
-            .run(slot, |_| {
-                let mut cmd = ::redis::cmd(verb);
-                cmd.arg(&channel).arg("p");
-                cmd
-            })
-            .await;
-    });
-    match link {
-        Subscription::Single { .. } => true,
-        Subscription::Cluster { conn, .. } => {
-            use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
-            let all = RoutingInfo::MultiNode((
-                MultipleNodeRoutingInfo::AllMasters,
-                Some(ResponsePolicy::AllSucceeded),
-            ));
-            let ping = conn.route_command(::redis::cmd("PING"), all);
-            matches!(tokio::time::timeout(PROBE_DEADLINE, ping).await, Ok(Ok(_)))
+/// The node's probes of its own pub/sub connection: one probe channel on one Redis; on a
+/// cluster, one per master (a channel whose slot that master serves). Every second a message
+/// is published on each through the command connections, and each must come back within
+/// [`PROBE_DEADLINE`] through the same queue as every message: a connection that died or was
+/// replaced without a word, a subscription the cluster dropped, or a backlog in the queue all
+/// make the task reconnect and catch up.
+struct Probes {
+    /// Each probe channel and when its message last came back.
+    channels: Vec<(String, tokio::time::Instant)>,
+    /// The masters they cover (empty on one Redis).
+    masters: Vec<Arc<str>>,
+}
+
+impl Probes {
+    /// Probe channels for the Redis or every master the slot map names now.
+    fn new(commands: &Commands, node: &str) -> Probes {
+        let now = tokio::time::Instant::now();
+        let Some(map) = commands.slot_map() else {
+            let channel = format!("herald:probe:{{{node}}}");
+            return Probes { channels: vec![(channel, now)], masters: Vec::new() };
+        };
+        let masters = map.masters();
+        let mut channels = Vec::new();
+        for master in &masters {
+            // A tag whose slot this master serves (a few tries: the slots are spread).
+            let found = (0..100_000u32)
+                .map(|n| format!("herald:probe:{{{node}.{n}}}"))
+                .find(|c| map.owner(slots::slot(c.as_bytes())) == Some(master));
+            channels.extend(found.map(|c| (c, now)));
         }
+        Probes { channels, masters }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.channels.iter().any(|(c, _)| c == name)
+    }
+
+    /// Notes a probe message that came back.
+    fn returned(&mut self, name: &str) -> bool {
+        match self.channels.iter_mut().find(|(c, _)| c == name) {
+            Some((_, last)) => {
+                *last = tokio::time::Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether every probe came back in time and the probes still cover every master; then
+    /// sends the next round.
+    fn check_and_send(&self, commands: &Arc<Commands>) -> bool {
+        if self.channels.iter().any(|(_, last)| last.elapsed() > PROBE_DEADLINE) {
+            return false;
+        }
+        if commands.is_cluster() {
+            let now = commands.slot_map().map(|m| m.masters()).unwrap_or_default();
+            if now != self.masters || self.channels.len() != self.masters.len() {
+                tracing::info!("the redis cluster's masters changed: subscribing again");
+                return false;
+            }
+        }
+        let verb = if commands.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        for (channel, _) in &self.channels {
+            let sender = commands.clone();
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let slot = slots::slot(channel.as_bytes());
+                let _ = sender
+                    .run(slot, |_| {
+                        let mut cmd = ::redis::cmd(verb);
+                        cmd.arg(&channel).arg("p");
+                        cmd
+                    })
+                    .await;
+            });
+        }
+        true
     }
 }
 
@@ -982,9 +1025,9 @@ async fn run_pubsub(
     ready: Arc<AtomicBool>,
 ) {
     let _not_ready_after = crate::io_thread::ClearOnExit(ready.clone());
-    // This node's own probe channel (outside the `herald:{C}` space of Herald channels; its
-    // hash tag is the id, so on a cluster it lives on one master).
-    let probe = format!("herald:probe:{{{}}}", history::new_instance_id());
+    // This node's own probe channels are `herald:probe:{<id>...}`, outside the `herald:{C}`
+    // space of Herald channels.
+    let node = history::new_instance_id();
     let commands = follower.reader.commands.clone();
     let mut connected_before = false;
     let mut backoff = Duration::from_millis(50);
@@ -1009,9 +1052,17 @@ async fn run_pubsub(
             .into_iter()
             .filter(|c| follower.handler.has_subscribers(c))
             .collect();
-        // The probe channel first (the liveness of this very connection); then control.
-        let mut failed =
-            link.subscribe(&probe).await.is_err() || link.subscribe(CONTROL_CHANNEL).await.is_err();
+        // The probe channels first (the liveness of this very connection); then control.
+        if commands.is_cluster() {
+            // The masters the probes must cover, as the cluster says now.
+            let _ = commands.refresh().await;
+        }
+        let mut probes = Probes::new(&commands, &node);
+        let mut failed = false;
+        for (channel, _) in &probes.channels {
+            failed = failed || link.subscribe(channel).await.is_err();
+        }
+        failed = failed || link.subscribe(CONTROL_CHANNEL).await.is_err();
         for channel in &wanted {
             if failed || link.subscribe(&pubsub_channel(channel)).await.is_err() {
                 failed = true;
@@ -1041,7 +1092,9 @@ async fn run_pubsub(
         connected_before = true;
         ready.store(true, Ordering::Release);
         let mut probe_tick = tokio::time::interval(PROBE_EVERY);
-        let mut last_probe = tokio::time::Instant::now();
+        for (_, last) in &mut probes.channels {
+            *last = tokio::time::Instant::now();
+        }
         loop {
             // Unbiased: a flood of messages cannot starve subscription requests or the probe.
             tokio::select! {
@@ -1054,7 +1107,7 @@ async fn run_pubsub(
                             // published meanwhile.
                             let channel = channel_of(&name);
                             let wanted = name == CONTROL_CHANNEL
-                                || name == probe
+                                || probes.contains(&name)
                                 || channel.as_ref().is_some_and(|c| follower.subscribed.contains(c));
                             if wanted && link.subscribe(&name).await.is_err() {
                                 break;
@@ -1077,8 +1130,7 @@ async fn run_pubsub(
                             continue;
                         }
                     };
-                    if msg.get_channel_name() == probe {
-                        last_probe = tokio::time::Instant::now();
+                    if probes.returned(msg.get_channel_name()) {
                         continue;
                     }
                     if msg.get_channel_name() == CONTROL_CHANNEL {
@@ -1087,6 +1139,11 @@ async fn run_pubsub(
                     }
                     let Some(channel) = channel_of(msg.get_channel_name()) else { continue };
                     follower.note_lag(msg.get_payload_bytes());
+                    if !follower.subscribed.contains(&channel) {
+                        // Sent before an unsubscribe took effect: nobody here wants it (and
+                        // its position would outlive the subscription).
+                        continue;
+                    }
                     match decode_message(msg.get_payload_bytes()) {
                         Some(p) => {
                             if follower.deliver(channel, p).await.is_err() {
@@ -1097,7 +1154,7 @@ async fn run_pubsub(
                     }
                 }
                 _ = probe_tick.tick() => {
-                    if !probe_alive(&mut link, &commands, &probe, last_probe).await {
+                    if !probes.check_and_send(&commands) {
                         tracing::warn!("redis pub/sub probe did not come back: reconnecting");
                         break;
                     }
@@ -1130,23 +1187,27 @@ struct Unit {
 type Results = Vec<Option<Result<Option<StreamPosition>, BrokerError>>>;
 
 impl Unit {
-    /// A batch's commands, in item order per slot (every slot is 0 on a single Redis). A
-    /// channel is all plain or all scripted, so each channel's publications stay in order.
+    /// A batch's commands, each channel's in item order. On one Redis a chunk mixes channels
+    /// (every slot is 0); on a cluster a chunk holds one channel: a script with keys of
+    /// several channels is refused (`TRYAGAIN`) while some of them are migrating and others
+    /// not, and the next chunk of one of them could then run first. A channel is all plain or
+    /// all scripted, so each channel's publications stay in order.
     fn split(items: Vec<(ChannelName, Bytes, PublishOptions)>, cluster: bool) -> Vec<Unit> {
         let mut units: Vec<Unit> = Vec::new();
-        // The chunk of each slot still being filled.
-        let mut filling: HashMap<u16, usize> = HashMap::new();
+        // The chunk still being filled, of each channel (cluster) or of all (one Redis).
+        let mut filling: HashMap<Option<ChannelName>, usize> = HashMap::new();
         for (i, (channel, data, options)) in items.into_iter().enumerate() {
             let slot = if cluster { channel_slot(&channel) } else { 0 };
+            let group = cluster.then(|| channel.clone());
             let item = (i, channel, data, options);
             if options.history_size == 0 {
                 units.push(Unit { slot, scripted: false, items: vec![item] });
                 continue;
             }
-            match filling.get(&slot) {
+            match filling.get(&group) {
                 Some(&u) if units[u].items.len() < PUBLISH_MANY_CHUNK => units[u].items.push(item),
                 _ => {
-                    filling.insert(slot, units.len());
+                    filling.insert(group, units.len());
                     units.push(Unit { slot, scripted: true, items: vec![item] });
                 }
             }
@@ -1272,11 +1333,17 @@ impl Broker for RedisBroker {
         // One pipeline per Redis, written at once in unit order. Separate futures would each
         // send when first polled, which tokio's budget can reorder.
         let mut pipelines: Vec<(Link, ::redis::Pipeline, Vec<usize>)> = Vec::new();
+        // Each slot's master, looked up once: every unit of a channel goes to one master in
+        // one pipeline, in order (a map refreshed between two lookups could split them).
+        let mut owners: HashMap<u16, Result<Link, BrokerError>> = HashMap::new();
         for (u, unit) in units.iter().enumerate() {
-            let link = match self.commands.get(unit.slot).await {
-                Ok(link) => link,
+            if let std::collections::hash_map::Entry::Vacant(owner) = owners.entry(unit.slot) {
+                owner.insert(self.commands.get(unit.slot).await);
+            }
+            let link = match &owners[&unit.slot] {
+                Ok(link) => link.clone(),
                 Err(e) => {
-                    unit.settle(Err(e), &mut results);
+                    unit.settle(Err(e.clone()), &mut results);
                     continue;
                 }
             };
