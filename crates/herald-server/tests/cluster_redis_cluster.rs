@@ -401,7 +401,14 @@ async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently(
     for (c, s) in &seen {
         let s = s.lock();
         let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
-        assert_eq!(got.len(), s.publications.len(), "{c}: a publication arrived twice");
+        assert_eq!(
+            got.len(),
+            s.publications.len(),
+            "{c}: a publication arrived twice: {:?} (told {:?}, cut {})",
+            s.publications,
+            s.told_epochs,
+            s.cut
+        );
         for p in &acked[c] {
             assert!(
                 got.contains(p) || s.told_epochs.contains(&p.0),
@@ -495,4 +502,27 @@ async fn lost_pubsub_connections_to_the_masters_are_caught_up_from_history() {
     let m = common::metrics(&nodes[1]).await;
     assert_eq!(common::metric(&m, "herald_broker_channels_lost_total"), 0.0);
     assert!(common::metric(&m, "herald_broker_reconnects_total") >= 1.0, "counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_ready_while_the_first_listed_address_hangs() {
+    // The first address of the URL accepts connections and never answers (a frozen or
+    // unreachable host): the node reads the slot map from the others and gets ready.
+    let Some(redis) = RedisCluster::start(3, 0) else { return };
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hang.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let url = redis.url().replacen("://", &format!("://{hang_addr},"), 1);
+    let node =
+        Server::start(&format!("broker = \"{url}\"\n[namespaces.h]\nhistory_size = 10\n"), &[]);
+    common::wait_ready(&node, TIMEOUT).await;
+    let (client, mut events) = node.client().await;
+    client.subscribe("h:x", None).await.unwrap();
+    node.api().await.publish("h:x", &json!(1)).await.unwrap();
+    assert_eq!(events.next_pub(TIMEOUT).await.unwrap().1, Some(1));
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
+use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
 
 use super::slots::SlotMap;
@@ -54,6 +55,8 @@ pub(super) struct Cluster {
     stale: AtomicBool,
     /// Held while the map is read; holds when it was last read.
     refreshing: tokio::sync::Mutex<Option<Instant>>,
+    /// A refresh in the background is under way (one at a time).
+    refresh_spawned: AtomicBool,
 }
 
 impl Cluster {
@@ -66,6 +69,7 @@ impl Cluster {
             map: RwLock::new(None),
             stale: AtomicBool::new(true),
             refreshing: tokio::sync::Mutex::new(None),
+            refresh_spawned: AtomicBool::new(false),
         }
     }
 }
@@ -100,8 +104,9 @@ pub(super) struct Commands {
     /// Held while a connection to an address is opened (one attempt per address at a time;
     /// a frozen master never delays connecting to another).
     connecting: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
-    /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them: a batch
-    /// script must never be retried after a `NOSCRIPT`, which could reorder the batch.
+    /// Loaded (`SCRIPT LOAD`) on every new connection, before any command uses them, so that
+    /// a batch's scripts run in order (one that met `NOSCRIPT` after a `SCRIPT FLUSH` is sent
+    /// again only when no later script of its channels was stored meanwhile).
     scripts: [&'static str; 2],
     /// When a failed connection attempt was last logged.
     last_warning: Mutex<Option<Instant>>,
@@ -163,9 +168,13 @@ impl Commands {
         } else if cluster.stale.load(Ordering::Acquire) {
             // The map in hand serves meanwhile (a redirect names the new owner itself); a
             // command never waits for a refresh that may ask frozen nodes one by one.
-            if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
+            let me = self.me.get().and_then(std::sync::Weak::upgrade);
+            if let Some(me) = me.filter(|_| !cluster.refresh_spawned.swap(true, Ordering::AcqRel)) {
                 self.io.spawn(async move {
                     let _ = me.refresh().await;
+                    if let Target::Cluster(cluster) = &me.target {
+                        cluster.refresh_spawned.store(false, Ordering::Release);
+                    }
                 });
             }
         }
@@ -197,47 +206,48 @@ impl Commands {
                 candidates.push(seed.clone());
             }
         }
+        // Every candidate at once: a node that hangs delays nothing. The first complete map
+        // wins; an incomplete one (a failover under way) serves only when no map is known.
+        let mut asked: futures_util::stream::FuturesUnordered<_> =
+            candidates.into_iter().map(|addr| self.slots_from(addr)).collect();
         let mut error = BrokerError::Unavailable("no redis cluster node answers");
-        for addr in candidates {
-            let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_string();
-            let open = self.links.read().get(&addr).cloned();
-            let reply = match open {
-                Some(link) => {
-                    let mut conn = link.conn.clone();
-                    let mut ask = ::redis::cmd("CLUSTER");
-                    ask.arg("SLOTS");
-                    within(ask.query_async(&mut conn)).await.map_err(|e| self.failed(&link, &e))
+        let mut partial = None;
+        let chosen = loop {
+            match asked.next().await {
+                Some(Ok(map)) if map.is_complete() => break Some(map),
+                Some(Ok(map)) => {
+                    error = BrokerError::Unavailable("the redis cluster does not serve every slot");
+                    partial.get_or_insert(map);
                 }
-                None => self.ask_once(&addr).await,
-            };
-            let reply: Value = match reply {
-                Ok(reply) => reply,
-                Err(e) => {
-                    error = e;
-                    continue;
-                }
-            };
-            let Some(map) = SlotMap::from_reply(&reply, &host) else {
-                error = bad_reply("CLUSTER SLOTS");
-                continue;
-            };
-            if !map.is_complete() {
-                // Slots without a master (a failover under way): another node may know more.
-                error = BrokerError::Unavailable("the redis cluster does not serve every slot");
-                if cluster.map.read().is_some() {
-                    continue;
-                }
+                Some(Err(e)) => error = e,
+                None => break partial.filter(|_| cluster.map.read().is_none()),
             }
-            let masters = map.masters();
-            *cluster.map.write() = Some(Arc::new(map));
-            // A node that is no longer a master answers MOVED; its connection goes.
-            self.links.write().retain(|addr, _| masters.contains(addr));
-            cluster.stale.store(false, Ordering::Release);
-            *last = Some(Instant::now());
-            return Ok(());
-        }
+        };
+        drop(asked);
         *last = Some(Instant::now());
-        Err(error)
+        let Some(map) = chosen else { return Err(error) };
+        let masters = map.masters();
+        *cluster.map.write() = Some(Arc::new(map));
+        // A node that is no longer a master answers MOVED; its connection goes.
+        self.links.write().retain(|addr, _| masters.contains(addr));
+        cluster.stale.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// The slot map as the node at `addr` sees it (on its open connection, or one of its own).
+    async fn slots_from(&self, addr: Arc<str>) -> Result<SlotMap, BrokerError> {
+        let host = addr.rsplit_once(':').map_or(&*addr, |(h, _)| h).to_string();
+        let open = self.links.read().get(&addr).cloned();
+        let reply: Value = match open {
+            Some(link) => {
+                let mut conn = link.conn.clone();
+                let mut ask = ::redis::cmd("CLUSTER");
+                ask.arg("SLOTS");
+                within(ask.query_async(&mut conn)).await.map_err(|e| self.failed(&link, &e))?
+            }
+            None => self.ask_once(&addr).await?,
+        };
+        SlotMap::from_reply(&reply, &host).ok_or_else(|| bad_reply("CLUSTER SLOTS"))
     }
 
     /// `CLUSTER SLOTS` on a connection of its own to `addr`, closed afterwards.
@@ -282,11 +292,20 @@ impl Commands {
             return Err(BrokerError::Unavailable("redis is not reachable"));
         }
         let opened = self.open(addr).await;
+        drop(_one);
+        {
+            // The lock goes with the last waiter: addresses come and go with the cluster.
+            let mut locks = self.connecting.lock();
+            if locks.get(addr).is_some_and(|l| Arc::strong_count(l) <= 2) {
+                locks.remove(addr);
+            }
+        }
         let mut failures = self.failures.lock();
         match &opened {
             Ok(_) => failures.remove(addr),
             Err(_) => failures.insert(addr.clone(), Instant::now()),
         };
+        failures.retain(|_, t| t.elapsed() < RETRY_AFTER_FAILURE);
         if opened.is_err() {
             if let Target::Cluster(cluster) = &self.target {
                 cluster.stale.store(true, Ordering::Release);
@@ -386,7 +405,16 @@ impl Commands {
         slot: u16,
         build: impl Fn(&Link) -> Cmd,
     ) -> Result<Value, BrokerError> {
-        let deadline = Instant::now() + REDIS_TIMEOUT;
+        self.run_until(slot, Instant::now() + REDIS_TIMEOUT, build).await
+    }
+
+    /// As [`Commands::run`], following redirects until `deadline`.
+    pub(super) async fn run_until(
+        &self,
+        slot: u16,
+        deadline: Instant,
+        build: impl Fn(&Link) -> Cmd,
+    ) -> Result<Value, BrokerError> {
         let mut next: Option<(Arc<str>, bool)> = None;
         loop {
             let (link, asking) = match next.take() {

@@ -257,6 +257,8 @@ enum SubscriptionTarget {
     Cluster {
         /// Each configured node's URL.
         urls: Vec<String>,
+        /// `redis[s]://[user:pass@]`: with `host:port` appended, a node's URL.
+        prefix: String,
         tls: RedisTls,
     },
 }
@@ -337,8 +339,8 @@ fn cluster_targets(url: &str, tls: &RedisTls) -> Result<(Target, SubscriptionTar
     for url in &urls {
         client_for(url, tls)?;
     }
-    let target = Target::Cluster(Cluster::new(prefix, tls.clone(), seeds));
-    Ok((target, SubscriptionTarget::Cluster { urls, tls: tls.clone() }))
+    let target = Target::Cluster(Cluster::new(prefix.clone(), tls.clone(), seeds));
+    Ok((target, SubscriptionTarget::Cluster { urls, prefix, tls: tls.clone() }))
 }
 
 /// How a `rediss://` connection verifies the server and, optionally, proves who the node is.
@@ -822,15 +824,26 @@ enum Event {
 
 impl Subscription {
     /// Opens the pub/sub connection of `target`.
-    async fn open(target: &SubscriptionTarget) -> Result<Subscription, ::redis::RedisError> {
+    /// Opens the pub/sub connection of `target`; on a cluster, starting from the masters the
+    /// command side knows (they answered), else from the configured nodes (redis-rs asks its
+    /// initial nodes one by one: a listed node that hangs would take every attempt's time).
+    async fn open(
+        target: &SubscriptionTarget,
+        commands: &Commands,
+    ) -> Result<Subscription, ::redis::RedisError> {
         match target {
             SubscriptionTarget::Single(client) => {
                 let (sink, stream) = within(client.get_async_pubsub()).await?.split();
                 Ok(Subscription::Single { sink, stream })
             }
-            SubscriptionTarget::Cluster { urls, tls } => {
+            SubscriptionTarget::Cluster { urls, prefix, tls } => {
+                let known: Vec<String> = match commands.slot_map() {
+                    Some(map) => map.masters().iter().map(|m| format!("{prefix}{m}")).collect(),
+                    None => Vec::new(),
+                };
+                let initial = if known.is_empty() { urls.clone() } else { known };
                 let (tx, pushes) = mpsc::unbounded_channel();
-                let mut builder = ::redis::cluster::ClusterClientBuilder::new(urls.clone())
+                let mut builder = ::redis::cluster::ClusterClientBuilder::new(initial)
                     .use_protocol(::redis::ProtocolVersion::RESP3)
                     .push_sender(tx)
                     .connection_timeout(REDIS_TIMEOUT)
@@ -944,7 +957,7 @@ fn lossy(name: Vec<u8>) -> String {
 struct Probes {
     /// Each probe channel and when its message last came back.
     channels: Vec<(String, tokio::time::Instant)>,
-    /// The masters they cover (empty on one Redis).
+    /// The master each covers, in the same order (empty on one Redis).
     masters: Vec<Arc<str>>,
 }
 
@@ -956,14 +969,18 @@ impl Probes {
             let channel = format!("herald:probe:{{{node}}}");
             return Probes { channels: vec![(channel, now)], masters: Vec::new() };
         };
-        let masters = map.masters();
         let mut channels = Vec::new();
-        for master in &masters {
-            // A tag whose slot this master serves (a few tries: the slots are spread).
-            let found = (0..100_000u32)
+        let mut masters = Vec::new();
+        for master in map.masters() {
+            // A tag whose slot this master serves: about 16,384 tries for a master of one
+            // slot, a few for a master of many.
+            let found = (0..2_000_000u32)
                 .map(|n| format!("herald:probe:{{{node}.{n}}}"))
-                .find(|c| map.owner(slots::slot(c.as_bytes())) == Some(master));
-            channels.extend(found.map(|c| (c, now)));
+                .find(|c| map.owner(slots::slot(c.as_bytes())) == Some(&master));
+            if let Some(c) = found {
+                channels.push((c, now));
+                masters.push(master);
+            }
         }
         Probes { channels, masters }
     }
@@ -990,9 +1007,16 @@ impl Probes {
             return false;
         }
         if commands.is_cluster() {
-            let now = commands.slot_map().map(|m| m.masters()).unwrap_or_default();
-            if now != self.masters || self.channels.len() != self.masters.len() {
-                tracing::info!("the redis cluster's masters changed: subscribing again");
+            // Every master has a probe, each still on a slot of its master (a slot moved or a
+            // master replaced makes the probes measure the wrong connections).
+            let Some(map) = commands.slot_map() else { return false };
+            let covered = self
+                .channels
+                .iter()
+                .zip(&self.masters)
+                .all(|((c, _), m)| map.owner(slots::slot(c.as_bytes())) == Some(m));
+            if !covered || map.masters() != self.masters {
+                tracing::info!("the redis cluster's masters or slots changed: subscribing again");
                 return false;
             }
         }
@@ -1032,7 +1056,10 @@ async fn run_pubsub(
     let mut connected_before = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let mut link = match Subscription::open(&target).await {
+        if commands.is_cluster() && commands.slot_map().is_none() {
+            let _ = commands.refresh().await;
+        }
+        let mut link = match Subscription::open(&target, &commands).await {
             Ok(link) => link,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open the redis pub/sub connection; retrying");
@@ -1384,18 +1411,47 @@ impl Broker for RedisBroker {
                     continue;
                 }
             };
-            for (u, reply) in order.into_iter().zip(replies) {
+            // Backwards, so that a unit that met a redirect is sent again only if no later unit
+            // of one of its channels was stored meanwhile (that would put the channel out of
+            // order); otherwise its publisher gets an error and decides.
+            let mut stored_later: HashSet<&ChannelName> = HashSet::new();
+            let mut pending = Vec::new();
+            for (u, reply) in order.into_iter().zip(replies).rev() {
+                let unit = &units[u];
                 match reply {
-                    Err(e) if is_redirect(&e) => again.push(u),
-                    Err(e) => units[u].settle(Err(self.commands.failed(&link, &e)), &mut results),
-                    Ok(value) => units[u].settle(Ok(value), &mut results),
+                    Err(e) if is_redirect(&e) => {
+                        if unit.items.iter().any(|(_, c, _, _)| stored_later.contains(c)) {
+                            let error = BrokerError::Unavailable(
+                                "redis moved the channel while a later publication of it was stored",
+                            );
+                            unit.settle(Err(error), &mut results);
+                        } else {
+                            pending.push(u);
+                        }
+                    }
+                    Err(e) => unit.settle(Err(self.commands.failed(&link, &e)), &mut results),
+                    Ok(value) => {
+                        stored_later.extend(unit.items.iter().map(|(_, c, _, _)| c));
+                        unit.settle(Ok(value), &mut results);
+                    }
                 }
             }
+            again.extend(pending);
         }
+        // One deadline for every retry: a batch of many channels never waits 2 s per channel.
         again.sort_unstable();
+        let deadline = std::time::Instant::now() + REDIS_TIMEOUT;
         for u in again {
             let unit = &units[u];
-            let reply = self.commands.run(unit.slot, |link| command(unit, link)).await;
+            if std::time::Instant::now() >= deadline {
+                unit.settle(
+                    Err(BrokerError::Unavailable("redis did not take it in time")),
+                    &mut results,
+                );
+                continue;
+            }
+            let reply =
+                self.commands.run_until(unit.slot, deadline, |link| command(unit, link)).await;
             unit.settle(reply, &mut results);
         }
         results
