@@ -125,6 +125,8 @@ struct Seen {
     publications: Vec<(String, u64, Value)>,
     told_epochs: HashSet<String>,
     cut: u32,
+    /// Each subscribe: since, and the reply's recovered, epoch, offset and publication count.
+    replies: Vec<String>,
 }
 
 /// Follows `channel` on `node` until `stop`: subscribes (again after each disconnection, from
@@ -149,6 +151,14 @@ async fn follow(base: String, channel: String, seen: Arc<Mutex<Seen>>, stop: Arc
         let mut epoch = sub.epoch.clone().unwrap();
         {
             let mut seen = seen.lock();
+            seen.replies.push(format!(
+                "since {:?}: recovered {} at {:?}/{:?}, {} publications",
+                position.as_ref().map(|p| (&p.epoch, p.offset)),
+                sub.recovered,
+                sub.epoch,
+                sub.offset,
+                sub.publications.len()
+            ));
             if let Some(p) = &position {
                 if !sub.recovered {
                     seen.told_epochs.insert(p.epoch.clone());
@@ -282,7 +292,12 @@ async fn a_killed_master_fails_over_and_every_subscriber_has_everything_or_was_t
         for p in &acked[c] {
             assert!(
                 got.contains(p) || s.told_epochs.contains(&p.0),
-                "{c}: {p:?} was neither received nor told lost"
+                "{c}: {p:?} was neither received nor told lost: received {:?}, told {:?}, cut {}, \
+                 replies {:?}",
+                s.publications,
+                s.told_epochs,
+                s.cut,
+                s.replies
             );
         }
         // Within an epoch, offsets arrive in order with the data they were acknowledged with.
@@ -398,6 +413,12 @@ async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently(
     for f in followers {
         f.await.unwrap();
     }
+    let log: String = nodes[1]
+        .log()
+        .lines()
+        .filter(|l| !l.contains("websocket") && !l.contains("registry"))
+        .collect::<Vec<_>>()
+        .join("\n");
     for (c, s) in &seen {
         let s = s.lock();
         let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
@@ -412,7 +433,12 @@ async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently(
         for p in &acked[c] {
             assert!(
                 got.contains(p) || s.told_epochs.contains(&p.0),
-                "{c}: {p:?} was neither received nor told lost"
+                "{c}: {p:?} was neither received nor told lost: received {:?}, told {:?}, cut \
+                 {}, replies {:?}; subscriber node's log: {log}",
+                s.publications,
+                s.told_epochs,
+                s.cut,
+                s.replies
             );
         }
         if *c == still {
