@@ -175,6 +175,18 @@ impl<T> Inner<T> {
 }
 
 impl<T> Inner<T> {
+    /// `Ok` while the queue takes frames. A connection asked to close takes nothing more:
+    /// it recovers from the position it last received, so a publication queued after the
+    /// request (for example the first of a new epoch, after its channel was told lost) would
+    /// carry its position past what it missed.
+    fn accepts(&self) -> Result<(), PushError> {
+        self.state.accepts()?;
+        match self.close_request {
+            Some(_) => Err(PushError::Closed),
+            None => Ok(()),
+        }
+    }
+
     fn is_behind(&self, limits: &QueueLimits) -> bool {
         self.pending_bytes > limits.soft_bytes
             || self.frames.len() + self.held.len() > limits.soft_messages
@@ -326,7 +338,7 @@ impl<T: Item> Outbox<T> {
         fits: impl FnOnce(&Inner<T>, usize) -> bool,
     ) -> Result<usize, PushError> {
         let mut inner = self.inner.lock();
-        inner.state.accepts()?;
+        inner.accepts()?;
         let len = frame.wire_len();
         if !fits(&inner, len) {
             inner.state = OutboxState::Overflowed;
@@ -381,7 +393,7 @@ impl<T: Item> Outbox<T> {
     /// Queues the last part of the open message, then everything held meanwhile, in order.
     pub fn end_message(&self, last: T) -> Result<(), PushError> {
         let mut inner = self.inner.lock();
-        inner.state.accepts()?;
+        inner.accepts()?;
         let len = last.wire_len();
         inner.pending_bytes += len;
         inner.queued_bytes += len;
@@ -430,7 +442,7 @@ impl<T: Item> Outbox<T> {
     /// Returns the bytes the caller must add to the node backlog (may be negative).
     pub fn push_conflated(&self, channel: &ChannelName, frame: T) -> Result<isize, PushError> {
         let mut inner = self.inner.lock();
-        inner.state.accepts()?;
+        inner.accepts()?;
         let len = frame.wire_len();
         let blocked = inner.blocked;
         let was_empty = inner.frames.is_empty() && inner.conflated.is_empty();
@@ -767,6 +779,23 @@ mod tests {
 
     fn frame(n: usize) -> Bytes {
         Bytes::from(vec![b'x'; n])
+    }
+
+    #[test]
+    fn a_queue_asked_to_close_takes_nothing_more() {
+        // What was queued before the request still goes out; nothing after it does (the
+        // connection recovers from what it last received).
+        let q = Outbox::new(100, 100, Arc::new(Metrics::default()));
+        assert_eq!(q.push(frame(3)), Ok(()));
+        q.request_close(CloseCode::SlowConsumer);
+        assert_eq!(q.push(frame(3)), Err(PushError::Closed));
+        assert_eq!(q.push_reply(frame(3)), Err(PushError::Closed));
+        let c = ChannelName::parse("c").unwrap();
+        assert_eq!(q.push_conflated(&c, frame(3)), Err(PushError::Closed));
+        assert_eq!(q.pending_close(), Some(CloseCode::SlowConsumer));
+        let mut taken = VecDeque::new();
+        q.take(&mut taken);
+        assert_eq!(taken.len(), 1);
     }
 
     #[test]

@@ -1610,6 +1610,7 @@ impl Reader {
                 cmd.arg(self.script.get_hash()).arg(1).arg(&key);
                 cmd.arg(mode).arg(epoch).arg(offset).arg(limit).arg(at).arg(ttl_ms);
                 cmd.arg(void_instance).arg(link.run_id.as_ref());
+                tracing::debug!(%channel, addr = %link.addr, run = %link.run_id, "history read");
                 cmd
             })
             .await?;
@@ -1620,6 +1621,7 @@ impl Reader {
         let void = void.filter(|v| v.instance == instance);
         if items.len() == 2 {
             // No stream: position 0 of a void epoch of this read.
+            tracing::debug!(%channel, since = ?query.since, "history read result: no stream");
             let complete = void.is_some_and(|v| ttl.is_some_and(|t| v.covers(now, t)))
                 && query.since.as_ref().is_some_and(|s| s.offset == 0);
             let epoch = VoidEpoch { instance: &instance, at_ms: now }.encode();
@@ -1644,6 +1646,7 @@ impl Reader {
                 data: Bytes::copy_from_slice(data),
             });
         }
+        tracing::debug!(%channel, since = ?query.since, %epoch, top, complete, "history read result");
         Ok(HistoryPage {
             position: Some(StreamPosition { offset: top, epoch: epoch.to_string() }),
             publications,
