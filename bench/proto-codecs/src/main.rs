@@ -35,6 +35,71 @@ mod with_prost {
     }
 }
 
+mod commands_prost {
+    /// `Command` with only the `publish` arm (tag 5).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Command {
+        #[prost(uint32, tag = "1")]
+        pub id: u32,
+        #[prost(message, optional, tag = "5")]
+        pub publish: Option<Publish>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Publish {
+        #[prost(string, tag = "1")]
+        pub channel: String,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub data: bytes::Bytes,
+    }
+}
+
+mod commands_quick {
+    use super::*;
+
+    #[derive(Debug, Default, PartialEq)]
+    pub struct Publish<'a> {
+        pub channel: Cow<'a, str>,
+        pub data: Cow<'a, [u8]>,
+    }
+
+    impl<'a> MessageRead<'a> for Publish<'a> {
+        fn from_reader(r: &mut BytesReader, bytes: &'a [u8]) -> quick_protobuf::Result<Self> {
+            let mut msg = Publish::default();
+            while !r.is_eof() {
+                match r.next_tag(bytes) {
+                    Ok(10) => msg.channel = r.read_string(bytes).map(Cow::Borrowed)?,
+                    Ok(18) => msg.data = r.read_bytes(bytes).map(Cow::Borrowed)?,
+                    Ok(t) => r.read_unknown(bytes, t)?,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(msg)
+        }
+    }
+
+    #[derive(Debug, Default, PartialEq)]
+    pub struct Command<'a> {
+        pub id: u32,
+        pub publish: Option<Publish<'a>>,
+    }
+
+    impl<'a> MessageRead<'a> for Command<'a> {
+        fn from_reader(r: &mut BytesReader, bytes: &'a [u8]) -> quick_protobuf::Result<Self> {
+            let mut msg = Command::default();
+            while !r.is_eof() {
+                match r.next_tag(bytes) {
+                    Ok(8) => msg.id = r.read_uint32(bytes)?,
+                    Ok(42) => msg.publish = Some(r.read_message::<Publish>(bytes)?),
+                    Ok(t) => r.read_unknown(bytes, t)?,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(msg)
+        }
+    }
+}
+
 mod with_quick {
     use super::*;
 
@@ -196,7 +261,29 @@ fn main() {
         black_box(m);
     });
 
+    // A client's `publish` of the same tick, decoded by the server.
+    let command = commands_prost::Command {
+        id: 7,
+        publish: Some(commands_prost::Publish { channel: channel.to_string(), data: data.clone() }),
+    };
+    let mut command_wire = Vec::new();
+    command.encode_length_delimited(&mut command_wire).expect("room");
+    let command_wire = bytes::Bytes::from(command_wire);
+    let prost_command = measure(ROUNDS, N, || {
+        let m = commands_prost::Command::decode_length_delimited(black_box(command_wire.clone()))
+            .expect("decodes");
+        black_box(m);
+    });
+    let quick_command = measure(ROUNDS, N, || {
+        let bytes = black_box(&command_wire[..]);
+        let mut r = BytesReader::from_bytes(bytes);
+        let m: commands_quick::Command = r.read_message(bytes).expect("decodes");
+        assert_eq!(m.id, 7);
+        black_box(m);
+    });
+
     println!("message: ServerMessage{{pub}} of a {}-byte JSON tick, {} bytes delimited", TICK.len(), prost_wire.len());
-    println!("prost          encode {prost_encode:6.1} ns  decode {prost_decode:6.1} ns");
-    println!("quick-protobuf encode {quick_encode:6.1} ns  decode {quick_decode:6.1} ns");
+    println!("command: Command{{publish}} of the same tick, {} bytes delimited", command_wire.len());
+    println!("prost          push encode {prost_encode:6.1} ns  decode {prost_decode:6.1} ns  command decode {prost_command:6.1} ns");
+    println!("quick-protobuf push encode {quick_encode:6.1} ns  decode {quick_decode:6.1} ns  command decode {quick_command:6.1} ns");
 }
