@@ -440,6 +440,22 @@ mod tests {
         ChannelName::parse(name).unwrap()
     }
 
+    #[test]
+    fn line_breaks_inside_data_are_written_as_spaces() {
+        // A raw '\r' can only be JSON whitespace between data's tokens; the encoder writes it
+        // as a space so that a frame's lines stay lines, and that is all it changes.
+        let c = ok("{\"op\":\"publish\",\"id\":1,\"channel\":\"c\",\"data\":{\"a\":\r1}}");
+        let again = ok(std::str::from_utf8(&encode_command(&c)).unwrap());
+        match (&c.kind, &again.kind) {
+            (CommandKind::Publish { data: before, .. }, CommandKind::Publish { data: after, .. }) => {
+                assert_eq!(&before[..], b"{\"a\":\r1}");
+                assert_eq!(&after[..], b"{\"a\": 1}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(again.id, c.id);
+    }
+
     fn ok(line: &str) -> Command {
         match decode_command(line.as_bytes()) {
             Ok(c) => c,
