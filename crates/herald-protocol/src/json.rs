@@ -447,7 +447,10 @@ mod tests {
         let c = ok("{\"op\":\"publish\",\"id\":1,\"channel\":\"c\",\"data\":{\"a\":\r1}}");
         let again = ok(std::str::from_utf8(&encode_command(&c)).unwrap());
         match (&c.kind, &again.kind) {
-            (CommandKind::Publish { data: before, .. }, CommandKind::Publish { data: after, .. }) => {
+            (
+                CommandKind::Publish { data: before, .. },
+                CommandKind::Publish { data: after, .. },
+            ) => {
                 assert_eq!(&before[..], b"{\"a\":\r1}");
                 assert_eq!(&after[..], b"{\"a\": 1}");
             }
