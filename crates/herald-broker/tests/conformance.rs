@@ -152,48 +152,38 @@ fn redis_server() -> Option<ServerProcess> {
     Some(ServerProcess { child: Some(child), port, _dir: None, _cluster: None })
 }
 
+/// `broker` started with a recorder of its own, once ready (at most 10 s).
+async fn start(name: &str, broker: Arc<dyn Broker>) -> (Arc<dyn Broker>, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    broker.start(rec.clone()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.is_ready() {
+        assert!(Instant::now() < deadline, "the {name} broker did not get ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (broker, rec)
+}
+
 /// A started broker of each backend, with its recorder (and the Redis process it uses).
 async fn backends() -> Vec<Backend> {
     let mut out: Vec<Backend> = Vec::new();
-    let memory = Arc::new(MemoryBroker::new());
-    let rec = Arc::new(Recorder::default());
-    memory.start(rec.clone()).await.unwrap();
+    let (memory, rec) = start("memory", Arc::new(MemoryBroker::new())).await;
     out.push(("memory", memory, rec, None));
     if let Some(server) = redis_server() {
-        let broker =
-            Arc::new(RedisBroker::new(&format!("redis://127.0.0.1:{}", server.port)).unwrap());
-        let rec = Arc::new(Recorder::default());
-        broker.start(rec.clone()).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !broker.is_ready() {
-            assert!(Instant::now() < deadline, "the redis broker did not get ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let url = format!("redis://127.0.0.1:{}", server.port);
+        let (broker, rec) = start("redis", Arc::new(RedisBroker::new(&url).unwrap())).await;
         out.push(("redis", broker, rec, Some(server)));
     }
     if let Some(cluster) = RedisCluster::start(3, 0) {
         let broker = Arc::new(RedisBroker::new(&cluster.url()).unwrap());
-        let rec = Arc::new(Recorder::default());
-        broker.start(rec.clone()).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !broker.is_ready() {
-            assert!(Instant::now() < deadline, "the redis cluster broker did not get ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (broker, rec) = start("redis cluster", broker).await;
         let port = cluster.ports[0];
         let held = ServerProcess { child: None, port, _dir: None, _cluster: Some(cluster) };
         out.push(("redis-cluster", broker, rec, Some(held)));
     }
     if let Some(server) = nats_server() {
         let url = format!("nats://127.0.0.1:{}", server.port);
-        let broker = Arc::new(NatsBroker::connect(&url).await.unwrap());
-        let rec = Arc::new(Recorder::default());
-        broker.start(rec.clone()).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !broker.is_ready() {
-            assert!(Instant::now() < deadline, "the nats broker did not get ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (broker, rec) = start("nats", Arc::new(NatsBroker::connect(&url).await.unwrap())).await;
         out.push(("nats", broker, rec, Some(server)));
     }
     out

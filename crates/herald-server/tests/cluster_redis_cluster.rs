@@ -197,6 +197,52 @@ async fn follow(base: String, channel: String, seen: Arc<Mutex<Seen>>, stop: Arc
     }
 }
 
+/// What every subscriber of `c` must show: no publication twice; every acknowledged one
+/// received, or its epoch told lost; within an epoch, offsets in order, each with the data it
+/// was acknowledged with. `log`: the subscriber node's log, for the message.
+fn assert_received_or_told(c: &str, s: &Seen, acked: &[(String, u64, Value)], log: &str) {
+    let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
+    assert_eq!(
+        got.len(),
+        s.publications.len(),
+        "{c}: a publication arrived twice: {:?} (told {:?}, cut {})",
+        s.publications,
+        s.told_epochs,
+        s.cut
+    );
+    for p in acked {
+        assert!(
+            got.contains(p) || s.told_epochs.contains(&p.0),
+            "{c}: {p:?} was neither received nor told lost: received {:?}, told {:?}, cut {}, \
+             replies {:?}; subscriber node's log: {log}",
+            s.publications,
+            s.told_epochs,
+            s.cut,
+            s.replies
+        );
+    }
+    let by_position: HashMap<(&str, u64), &Value> =
+        acked.iter().map(|(e, o, d)| ((e.as_str(), *o), d)).collect();
+    for w in s.publications.windows(2) {
+        if w[0].0 == w[1].0 {
+            assert!(w[0].1 < w[1].1, "{c}: out of order: {w:?}");
+        }
+    }
+    for (e, o, d) in &s.publications {
+        if let Some(acked) = by_position.get(&(e.as_str(), *o)) {
+            assert_eq!(*acked, d, "{c}: offset {o} carries other data");
+        }
+    }
+}
+
+/// The node's log without per-connection and registry lines.
+fn broker_log(node: &Server) -> String {
+    let log = node.log();
+    let lines: Vec<&str> =
+        log.lines().filter(|l| !l.contains("websocket") && !l.contains("registry")).collect();
+    lines.join("\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_fails_over_and_every_subscriber_has_everything_or_was_told() {
     let Some(mut redis) = RedisCluster::start(3, 1) else { return };
@@ -278,41 +324,10 @@ async fn a_killed_master_fails_over_and_every_subscriber_has_everything_or_was_t
     for f in followers {
         f.await.unwrap();
     }
-    for (c, s) in &seen {
+    let logs: Vec<String> = nodes.iter().map(broker_log).collect();
+    for (k, (c, s)) in seen.iter().enumerate() {
         let s = s.lock();
-        let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
-        assert_eq!(
-            got.len(),
-            s.publications.len(),
-            "{c}: a publication arrived twice: {:?} (told {:?}, cut {})",
-            s.publications,
-            s.told_epochs,
-            s.cut
-        );
-        for p in &acked[c] {
-            assert!(
-                got.contains(p) || s.told_epochs.contains(&p.0),
-                "{c}: {p:?} was neither received nor told lost: received {:?}, told {:?}, cut {}, \
-                 replies {:?}",
-                s.publications,
-                s.told_epochs,
-                s.cut,
-                s.replies
-            );
-        }
-        // Within an epoch, offsets arrive in order with the data they were acknowledged with.
-        let by_position: HashMap<(&str, u64), &Value> =
-            acked[c].iter().map(|(e, o, d)| ((e.as_str(), *o), d)).collect();
-        for w in s.publications.windows(2) {
-            if w[0].0 == w[1].0 {
-                assert!(w[0].1 < w[1].1, "{c}: out of order: {w:?}");
-            }
-        }
-        for (e, o, d) in &s.publications {
-            if let Some(acked) = by_position.get(&(e.as_str(), *o)) {
-                assert_eq!(*acked, d, "{c}: offset {o} carries other data");
-            }
-        }
+        assert_received_or_told(c, &s, &acked[c], &logs[k / channels.len()]);
         if !on_victim.contains(c) {
             assert!(s.told_epochs.is_empty() && s.cut == 0, "{c} lives elsewhere: never told");
         }
@@ -413,34 +428,10 @@ async fn a_slot_moved_to_another_master_while_publishing_loses_nothing_silently(
     for f in followers {
         f.await.unwrap();
     }
-    let log: String = nodes[1]
-        .log()
-        .lines()
-        .filter(|l| !l.contains("websocket") && !l.contains("registry"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let log = broker_log(&nodes[1]);
     for (c, s) in &seen {
         let s = s.lock();
-        let got: HashSet<&(String, u64, Value)> = s.publications.iter().collect();
-        assert_eq!(
-            got.len(),
-            s.publications.len(),
-            "{c}: a publication arrived twice: {:?} (told {:?}, cut {})",
-            s.publications,
-            s.told_epochs,
-            s.cut
-        );
-        for p in &acked[c] {
-            assert!(
-                got.contains(p) || s.told_epochs.contains(&p.0),
-                "{c}: {p:?} was neither received nor told lost: received {:?}, told {:?}, cut \
-                 {}, replies {:?}; subscriber node's log: {log}",
-                s.publications,
-                s.told_epochs,
-                s.cut,
-                s.replies
-            );
-        }
+        assert_received_or_told(c, &s, &acked[c], &log);
         if *c == still {
             assert!(s.told_epochs.is_empty() && s.cut == 0, "{c} did not move: never told");
         }

@@ -1414,6 +1414,8 @@ impl Broker for RedisBroker {
             // Backwards, so that a unit that met a redirect is sent again only if no later unit
             // of one of its channels was stored meanwhile (that would put the channel out of
             // order); otherwise its publisher gets an error and decides.
+            // The set is kept only when some unit met a redirect (never on the usual path).
+            let redirected = replies.iter().any(|r| r.as_ref().is_err_and(is_redirect));
             let mut stored_later: HashSet<&ChannelName> = HashSet::new();
             let mut pending = Vec::new();
             for (u, reply) in order.into_iter().zip(replies).rev() {
@@ -1431,7 +1433,9 @@ impl Broker for RedisBroker {
                     }
                     Err(e) => unit.settle(Err(self.commands.failed(&link, &e)), &mut results),
                     Ok(value) => {
-                        stored_later.extend(unit.items.iter().map(|(_, c, _, _)| c));
+                        if redirected {
+                            stored_later.extend(unit.items.iter().map(|(_, c, _, _)| c));
+                        }
                         unit.settle(Ok(value), &mut results);
                     }
                 }
