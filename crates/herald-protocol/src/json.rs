@@ -26,9 +26,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::channel::ChannelName;
+use crate::code::CloseCode;
 use crate::code::ErrorCode;
 use crate::command::{Command, CommandKind, StreamPosition};
-use crate::push::{write_raw_json, write_str};
+use crate::format::{Codec, Commands, WireFormat};
+use crate::push::{self, write_data, write_str, PublicationRef, ReplyOk, SubscribeParts};
 
 /// Why a client command could not be used.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -71,6 +73,9 @@ struct RawCommand<'a> {
     /// Present even when `null`: `data` may be any JSON value.
     #[serde(borrow, default, deserialize_with = "present_raw")]
     data: Option<&'a RawValue>,
+    /// Binary `data`, base64 (instead of `data`).
+    #[serde(borrow, default)]
+    b64data: Option<&'a RawValue>,
 }
 
 fn present_raw<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -159,8 +164,15 @@ pub fn decode_command(line: &[u8]) -> Result<Command, DecodeError> {
         "unsubscribe" => CommandKind::Unsubscribe { channel: channel(raw.channel).map_err(bad)? },
         "publish" => {
             let channel = channel(raw.channel).map_err(bad)?;
-            let data = raw.data.ok_or_else(|| bad("missing field `data`".to_owned()))?;
-            CommandKind::Publish { channel, data: Bytes::copy_from_slice(data.get().as_bytes()) }
+            let data = match (raw.data, raw.b64data) {
+                (Some(data), None) => Bytes::copy_from_slice(data.get().as_bytes()),
+                (None, Some(b64)) => b64data(b64).map_err(bad)?,
+                (Some(_), Some(_)) => {
+                    return Err(bad("give one of `data` and `b64data`, not both".to_owned()))
+                }
+                (None, None) => return Err(bad("missing field `data`".to_owned())),
+            };
+            CommandKind::Publish { channel, data }
         }
         "history" => CommandKind::History {
             channel: channel(raw.channel).map_err(bad)?,
@@ -216,6 +228,26 @@ fn since(raw: Option<&RawValue>) -> Result<Option<StreamPosition>, String> {
     }
 }
 
+/// Decodes a `b64data` field: standard base64, padding optional.
+fn b64data(raw: &RawValue) -> Result<Bytes, String> {
+    let text = serde_json::from_str::<JsonStr<'_>>(raw.get())
+        .map_err(|_| "`b64data` must be a base64 string".to_owned())?;
+    decode_base64(text.0.as_bytes())
+        .map(Bytes::from)
+        .map_err(|e| format!("invalid `b64data` (standard base64): {e}"))
+}
+
+/// Standard base64, with or without padding.
+pub(crate) fn decode_base64(text: &[u8]) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    LENIENT.decode(text)
+}
+
 fn limit(raw: Option<&RawValue>) -> Result<Option<u64>, String> {
     match raw {
         None => Ok(None),
@@ -264,8 +296,8 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
         CommandKind::Unsubscribe { channel } => write_channel(&mut out, channel),
         CommandKind::Publish { channel, data } => {
             write_channel(&mut out, channel);
-            out.extend_from_slice(b",\"data\":");
-            write_raw_json(&mut out, data);
+            out.push(b',');
+            write_data(&mut out, data);
         }
         CommandKind::History { channel, since, limit } => {
             write_channel(&mut out, channel);
@@ -304,8 +336,10 @@ pub enum ServerMessage {
         /// The channel's epoch, on the first publication of an epoch the connection has not
         /// seen yet (PROTOCOL.md section 3).
         epoch: Option<String>,
-        /// The publication's data.
+        /// The publication's data, when it is JSON (else `null`).
         data: serde_json::Value,
+        /// The publication's data when it is not JSON text (`b64data`, decoded).
+        binary: Option<Vec<u8>>,
     },
     /// A ping; answer with a `pong` command.
     Ping,
@@ -364,7 +398,10 @@ struct RawPub {
     offset: Option<u64>,
     #[serde(default)]
     epoch: Option<String>,
+    #[serde(default)]
     data: serde_json::Value,
+    #[serde(default)]
+    b64data: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -407,11 +444,18 @@ pub fn decode_server_message(line: &[u8]) -> Result<ServerMessage, serde_json::E
         return Ok(ServerMessage::Reply { id, result });
     }
     if let Some(p) = raw.publication {
+        let binary = match p.b64data {
+            Some(b64) => {
+                Some(decode_base64(b64.as_bytes()).map_err(|e| serde_json::Error::custom(e))?)
+            }
+            None => None,
+        };
         return Ok(ServerMessage::Pub {
             channel: p.channel,
             offset: p.offset,
             epoch: p.epoch,
             data: p.data,
+            binary,
         });
     }
     if raw.ping.is_some() {
@@ -428,6 +472,73 @@ pub fn decode_server_message(line: &[u8]) -> Result<ServerMessage, serde_json::E
         return Ok(ServerMessage::Unsub { channel: u.channel, code: u.code, reason: u.reason });
     }
     Err(serde_json::Error::custom("unknown server message"))
+}
+
+/// The `herald.json` [`Codec`]: one message per text frame from the server (the client may
+/// send several per frame, separated by `\n`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    fn format(&self) -> WireFormat {
+        WireFormat::Json
+    }
+
+    fn decode_commands<'a>(&self, message: &'a [u8]) -> Commands<'a> {
+        Box::new(decode_commands(message))
+    }
+
+    fn encode_pub(
+        &self,
+        channel: &str,
+        offset: Option<u64>,
+        epoch: Option<&str>,
+        data: &[u8],
+    ) -> Vec<u8> {
+        push::encode_pub_in_epoch(channel, offset, epoch, data)
+    }
+
+    fn encode_reply_ok(&self, id: u32, ok: &ReplyOk<'_>) -> Vec<u8> {
+        push::encode_reply_ok(id, ok)
+    }
+
+    fn encode_reply_error(&self, id: u32, code: ErrorCode, message: &str) -> Vec<u8> {
+        push::encode_reply_error(id, code, message)
+    }
+
+    fn encode_ping(&self) -> Vec<u8> {
+        push::encode_ping().to_vec()
+    }
+
+    fn encode_disconnect(&self, code: CloseCode) -> Vec<u8> {
+        push::encode_disconnect(code)
+    }
+
+    fn encode_unsub(&self, channel: &str, code: u16, reason: &str) -> Vec<u8> {
+        push::encode_unsub(channel, code, reason)
+    }
+
+    fn subscribe_head(&self, id: u32, publications: &[PublicationRef<'_>]) -> Vec<u8> {
+        SubscribeParts::default().head(id, publications)
+    }
+
+    fn subscribe_more(
+        &self,
+        _id: u32,
+        publications: &[PublicationRef<'_>],
+        first: bool,
+    ) -> Vec<u8> {
+        SubscribeParts::after(!first).more(publications)
+    }
+
+    fn subscribe_tail(
+        &self,
+        _id: u32,
+        position: Option<&StreamPosition>,
+        recovered: bool,
+    ) -> Vec<u8> {
+        SubscribeParts::default().tail(position, recovered)
+    }
 }
 
 #[cfg(test)]
@@ -719,7 +830,8 @@ mod tests {
                 channel: "news".into(),
                 offset: Some(5),
                 epoch: None,
-                data: serde_json::json!({"x":1})
+                data: serde_json::json!({"x":1}),
+                binary: None
             }
         );
         assert_eq!(
@@ -728,7 +840,8 @@ mod tests {
                 channel: "news".into(),
                 offset: None,
                 epoch: None,
-                data: serde_json::Value::Null
+                data: serde_json::Value::Null,
+                binary: None
             }
         );
         assert_eq!(got[4].as_ref().unwrap(), &ServerMessage::Ping);

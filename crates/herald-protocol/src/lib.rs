@@ -7,7 +7,9 @@
 //! - [`command`]: the commands a client sends (`connect` ... `pong`);
 //! - [`push`]: what the server sends (replies and pushes), encoded once into [`bytes::Bytes`];
 //! - [`json`]: the `herald.json` codec (several messages per frame, separated by `\n`);
-//! - [`pb`]: the `herald.proto` messages, generated from `proto/herald.proto` (not served yet);
+//! - [`format`]: the wire formats ([`WireFormat`]) and their [`Codec`]s, one per subprotocol;
+//! - [`pb`]: the `herald.proto` messages, generated from `proto/herald.proto`;
+//! - [`proto`]: the `herald.proto` codec (varint-delimited Protocol Buffers messages);
 //! - [`ws`]: a lean RFC 6455 frame codec (both roles) and the upgrade handshake helpers.
 //!
 //! The contract these types implement is `PROTOCOL.md`; Herald's extensions are in
@@ -16,8 +18,10 @@
 pub mod channel;
 pub mod code;
 pub mod command;
+pub mod format;
 pub mod json;
 pub mod pb;
+pub mod proto;
 pub mod push;
 pub mod sse;
 pub mod ws;
@@ -25,3 +29,4 @@ pub mod ws;
 pub use channel::{ChannelName, ChannelNameError};
 pub use code::{CloseCode, ErrorCode};
 pub use command::{Command, CommandKind, StreamPosition};
+pub use format::{Codec, WireFormat};

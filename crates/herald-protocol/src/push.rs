@@ -2,8 +2,11 @@
 //! not yet framed).
 //!
 //! Every encoder writes JSON by hand into one `Vec<u8>`; strings that need escaping go through
-//! `serde_json`. A publication's `data` is raw JSON text and is embedded verbatim, so a hub can
-//! encode a publication once and push the same bytes to every subscriber.
+//! `serde_json`. A publication's `data` is bytes: when they are one JSON text (anything
+//! published through JSON is) they are embedded verbatim as `"data"`; other bytes (published in
+//! `herald.proto` or as protobuf over the API) go as `"b64data"`, standard base64 with padding
+//! (see [`is_json_text`]). A hub encodes a publication once and pushes the same bytes to every
+//! subscriber.
 //!
 //! ```
 //! use herald_protocol::push::{encode_pub, encode_reply_ok, ReplyOk};
@@ -20,7 +23,7 @@ use crate::command::StreamPosition;
 pub struct PublicationRef<'a> {
     /// The publication's offset; `None` where the channel keeps no history.
     pub offset: Option<u64>,
-    /// The publication's `data`, raw JSON text.
+    /// The publication's `data` (see [`is_json_text`] for how JSON carries it).
     pub data: &'a [u8],
 }
 
@@ -101,6 +104,32 @@ pub(crate) fn write_raw_json(out: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
+/// True when `data` is exactly one JSON text (optionally surrounded by whitespace), which a JSON
+/// subscriber receives as `"data"`; any other bytes, the empty string included, reach it as
+/// `"b64data"` (base64). Everything published through JSON passes; bytes published in
+/// `herald.proto` pass when they happen to be JSON (such as UTF-8 `{"x":1}`).
+pub fn is_json_text(data: &[u8]) -> bool {
+    !data.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+}
+
+/// Writes `"data":<json>` when `data` is JSON text, else `"b64data":"<base64>"`.
+pub(crate) fn write_data(out: &mut Vec<u8>, data: &[u8]) {
+    if is_json_text(data) {
+        out.extend_from_slice(b"\"data\":");
+        write_raw_json(out, data);
+    } else {
+        use base64::Engine as _;
+        out.extend_from_slice(b"\"b64data\":\"");
+        let start = out.len();
+        out.resize(start + base64::encoded_len(data.len(), true).unwrap_or(0), 0);
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(data, &mut out[start..])
+            .unwrap_or(0);
+        out.truncate(start + n);
+        out.push(b'"');
+    }
+}
+
 pub(crate) fn write_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
@@ -159,8 +188,8 @@ fn write_publication_in_epoch(
         out.extend_from_slice(b",\"epoch\":");
         write_str(out, epoch);
     }
-    out.extend_from_slice(b",\"data\":");
-    write_raw_json(out, data);
+    out.push(b',');
+    write_data(out, data);
     out.push(b'}');
 }
 
@@ -249,8 +278,7 @@ fn write_publication_items(out: &mut Vec<u8>, publications: &[PublicationRef<'_>
             write_u64(out, offset);
             out.push(b',');
         }
-        out.extend_from_slice(b"\"data\":");
-        write_raw_json(out, p.data);
+        write_data(out, p.data);
         out.push(b'}');
     }
 }
@@ -267,6 +295,11 @@ pub struct SubscribeParts {
 }
 
 impl SubscribeParts {
+    /// Parts that follow others; `any` when a publication was written before.
+    pub fn after(any: bool) -> Self {
+        SubscribeParts { any }
+    }
+
     /// `{"id":N,"ok":{"publications":[` and the first publications.
     pub fn head(&mut self, id: u32, publications: &[PublicationRef<'_>]) -> Vec<u8> {
         let mut out = Vec::with_capacity(48 + items_len(publications));
@@ -393,7 +426,8 @@ mod tests {
                 r#"{"pub":{"channel":"c","offset":1,"data":true}}"#,
             ),
             (encode_pub("c", None, b"[1]"), r#"{"pub":{"channel":"c","data":[1]}}"#),
-            (encode_pub("c", None, b""), r#"{"pub":{"channel":"c","data":null}}"#),
+            (encode_pub("c", None, b""), r#"{"pub":{"channel":"c","b64data":""}}"#),
+            (encode_pub("c", None, b"\x00\xfe"), r#"{"pub":{"channel":"c","b64data":"AP4="}}"#),
             (encode_pub("c", None, b"{\n}"), r#"{"pub":{"channel":"c","data":{ }}}"#),
             (encode_pub("a\"b", None, b"1"), r#"{"pub":{"channel":"a\"b","data":1}}"#),
             (encode_ping().to_vec(), r#"{"ping":{}}"#),
@@ -574,7 +608,7 @@ mod tests {
                 None => json!({"data": data.clone()}),
             };
             let want = vec![
-                ServerMessage::Pub { channel: channel.clone(), offset, epoch: None, data: data.clone() },
+                ServerMessage::Pub { channel: channel.clone(), offset, epoch: None, data: data.clone(), binary: None },
                 ServerMessage::Ping,
                 ServerMessage::Disconnect {
                     code: close.as_u16(),

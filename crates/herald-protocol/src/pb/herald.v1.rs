@@ -165,9 +165,11 @@ pub struct SubscribeOk {
     pub recovered: bool,
     #[prost(message, repeated, tag = "3")]
     pub publications: ::prost::alloc::vec::Vec<Publication>,
-    /// More of this reply follows: a long recovery arrives as several `SubscribeOk` replies with
-    /// the same id as the socket drains (JSON sends one reply in parts), each with `more` set but
-    /// the last. (Draft: issue 13 settles this with the encoder.)
+    /// More of this reply follows. A recovery larger than one history page arrives as several
+    /// `Reply`s with the same id, all inside one WebSocket message (sent in fragments as the
+    /// socket drains): each but the last has `more` set and carries only publications; the last
+    /// has `more` unset and carries `position` and `recovered`. A client concatenates their
+    /// `publications`. (JSON sends the same reply as one object in fragments.)
     #[prost(bool, tag = "4")]
     pub more: bool,
 }
@@ -224,4 +226,35 @@ pub struct Unsub {
     pub code: u32,
     #[prost(string, tag = "3")]
     pub reason: ::prost::alloc::string::String,
+}
+/// `POST /api/publish`: one publication.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PublishRequest {
+    #[prost(string, tag = "1")]
+    pub channel: ::prost::alloc::string::String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub data: ::prost::bytes::Bytes,
+}
+/// `POST /api/batch`: publications in order.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BatchRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub publications: ::prost::alloc::vec::Vec<PublishRequest>,
+}
+/// The answer to one publication: its position (absent where the channel keeps no history), or
+/// why it failed.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PublishResult {
+    #[prost(uint64, optional, tag = "1")]
+    pub offset: ::core::option::Option<u64>,
+    #[prost(string, optional, tag = "2")]
+    pub epoch: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(message, optional, tag = "3")]
+    pub error: ::core::option::Option<Error>,
+}
+/// The answer to `POST /api/batch`: one result per publication, in order.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BatchResult {
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<PublishResult>,
 }
