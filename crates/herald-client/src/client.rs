@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use herald_protocol::json::ReplyError;
 use herald_protocol::ws::{self, Opcode};
-use herald_protocol::StreamPosition;
+use herald_protocol::{pb, StreamPosition, WireFormat};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -36,9 +36,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::connection::{Connection, Outbound, Shared};
 use crate::error::ClientError;
 use crate::http;
-
-/// The subprotocol this client speaks.
-const SUBPROTOCOL: &str = "herald.json";
 
 /// Commands a connection task buffers before [`Client`] calls wait for room.
 const COMMAND_CAPACITY: usize = 1024;
@@ -69,6 +66,9 @@ pub struct ConnectOptions {
     /// Limit on the whole of [`Client::connect`] and on each request's wait for its reply
     /// (default 30 s); `None` waits forever. (An addition to the brief, so tests cannot hang.)
     pub timeout: Option<Duration>,
+    /// The wire format (subprotocol) to speak: `herald.json` (default) or `herald.proto`.
+    /// Every call works alike in both; replies are handed over in the JSON shape.
+    pub format: WireFormat,
 }
 
 impl Default for ConnectOptions {
@@ -82,6 +82,7 @@ impl Default for ConnectOptions {
             event_capacity: 65536,
             max_message_bytes: 64 * 1024 * 1024,
             timeout: Some(Duration::from_secs(30)),
+            format: WireFormat::Json,
         }
     }
 }
@@ -98,8 +99,11 @@ pub enum Event {
         /// The channel's new epoch, on the first publication of an epoch this connection had
         /// not seen (its stream was reset: offsets start again).
         epoch: Option<String>,
-        /// The publication's data.
+        /// The publication's data when it is JSON; `null` when it is not (see `binary`).
         data: Value,
+        /// The publication's data when it is not JSON text (binary data, published in
+        /// `herald.proto`, as protobuf over the API or as `b64data`).
+        binary: Option<Vec<u8>>,
         /// When the bytes carrying it were read from the socket (one instant per read, for
         /// latency measurements).
         received: Instant,
@@ -221,6 +225,7 @@ pub struct Client {
     commands: mpsc::Sender<Outbound>,
     shared: Arc<Shared>,
     timeout: Option<Duration>,
+    format: WireFormat,
 }
 
 impl Client {
@@ -249,7 +254,8 @@ impl Client {
     ) -> Result<(Client, Events, Option<ConnectInfo>), ClientError> {
         let url = http::parse_url(url, "ws", 80)?;
         let mut stream = http::connect_tcp(&url.host, url.port, options.local_addr).await?;
-        let early = handshake(&mut stream, &url, options.query_token.as_deref()).await?;
+        let format = options.format;
+        let early = handshake(&mut stream, &url, options.query_token.as_deref(), format).await?;
 
         let (events_tx, events_rx) = mpsc::channel(options.event_capacity.max(1));
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
@@ -261,19 +267,16 @@ impl Client {
             commands_rx,
             options.auto_pong,
             Arc::clone(&shared),
+            format,
         );
         tokio::spawn(connection.run(early));
-        let client = Client { commands: commands_tx, shared, timeout: options.timeout };
+        let client = Client { commands: commands_tx, shared, timeout: options.timeout, format };
         let events = Events { rx: events_rx };
 
         let info = if options.send_connect {
             let id = client.shared.next_id();
-            let mut cmd = command("connect", id);
-            if let Some(token) = &options.token {
-                cmd.extend_from_slice(b",\"token\":");
-                write_json(&mut cmd, token.as_str());
-            }
-            let ok = client.call(id, finish(cmd)).await?;
+            let cmd = Op::Connect { token: options.token.as_deref() }.encode(format, id);
+            let ok = client.call(id, cmd).await?;
             Some(ConnectInfo {
                 client: ok
                     .get("client")
@@ -301,19 +304,16 @@ impl Client {
         since: Option<StreamPosition>,
     ) -> Result<Subscribed, ClientError> {
         let id = self.shared.next_id();
-        let mut cmd = command("subscribe", id);
-        write_channel(&mut cmd, channel);
-        write_since(&mut cmd, since.as_ref());
-        let ok = self.call(id, finish(cmd)).await?;
+        let cmd = Op::Subscribe { channel, since: since.as_ref() }.encode(self.format, id);
+        let ok = self.call(id, cmd).await?;
         parse_subscribed(ok)
     }
 
     /// Unsubscribes from `channel`.
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), ClientError> {
         let id = self.shared.next_id();
-        let mut cmd = command("unsubscribe", id);
-        write_channel(&mut cmd, channel);
-        self.call(id, finish(cmd)).await.map(drop)
+        let cmd = Op::Unsubscribe { channel }.encode(self.format, id);
+        self.call(id, cmd).await.map(drop)
     }
 
     /// Publishes `data` into `channel` (where the namespace allows client publish); returns
@@ -322,7 +322,18 @@ impl Client {
         let mut json = Vec::with_capacity(64);
         serde_json::to_writer(&mut json, data)
             .map_err(|e| ClientError::Protocol(format!("cannot encode data: {e}")))?;
-        self.publish_bytes(channel, &json).await
+        self.publish_data(channel, Data::Json(&json)).await
+    }
+
+    /// Publishes binary `data` (any bytes): sent as bytes in `herald.proto`, as `b64data` in
+    /// `herald.json`. Subscribers receive it as [`Event::Pub`]'s `binary` (or as JSON `data`
+    /// when the bytes happen to be JSON text).
+    pub async fn publish_binary(
+        &self,
+        channel: &str,
+        data: &[u8],
+    ) -> Result<Option<u64>, ClientError> {
+        self.publish_data(channel, Data::Binary(data)).await
     }
 
     /// Publishes raw JSON text as `data`, embedded verbatim (not checked; a `'\n'` becomes a
@@ -332,22 +343,17 @@ impl Client {
         channel: &str,
         data_json: &str,
     ) -> Result<Option<u64>, ClientError> {
-        self.publish_bytes(channel, data_json.as_bytes()).await
+        self.publish_data(channel, Data::Json(data_json.as_bytes())).await
     }
 
-    async fn publish_bytes(&self, channel: &str, data: &[u8]) -> Result<Option<u64>, ClientError> {
+    async fn publish_data(
+        &self,
+        channel: &str,
+        data: Data<'_>,
+    ) -> Result<Option<u64>, ClientError> {
         let id = self.shared.next_id();
-        let mut cmd = command("publish", id);
-        write_channel(&mut cmd, channel);
-        cmd.extend_from_slice(b",\"data\":");
-        let start = cmd.len();
-        cmd.extend_from_slice(data);
-        for b in &mut cmd[start..] {
-            if *b == b'\n' {
-                *b = b' ';
-            }
-        }
-        let ok = self.call(id, finish(cmd)).await?;
+        let cmd = Op::Publish { channel, data }.encode(self.format, id);
+        let ok = self.call(id, cmd).await?;
         Ok(ok.get("offset").and_then(Value::as_u64))
     }
 
@@ -360,14 +366,8 @@ impl Client {
         limit: Option<u64>,
     ) -> Result<Value, ClientError> {
         let id = self.shared.next_id();
-        let mut cmd = command("history", id);
-        write_channel(&mut cmd, channel);
-        write_since(&mut cmd, since.as_ref());
-        if let Some(limit) = limit {
-            cmd.extend_from_slice(b",\"limit\":");
-            cmd.extend_from_slice(limit.to_string().as_bytes());
-        }
-        self.call(id, finish(cmd)).await
+        let cmd = Op::History { channel, since: since.as_ref(), limit }.encode(self.format, id);
+        self.call(id, cmd).await
     }
 
     /// Replaces the connection's token with `token`, a new token for the same user, before the
@@ -375,10 +375,8 @@ impl Client {
     /// user, is [`ClientError::Reply`] 401 and leaves the connection as it was.
     pub async fn refresh(&self, token: &str) -> Result<(), ClientError> {
         let id = self.shared.next_id();
-        let mut cmd = command("refresh", id);
-        cmd.extend_from_slice(b",\"token\":");
-        write_json(&mut cmd, token);
-        self.call(id, finish(cmd)).await.map(drop)
+        let cmd = Op::Refresh { token }.encode(self.format, id);
+        self.call(id, cmd).await.map(drop)
     }
 
     /// Sends any command JSON (without id handling) or raw text as one text frame; for
@@ -387,8 +385,9 @@ impl Client {
         self.send_frame(Opcode::Text, text.as_bytes()).await
     }
 
-    /// Sends a command whose JSON the caller wrote, with `"id": N` already in it, as one text
-    /// frame, and awaits the reply with that id: `Ok(Ok(ok))` or `Ok(Err(error))`.
+    /// Sends a command the caller encoded in the connection's format (JSON text, or protobuf
+    /// with its length prefix), with id `id` already in it, as one frame, and awaits the reply
+    /// with that id: `Ok(Ok(ok))` or `Ok(Err(error))`.
     ///
     /// Ids of [`Client`]'s own calls count up from 1; pick ids far from them (e.g. from
     /// 1_000_000) to avoid [`ClientError::Protocol`] ("already in flight").
@@ -457,6 +456,7 @@ async fn handshake(
     stream: &mut TcpStream,
     url: &http::Url,
     query_token: Option<&str>,
+    format: WireFormat,
 ) -> Result<Vec<u8>, ClientError> {
     let key = ws::client_key();
     let mut target = url.target.clone();
@@ -468,8 +468,9 @@ async fn handshake(
     let request = format!(
         "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n",
+         Sec-WebSocket-Protocol: {protocol}\r\n\r\n",
         host = url.authority,
+        protocol = format.subprotocol(),
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::new();
@@ -478,12 +479,16 @@ async fn handshake(
         ClientError::Protocol(why) => ClientError::Handshake(why),
         other => other,
     })?;
-    check_upgrade(&head, &key)?;
+    check_upgrade(&head, &key, format)?;
     Ok(buf)
 }
 
 /// Checks a `101 Switching Protocols` answer to an upgrade request sent with `key`.
-fn check_upgrade(head: &http::ResponseHead, key: &str) -> Result<(), ClientError> {
+fn check_upgrade(
+    head: &http::ResponseHead,
+    key: &str,
+    format: WireFormat,
+) -> Result<(), ClientError> {
     let refuse = |why: String| Err(ClientError::Handshake(why));
     if head.status != 101 {
         return refuse(format!(
@@ -503,25 +508,123 @@ fn check_upgrade(head: &http::ResponseHead, key: &str) -> Result<(), ClientError
         other => return refuse(format!("Sec-WebSocket-Accept is {other:?}, expected {want:?}")),
     }
     match head.header("sec-websocket-protocol") {
-        None => Ok(()),
-        Some(p) if p.eq_ignore_ascii_case(SUBPROTOCOL) => Ok(()),
+        // Without a subprotocol the server speaks JSON (PROTOCOL.md section 2).
+        None if format == WireFormat::Json => Ok(()),
+        None => refuse(format!("the server did not accept subprotocol {format}")),
+        Some(p) if p == format.subprotocol() => Ok(()),
         Some(p) => refuse(format!("the server chose subprotocol {p:?}")),
     }
 }
 
-/// Starts a command line: `{"op":"OP","id":ID`.
-fn command(op: &str, id: u32) -> Vec<u8> {
-    let mut cmd = Vec::with_capacity(96);
-    cmd.extend_from_slice(b"{\"op\":\"");
-    cmd.extend_from_slice(op.as_bytes());
-    cmd.extend_from_slice(b"\",\"id\":");
-    cmd.extend_from_slice(id.to_string().as_bytes());
-    cmd
+/// A publication's data as a client call gives it.
+#[derive(Debug, Clone, Copy)]
+enum Data<'a> {
+    /// JSON text, embedded verbatim in JSON (a `'\n'` becomes a space).
+    Json(&'a [u8]),
+    /// Any bytes: `b64data` in JSON.
+    Binary(&'a [u8]),
 }
 
-fn finish(mut cmd: Vec<u8>) -> Vec<u8> {
-    cmd.push(b'}');
-    cmd
+/// A command as the client's calls build it; channel names go out unchecked, so tests can see
+/// the server's answer to bad ones.
+#[derive(Debug, Clone, Copy)]
+enum Op<'a> {
+    Connect { token: Option<&'a str> },
+    Subscribe { channel: &'a str, since: Option<&'a StreamPosition> },
+    Unsubscribe { channel: &'a str },
+    Publish { channel: &'a str, data: Data<'a> },
+    History { channel: &'a str, since: Option<&'a StreamPosition>, limit: Option<u64> },
+    Refresh { token: &'a str },
+}
+
+impl Op<'_> {
+    /// The command with `id`, in `format`.
+    fn encode(self, format: WireFormat, id: u32) -> Vec<u8> {
+        match format {
+            WireFormat::Json => self.json(id),
+            WireFormat::Proto => self.proto(id),
+        }
+    }
+
+    fn json(self, id: u32) -> Vec<u8> {
+        let (op, channel) = match self {
+            Op::Connect { .. } => ("connect", None),
+            Op::Subscribe { channel, .. } => ("subscribe", Some(channel)),
+            Op::Unsubscribe { channel } => ("unsubscribe", Some(channel)),
+            Op::Publish { channel, .. } => ("publish", Some(channel)),
+            Op::History { channel, .. } => ("history", Some(channel)),
+            Op::Refresh { .. } => ("refresh", None),
+        };
+        let mut cmd = Vec::with_capacity(96);
+        cmd.extend_from_slice(b"{\"op\":\"");
+        cmd.extend_from_slice(op.as_bytes());
+        cmd.extend_from_slice(b"\",\"id\":");
+        cmd.extend_from_slice(id.to_string().as_bytes());
+        if let Some(channel) = channel {
+            cmd.extend_from_slice(b",\"channel\":");
+            write_json(&mut cmd, channel);
+        }
+        match self {
+            Op::Connect { token: Some(token) } | Op::Refresh { token } => {
+                cmd.extend_from_slice(b",\"token\":");
+                write_json(&mut cmd, token);
+            }
+            Op::Subscribe { since, .. } => write_since(&mut cmd, since),
+            Op::History { since, limit, .. } => {
+                write_since(&mut cmd, since);
+                if let Some(limit) = limit {
+                    cmd.extend_from_slice(b",\"limit\":");
+                    cmd.extend_from_slice(limit.to_string().as_bytes());
+                }
+            }
+            Op::Publish { data: Data::Json(data), .. } => {
+                cmd.extend_from_slice(b",\"data\":");
+                let start = cmd.len();
+                cmd.extend_from_slice(data);
+                for b in &mut cmd[start..] {
+                    if *b == b'\n' {
+                        *b = b' ';
+                    }
+                }
+            }
+            Op::Publish { data: Data::Binary(data), .. } => {
+                use base64::Engine as _;
+                cmd.extend_from_slice(b",\"b64data\":\"");
+                cmd.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD.encode(data).as_bytes(),
+                );
+                cmd.push(b'"');
+            }
+            Op::Connect { token: None } | Op::Unsubscribe { .. } => {}
+        }
+        cmd.push(b'}');
+        cmd
+    }
+
+    fn proto(self, id: u32) -> Vec<u8> {
+        use pb::command::Op as P;
+        use prost::Message as _;
+        let since = |s: Option<&StreamPosition>| {
+            s.map(|p| pb::StreamPosition { offset: p.offset, epoch: p.epoch.clone() })
+        };
+        let op = match self {
+            Op::Connect { token } => P::Connect(pb::Connect { token: token.map(str::to_owned) }),
+            Op::Subscribe { channel, since: s } => {
+                P::Subscribe(pb::Subscribe { channel: channel.to_owned(), since: since(s) })
+            }
+            Op::Unsubscribe { channel } => {
+                P::Unsubscribe(pb::Unsubscribe { channel: channel.to_owned() })
+            }
+            Op::Publish { channel, data: Data::Json(d) | Data::Binary(d) } => {
+                P::Publish(pb::Publish { channel: channel.to_owned(), data: d.to_vec().into() })
+            }
+            Op::History { channel, since: s, limit } => {
+                P::History(pb::History { channel: channel.to_owned(), since: since(s), limit })
+            }
+            Op::Refresh { token } => P::Refresh(pb::Refresh { token: token.to_owned() }),
+        };
+        pb::Command { id, op: Some(op) }.encode_length_delimited_to_vec()
+    }
 }
 
 /// Writes `s` as a JSON string.
@@ -530,11 +633,6 @@ fn write_json(out: &mut Vec<u8>, s: &str) {
         // Writing a string into a Vec cannot fail; keep the output JSON regardless.
         out.extend_from_slice(b"\"\"");
     }
-}
-
-fn write_channel(out: &mut Vec<u8>, channel: &str) {
-    out.extend_from_slice(b",\"channel\":");
-    write_json(out, channel);
 }
 
 fn write_since(out: &mut Vec<u8>, since: Option<&StreamPosition>) {
@@ -573,12 +671,18 @@ fn parse_subscribed(ok: Value) -> Result<Subscribed, ClientError> {
     })
 }
 
-/// `{"offset": N, "data": ...}` as `(offset, data)`.
+/// `{"offset": N, "data": ...}` as `(offset, data)`; binary data (`b64data`) stays
+/// `{"b64data": "..."}`.
 fn parse_publication(publication: Value) -> Result<(Option<u64>, Value), ClientError> {
     match publication {
         Value::Object(mut p) => {
-            let data = p.remove("data").ok_or_else(|| bad_reply("subscribe", "publications"))?;
-            Ok((p.get("offset").and_then(Value::as_u64), data))
+            let offset = p.get("offset").and_then(Value::as_u64);
+            let data = match (p.remove("data"), p.remove("b64data")) {
+                (Some(data), _) => data,
+                (None, Some(b64)) => serde_json::json!({ "b64data": b64 }),
+                (None, None) => return Err(bad_reply("subscribe", "publications")),
+            };
+            Ok((offset, data))
         }
         _ => Err(bad_reply("subscribe", "publications")),
     }
@@ -592,14 +696,32 @@ mod tests {
 
     #[test]
     fn builds_commands() {
-        let mut cmd = command("subscribe", 7);
-        write_channel(&mut cmd, "a\"b");
-        write_since(&mut cmd, Some(&StreamPosition { offset: 3, epoch: "e".into() }));
-        let cmd = finish(cmd);
+        let since = StreamPosition { offset: 3, epoch: "e".into() };
+        let cmd = Op::Subscribe { channel: "a\"b", since: Some(&since) }.json(7);
         assert_eq!(
             std::str::from_utf8(&cmd).unwrap(),
             r#"{"op":"subscribe","id":7,"channel":"a\"b","since":{"offset":3,"epoch":"e"}}"#
         );
+        let cmd = Op::Publish { channel: "c", data: Data::Binary(b"\x00\x01") }.json(8);
+        assert_eq!(
+            std::str::from_utf8(&cmd).unwrap(),
+            r#"{"op":"publish","id":8,"channel":"c","b64data":"AAE="}"#
+        );
+        // Both formats decode to the same command on the server.
+        for op in [
+            Op::Connect { token: Some("t") },
+            Op::Subscribe { channel: "c", since: Some(&since) },
+            Op::History { channel: "c", since: None, limit: Some(0) },
+            Op::Publish { channel: "c", data: Data::Json(b"{\"x\":1}") },
+            Op::Publish { channel: "c", data: Data::Binary(b"\xff") },
+            Op::Refresh { token: "u" },
+            Op::Unsubscribe { channel: "c" },
+        ] {
+            let json: Vec<_> = herald_protocol::json::decode_commands(&op.json(9)).collect();
+            let proto: Vec<_> = herald_protocol::proto::decode_commands(&op.proto(9)).collect();
+            assert_eq!(json, proto, "{op:?}");
+            assert!(json[0].is_ok());
+        }
     }
 
     #[test]
@@ -631,12 +753,17 @@ mod tests {
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
         let head = |text: &str| http::parse_response_head(text.as_bytes()).unwrap();
         let good = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-        assert!(check_upgrade(&head(good), key).is_ok());
+        let json = WireFormat::Json;
+        assert!(check_upgrade(&head(good), key, json).is_ok());
         assert!(check_upgrade(
             &head(&format!("{good}\r\nSec-WebSocket-Protocol: herald.json")),
-            key
+            key,
+            json
         )
         .is_ok());
+        let proto = format!("{good}\r\nSec-WebSocket-Protocol: herald.proto");
+        assert!(check_upgrade(&head(&proto), key, WireFormat::Proto).is_ok());
+        assert!(check_upgrade(&head(good), key, WireFormat::Proto).is_err());
         for bad in [
             good.replace("101 Switching Protocols", "401 Unauthorized"),
             good.replace("Upgrade: websocket\r\n", ""),
@@ -645,7 +772,7 @@ mod tests {
             format!("{good}\r\nSec-WebSocket-Protocol: herald.proto"),
         ] {
             assert!(
-                matches!(check_upgrade(&head(&bad), key), Err(ClientError::Handshake(_))),
+                matches!(check_upgrade(&head(&bad), key, json), Err(ClientError::Handshake(_))),
                 "{bad}"
             );
         }

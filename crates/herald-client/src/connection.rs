@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf as _, Bytes, BytesMut};
 use herald_protocol::json::{decode_server_messages, ReplyError, ServerMessage};
 use herald_protocol::ws::{self, Decoder, Message, Opcode, Role, WsError};
+use herald_protocol::{proto, WireFormat};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -74,8 +75,10 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 const KEEP_WRITE_CAPACITY: usize = 8 * 1024;
 /// How long a closing connection waits for the peer's close frame or for a final flush.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// The `pong` command, sent in answer to a `ping` push.
+/// The `pong` command of `herald.json`, sent in answer to a `ping` push.
 const PONG: &[u8] = b"{\"op\":\"pong\"}";
+/// The `pong` command of `herald.proto` (`Command { pong: {} }`, length-prefixed).
+const PONG_PROTO: &[u8] = &[0x02, 0x42, 0x00];
 
 /// How a connection ended: the close frame's code and reason, or no code and what happened.
 type End = (Option<u16>, String);
@@ -118,6 +121,8 @@ pub(crate) struct Connection {
     /// `close()` callers, woken (by drop) when the task ends.
     close_waiters: Vec<oneshot::Sender<()>>,
     shared: Arc<Shared>,
+    /// The connection's wire format.
+    format: WireFormat,
 }
 
 impl Connection {
@@ -129,6 +134,7 @@ impl Connection {
         commands: mpsc::Receiver<Outbound>,
         auto_pong: bool,
         shared: Arc<Shared>,
+        format: WireFormat,
     ) -> Self {
         Connection {
             stream,
@@ -146,6 +152,7 @@ impl Connection {
             deadline: None,
             close_waiters: Vec::new(),
             shared,
+            format,
         }
     }
 
@@ -298,10 +305,17 @@ impl Connection {
 
     async fn handle_message(&mut self, message: Message, received: Instant) -> Option<End> {
         match message {
-            Message::Text(text) => self.handle_text(text, received).await,
-            Message::Binary(_) => Some(
-                self.fail(1003, "the server sent a binary frame (herald.json only)".into()).await,
-            ),
+            Message::Text(text) if self.format == WireFormat::Json => {
+                self.handle_text(text, received).await
+            }
+            Message::Binary(data) if self.format == WireFormat::Proto => {
+                self.handle_proto(data, received).await
+            }
+            Message::Text(_) | Message::Binary(_) => {
+                let why =
+                    format!("the server sent a data frame of the wrong kind for {}", self.format);
+                Some(self.fail(1003, why).await)
+            }
             Message::Ping(payload) => {
                 if !self.close_sent {
                     ws::encode_frame_into(Role::Client, Opcode::Pong, &payload, &mut self.wbuf);
@@ -335,27 +349,7 @@ impl Connection {
     async fn handle_text(&mut self, text: Bytes, received: Instant) -> Option<End> {
         for message in decode_server_messages(&text) {
             match message {
-                Ok(ServerMessage::Reply { id, result }) => {
-                    // A reply to an unknown id (or to a request that timed out) is ignored.
-                    if let Some(waiter) = self.pending.remove(&id) {
-                        let _ = waiter.send(Ok(result));
-                    }
-                }
-                Ok(ServerMessage::Pub { channel, offset, epoch, data }) => {
-                    self.emit(Event::Pub { channel, offset, epoch, data, received }).await;
-                }
-                Ok(ServerMessage::Ping) => {
-                    if self.auto_pong && !self.close_sent {
-                        ws::encode_frame_into(Role::Client, Opcode::Text, PONG, &mut self.wbuf);
-                    }
-                    self.emit(Event::Ping).await;
-                }
-                Ok(ServerMessage::Disconnect { code, reason, reconnect }) => {
-                    self.emit(Event::Disconnect { code, reason, reconnect }).await;
-                }
-                Ok(ServerMessage::Unsub { channel, code, reason }) => {
-                    self.emit(Event::Unsub { channel, code, reason }).await;
-                }
+                Ok(message) => self.handle_server_message(message, received).await,
                 // Valid JSON this client does not know (the protocol may grow): skipped.
                 Err(e) if e.classify() == serde_json::error::Category::Data => {}
                 Err(e) => {
@@ -366,6 +360,46 @@ impl Connection {
             }
         }
         None
+    }
+
+    async fn handle_proto(&mut self, data: Bytes, received: Instant) -> Option<End> {
+        for message in proto::decode_server_messages(&data) {
+            match message {
+                Ok(message) => self.handle_server_message(message, received).await,
+                Err(e) => return Some(self.fail(1007, format!("the server sent {e}")).await),
+            }
+        }
+        None
+    }
+
+    async fn handle_server_message(&mut self, message: ServerMessage, received: Instant) {
+        match message {
+            ServerMessage::Reply { id, result } => {
+                // A reply to an unknown id (or to a request that timed out) is ignored.
+                if let Some(waiter) = self.pending.remove(&id) {
+                    let _ = waiter.send(Ok(result));
+                }
+            }
+            ServerMessage::Pub { channel, offset, epoch, data, binary } => {
+                self.emit(Event::Pub { channel, offset, epoch, data, binary, received }).await;
+            }
+            ServerMessage::Ping => {
+                if self.auto_pong && !self.close_sent {
+                    let pong = match self.format {
+                        WireFormat::Json => PONG,
+                        WireFormat::Proto => PONG_PROTO,
+                    };
+                    ws::encode_frame_into(Role::Client, self.format.opcode(), pong, &mut self.wbuf);
+                }
+                self.emit(Event::Ping).await;
+            }
+            ServerMessage::Disconnect { code, reason, reconnect } => {
+                self.emit(Event::Disconnect { code, reason, reconnect }).await;
+            }
+            ServerMessage::Unsub { channel, code, reason } => {
+                self.emit(Event::Unsub { channel, code, reason }).await;
+            }
+        }
     }
 
     /// Hands an event to the consumer, waiting while its channel is full (backpressure).
@@ -389,7 +423,7 @@ impl Connection {
                     return;
                 }
                 self.pending.insert(id, reply);
-                ws::encode_frame_into(Role::Client, Opcode::Text, &payload, &mut self.wbuf);
+                ws::encode_frame_into(Role::Client, self.format.opcode(), &payload, &mut self.wbuf);
             }
             Outbound::Frame { opcode, payload } => {
                 ws::encode_frame_into(Role::Client, opcode, &payload, &mut self.wbuf);
@@ -454,5 +488,17 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod pong_tests {
+    use herald_protocol::{Command, CommandKind};
+
+    #[test]
+    fn the_pongs_are_the_formats_pong_commands() {
+        let pong = Command { id: None, kind: CommandKind::Pong };
+        assert_eq!(super::PONG, herald_protocol::json::encode_command(&pong));
+        assert_eq!(super::PONG_PROTO, herald_protocol::proto::encode_command(&pong));
     }
 }

@@ -1,9 +1,10 @@
 //! The hub: which local connections subscribe to which channel, and fan-out.
 //!
 //! Channels are spread over shards by hash, each behind its own lock, so publications to
-//! different channels rarely meet on one lock. A publication is encoded once into a complete
-//! WebSocket frame and the same [`Bytes`] is queued to every subscriber; nothing awaits under a
-//! shard lock.
+//! different channels rarely meet on one lock. A publication is encoded at most once per wire
+//! format (and only for formats some subscriber of the channel speaks) into a complete WebSocket
+//! frame or SSE event, and the same [`Bytes`] is queued to every subscriber of that format;
+//! nothing awaits under a shard lock.
 //!
 //! A new subscription starts *pending*: publications that arrive while the subscribe reply is
 //! being prepared (broker subscribe, position or history lookup) are buffered for it, and
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_broker::{BrokerHandler, Publication};
-use herald_protocol::{push, sse, ws, ChannelName, StreamPosition};
+use herald_protocol::{sse, ws, ChannelName, StreamPosition, WireFormat};
 use parking_lot::Mutex;
 
 use crate::metrics::Metrics;
@@ -57,8 +58,8 @@ impl Item for SseItem {
 /// Where a subscriber's publications go, in the subscriber's wire format.
 #[derive(Debug, Clone)]
 pub enum Sink {
-    /// A WebSocket connection (`herald.json` text frames).
-    Ws(Arc<Outbox<Bytes>>),
+    /// A WebSocket connection speaking the given format.
+    Ws(Arc<Outbox<Bytes>>, WireFormat),
     /// A Server-Sent Events stream, with the bound of its `id:` line (each publication queued
     /// to it counts that much more against its queue bound, see [`SseItem::id_len`]).
     Sse(Arc<Outbox<SseItem>>, usize),
@@ -68,7 +69,7 @@ impl Sink {
     /// Marks the subscriber's queue overflowed (its writer disconnects it).
     pub fn overflow(&self) {
         match self {
-            Sink::Ws(o) => o.overflow(),
+            Sink::Ws(o, _) => o.overflow(),
             Sink::Sse(o, _) => o.overflow(),
         }
     }
@@ -77,7 +78,7 @@ impl Sink {
     /// buffers in the hub.
     pub fn hard_bytes(&self) -> usize {
         match self {
-            Sink::Ws(o) => o.limits().hard_bytes,
+            Sink::Ws(o, _) => o.limits().hard_bytes,
             Sink::Sse(o, _) => o.limits().hard_bytes,
         }
     }
@@ -85,7 +86,7 @@ impl Sink {
     /// Asks the subscriber's writer to close the connection with `code`.
     pub fn request_close(&self, code: herald_protocol::CloseCode) {
         match self {
-            Sink::Ws(o) => o.request_close(code),
+            Sink::Ws(o, _) => o.request_close(code),
             Sink::Sse(o, _) => o.request_close(code),
         }
     }
@@ -122,9 +123,10 @@ struct Encoded<'a> {
     channel: &'a ChannelName,
     publication: &'a Publication,
     metrics: &'a Arc<Metrics>,
-    ws: Option<Bytes>,
+    /// The WebSocket frame, per format.
+    ws: [Option<Bytes>; WireFormat::COUNT],
     /// The WebSocket frame that also names the epoch, for subscribers who have not seen it.
-    ws_epoch: Option<Bytes>,
+    ws_epoch: [Option<Bytes>; WireFormat::COUNT],
     sse: Option<Bytes>,
 }
 
@@ -134,17 +136,27 @@ impl<'a> Encoded<'a> {
         publication: &'a Publication,
         metrics: &'a Arc<Metrics>,
     ) -> Self {
-        Encoded { channel, publication, metrics, ws: None, ws_epoch: None, sse: None }
+        Encoded {
+            channel,
+            publication,
+            metrics,
+            ws: Default::default(),
+            ws_epoch: Default::default(),
+            sse: None,
+        }
     }
 
-    /// The WebSocket frame; `with_epoch` names the epoch (for subscribers who have not seen it).
-    fn ws(&mut self, with_epoch: bool) -> Bytes {
+    /// The WebSocket frame in `format`; `with_epoch` names the epoch (for subscribers who have
+    /// not seen it).
+    fn ws(&mut self, format: WireFormat, with_epoch: bool) -> Bytes {
         let (channel, publication, metrics) = (self.channel, self.publication, self.metrics);
-        let slot = if with_epoch { &mut self.ws_epoch } else { &mut self.ws };
-        slot.get_or_insert_with(|| {
-            SharedFrame::share(encode_pub_frame(channel, publication, with_epoch), metrics)
-        })
-        .clone()
+        let slots = if with_epoch { &mut self.ws_epoch } else { &mut self.ws };
+        slots[format.index()]
+            .get_or_insert_with(|| {
+                let frame = encode_pub_frame(channel, publication, with_epoch, format);
+                SharedFrame::share(frame, metrics)
+            })
+            .clone()
     }
 
     fn sse(&mut self, id_len: usize) -> SseItem {
@@ -188,12 +200,12 @@ impl<'a> Encoded<'a> {
             sub.after = offset;
         }
         match (&sub.sink, conflate) {
-            (Sink::Ws(o), false) => o.push_shared(self.ws(new_epoch)).map(|n| n as isize),
+            (Sink::Ws(o, f), false) => o.push_shared(self.ws(*f, new_epoch)).map(|n| n as isize),
             (Sink::Sse(o, id_len), false) => o.push_shared(self.sse(*id_len)).map(|n| n as isize),
             // A conflated frame may replace the one that named a new epoch: each names it.
-            (Sink::Ws(o), true) => {
+            (Sink::Ws(o, f), true) => {
                 let with_epoch = self.publication.epoch.is_some();
-                o.push_conflated(self.channel, self.ws(with_epoch))
+                o.push_conflated(self.channel, self.ws(*f, with_epoch))
             }
             (Sink::Sse(o, id_len), true) => o.push_conflated(self.channel, self.sse(*id_len)),
         }
@@ -251,16 +263,18 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-/// The WebSocket text frame of a `pub` push; with `with_epoch`, naming the publication's epoch.
+/// The WebSocket frame of a `pub` push in `format`; with `with_epoch`, naming the
+/// publication's epoch.
 pub fn encode_pub_frame(
     channel: &ChannelName,
     publication: &Publication,
     with_epoch: bool,
+    format: WireFormat,
 ) -> Bytes {
     let epoch = if with_epoch { publication.epoch.as_deref() } else { None };
-    let json =
-        push::encode_pub_in_epoch(channel.as_str(), publication.offset, epoch, &publication.data);
-    ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &json)
+    let payload =
+        format.codec().encode_pub(channel.as_str(), publication.offset, epoch, &publication.data);
+    ws::encode_frame(ws::Role::Server, format.opcode(), &payload)
 }
 
 impl Hub {
@@ -469,8 +483,8 @@ mod tests {
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
         let b = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
-        assert!(hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false));
-        assert!(!hub.subscribe_pending(&c, 2, Sink::Ws(b.clone()), false));
+        assert!(hub.subscribe_pending(&c, 1, Sink::Ws(a.clone(), WireFormat::Json), false));
+        assert!(!hub.subscribe_pending(&c, 2, Sink::Ws(b.clone(), WireFormat::Json), false));
         hub.activate(&c, 1, None, |_| a.push(Bytes::from_static(b"r1"))).unwrap();
         hub.activate(&c, 2, None, |_| b.push(Bytes::from_static(b"r2"))).unwrap();
         hub.handle_publication(&c, &publication(None, "1"));
@@ -488,7 +502,7 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1000, 1000, Arc::new(Metrics::default())));
-        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false);
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone(), WireFormat::Json), false);
         let big = Publication { offset: None, epoch: None, data: Bytes::from(vec![b'1'; 400]) };
         hub.handle_publication(&c, &big);
         hub.handle_publication(&c, &big);
@@ -506,7 +520,7 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
-        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false);
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone(), WireFormat::Json), false);
         hub.handle_publication(&c, &publication(Some(5), "5"));
         hub.handle_publication(&c, &publication(Some(6), "6"));
         let pos = StreamPosition { offset: 5, epoch: "e".into() };
@@ -527,7 +541,7 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
-        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), false);
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone(), WireFormat::Json), false);
         hub.handle_publication(&c, &publication(Some(5), "5"));
         let pos = StreamPosition { offset: 7, epoch: "e".into() };
         hub.activate(&c, 1, Some(&pos), |_| a.push(Bytes::from_static(b"reply"))).unwrap();
@@ -549,7 +563,7 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
         let a = Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
-        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone()), true);
+        hub.subscribe_pending(&c, 1, Sink::Ws(a.clone(), WireFormat::Json), true);
         let pos = StreamPosition { offset: 5, epoch: "e".into() };
         hub.activate(&c, 1, Some(&pos), |_| a.push(Bytes::from_static(b"reply"))).unwrap();
         for o in [1, 2] {

@@ -647,7 +647,7 @@ mod tests {
 
     fn sink() -> (Sink, Arc<Outbox>) {
         let outbox = Arc::new(Outbox::new(1 << 20, 1024, Arc::new(Metrics::default())));
-        (Sink::Ws(outbox.clone()), outbox)
+        (Sink::Ws(outbox.clone(), herald_protocol::WireFormat::Json), outbox)
     }
 
     #[test]

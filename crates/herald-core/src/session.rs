@@ -1,7 +1,8 @@
 //! One WebSocket connection's command state machine.
 //!
-//! [`Session::handle_text`] takes one inbound text message (one or more `\n`-separated
-//! commands), applies each and queues the replies, framed, into the connection's [`Outbox`].
+//! [`Session::handle_message`] takes one inbound WebSocket message (one or more commands in the
+//! connection's [`WireFormat`]), applies each and queues the replies, encoded by the format's
+//! codec and framed, into the connection's [`Outbox`].
 //! It never touches a socket: the transport reads frames, calls the session and writes whatever
 //! the outbox holds. A command that must end the connection returns the close code.
 
@@ -10,10 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_broker::{HistoryPage, HistoryQuery, PageBounds, PublishOptions};
-use herald_protocol::json::{self, DecodeError};
-use herald_protocol::push::{self, PublicationRef, ReplyOk, SubscribeParts};
+use herald_protocol::json::DecodeError;
+use herald_protocol::push::{PublicationRef, ReplyOk};
 use herald_protocol::{
-    ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition,
+    ws, ChannelName, CloseCode, Command, CommandKind, ErrorCode, StreamPosition, WireFormat,
 };
 
 use crate::auth::VerifiedToken;
@@ -26,7 +27,7 @@ use crate::queue::{Outbox, PushError};
 
 /// A reply ready to frame: ok body or error.
 enum Reply {
-    /// A complete `{"id":N,"ok":{...}}` line.
+    /// A complete reply in the connection's format.
     Ok(Vec<u8>),
     Error(ErrorCode, String),
 }
@@ -38,6 +39,8 @@ pub struct Session {
     id: u64,
     client: String,
     outbox: Arc<Outbox>,
+    /// The connection's wire format (its subprotocol).
+    format: WireFormat,
     user: Option<String>,
     /// When the connection's token expires (closed with 4012 then, unless refreshed).
     expires_at: Option<std::time::SystemTime>,
@@ -55,8 +58,14 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a new connection, authenticated by `token` when the upgrade carried one.
-    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, token: Option<VerifiedToken>) -> Self {
+    /// A session for a new connection speaking `format`, authenticated by `token` when the
+    /// upgrade carried one.
+    pub fn new(
+        node: Arc<Node>,
+        outbox: Arc<Outbox>,
+        token: Option<VerifiedToken>,
+        format: WireFormat,
+    ) -> Self {
         let id = node.next_connection_id();
         let client = format!("{}-{}", node.id, id);
         let tokens = node.limits.command_burst as f32;
@@ -65,6 +74,7 @@ impl Session {
             id,
             client,
             outbox,
+            format,
             expires_at: token.as_ref().and_then(|t| t.expires_at),
             user: token.map(|t| t.user),
             started: false,
@@ -85,7 +95,7 @@ impl Session {
     /// on `Err` the transport closes with 4029.
     pub fn register(&self, ip: Option<std::net::IpAddr>) -> Result<(), ConnectionLimit> {
         let node = &self.node;
-        let sink = Sink::Ws(self.outbox.clone());
+        let sink = Sink::Ws(self.outbox.clone(), self.format);
         node.registry
             .register(self.id, self.user.as_deref(), self.expires_at, ip, sink, &node.limits)
             .inspect_err(|e| {
@@ -130,10 +140,15 @@ impl Session {
         &self.subscriptions
     }
 
-    /// Applies every command of one inbound text message, queueing replies. Returns the close
-    /// code when the connection must end.
-    pub async fn handle_text(&mut self, text: &[u8]) -> Result<(), CloseCode> {
-        for decoded in json::decode_commands(text) {
+    /// The connection's wire format.
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    /// Applies every command of one inbound message (in the connection's format), queueing
+    /// replies. Returns the close code when the connection must end.
+    pub async fn handle_message(&mut self, message: &[u8]) -> Result<(), CloseCode> {
+        for decoded in self.format.codec().decode_commands(message) {
             match decoded {
                 Ok(cmd) => self.handle(cmd).await?,
                 Err(DecodeError::Reply { id, code, message }) => {
@@ -235,7 +250,11 @@ impl Session {
             client: &self.client,
             ping_interval_ms: self.node.ping_interval.as_millis() as u64,
         };
-        Ok(Reply::Ok(push::encode_reply_ok(id, &ok)))
+        Ok(Reply::Ok(self.encode_ok(id, &ok)))
+    }
+
+    fn encode_ok(&self, id: u32, ok: &ReplyOk<'_>) -> Vec<u8> {
+        self.format.codec().encode_reply_ok(id, ok)
     }
 
     /// `refresh`: replaces the connection's token with `token`, a valid token for the same
@@ -258,7 +277,7 @@ impl Session {
             Ok(verified) if verified.user == user => {
                 self.node.registry.set_expiry(self.id, verified.expires_at);
                 self.expires_at = verified.expires_at;
-                Reply::Ok(push::encode_reply_ok(id, &ReplyOk::Refresh))
+                Reply::Ok(self.encode_ok(id, &ReplyOk::Refresh))
             }
             Ok(_) => Reply::Error(
                 ErrorCode::Unauthenticated,
@@ -322,7 +341,8 @@ impl Session {
         let conflate = options.conflate;
         // Every joining subscriber waits until the node receives the channel (the broker call
         // returns at once when it already does).
-        node.hub.subscribe_pending(&channel, self.id, Sink::Ws(self.outbox.clone()), conflate);
+        let sink = Sink::Ws(self.outbox.clone(), self.format);
+        node.hub.subscribe_pending(&channel, self.id, sink, conflate);
         if let Err(e) = node.broker.subscribe(&channel).await {
             self.abandon(&channel).await;
             return Err(Reply::Error(ErrorCode::Unavailable, e.to_string()));
@@ -349,7 +369,7 @@ impl Session {
                 let refs = publication_refs(&page);
                 let position = page.position.as_ref();
                 let ok = ReplyOk::Subscribe { position, recovered, publications: &refs };
-                let frame = reply_frame(id, Reply::Ok(push::encode_reply_ok(id, &ok)));
+                let frame = self.reply_frame(id, Reply::Ok(self.encode_ok(id, &ok)));
                 let outbox = &self.outbox;
                 node.hub.activate(&channel, self.id, position, |_| outbox.push_reply(frame))
             }
@@ -383,12 +403,13 @@ impl Session {
         let fragment = |opcode, payload: Vec<u8>, fin| {
             ws::encode_fragment(ws::Role::Server, opcode, &payload, fin)
         };
+        let codec = self.format.codec();
         let mut recovered = first.complete;
-        let mut parts = SubscribeParts::default();
         let mut last = first.publications.last().and_then(|p| p.offset);
-        let head = parts.head(id, &publication_refs(&first));
+        let head = codec.subscribe_head(id, &publication_refs(&first));
+        let mut any = !first.publications.is_empty();
         drop(first);
-        self.outbox.begin_message(fragment(ws::Opcode::Text, head, false))?;
+        self.outbox.begin_message(fragment(self.format.opcode(), head, false))?;
         while let Some(after) = last.filter(|&o| o < top.offset) {
             self.outbox.wait_page_room().await;
             let since = StreamPosition { offset: after, epoch: top.epoch.clone() };
@@ -418,9 +439,12 @@ impl Session {
                 .collect();
             let Some(newest) = refs.last().and_then(|p| p.offset) else { break };
             last = Some(newest);
-            self.outbox.push_part(fragment(ws::Opcode::Continuation, parts.more(&refs), false))?;
+            let part = codec.subscribe_more(id, &refs, !any);
+            any = true;
+            self.outbox.push_part(fragment(ws::Opcode::Continuation, part, false))?;
         }
-        let tail = fragment(ws::Opcode::Continuation, parts.tail(Some(&top), recovered), true);
+        let tail = codec.subscribe_tail(id, Some(&top), recovered);
+        let tail = fragment(ws::Opcode::Continuation, tail, true);
         let outbox = &self.outbox;
         self.node.hub.activate(recovery.channel, self.id, Some(&top), |_| outbox.end_message(tail))
     }
@@ -450,7 +474,7 @@ impl Session {
             // After leaving the hub: no publication can refill the slot behind the reply.
             self.outbox.drop_conflated(channel);
         }
-        Reply::Ok(push::encode_reply_ok(id, &ReplyOk::Unsubscribe))
+        Reply::Ok(self.encode_ok(id, &ReplyOk::Unsubscribe))
     }
 
     async fn publish(&mut self, id: u32, channel: &ChannelName, data: Bytes) -> Reply {
@@ -472,10 +496,9 @@ impl Session {
         }
         self.published = true;
         match self.node.publish(channel, data).await {
-            Ok(position) => Reply::Ok(push::encode_reply_ok(
-                id,
-                &ReplyOk::Publish { offset: position.map(|p| p.offset) },
-            )),
+            Ok(position) => Reply::Ok(
+                self.encode_ok(id, &ReplyOk::Publish { offset: position.map(|p| p.offset) }),
+            ),
             Err(e) => Reply::Error(e.code(), e.to_string()),
         }
     }
@@ -503,7 +526,7 @@ impl Session {
                     publications: &refs,
                     more: page.more,
                 };
-                Reply::Ok(push::encode_reply_ok(id, &ok))
+                Reply::Ok(self.encode_ok(id, &ok))
             }
             Err(e) => Reply::Error(ErrorCode::Unavailable, e.to_string()),
         }
@@ -513,12 +536,23 @@ impl Session {
         if let Reply::Error(code, _) = &reply {
             self.node.metrics.error(*code);
         }
-        match self.outbox.push_reply(reply_frame(id, reply)) {
+        match self.outbox.push_reply(self.reply_frame(id, reply)) {
             Ok(()) => Ok(()),
             Err(PushError::Overflow) => Err(CloseCode::SlowConsumer),
             // Closing already: the transport is ending the connection.
             Err(PushError::Closed) => Ok(()),
         }
+    }
+
+    /// The WebSocket frame of a reply in the connection's format.
+    fn reply_frame(&self, id: u32, reply: Reply) -> Bytes {
+        let payload = match reply {
+            Reply::Ok(payload) => payload,
+            Reply::Error(code, message) => {
+                self.format.codec().encode_reply_error(id, code, &message)
+            }
+        };
+        ws::encode_frame(ws::Role::Server, self.format.opcode(), &payload)
     }
 
     /// Ends every subscription; called once when the connection ends.
@@ -542,12 +576,4 @@ struct Recovery<'a> {
 /// The publications of a history page as the reply encoder takes them.
 fn publication_refs(page: &HistoryPage) -> Vec<PublicationRef<'_>> {
     page.publications.iter().map(|p| PublicationRef { offset: p.offset, data: &p.data }).collect()
-}
-
-fn reply_frame(id: u32, reply: Reply) -> Bytes {
-    let json = match reply {
-        Reply::Ok(line) => line,
-        Reply::Error(code, message) => push::encode_reply_error(id, code, &message),
-    };
-    ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &json)
 }

@@ -12,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
-use herald_protocol::{ChannelName, ErrorCode};
-use http::header;
+use herald_protocol::{pb, ChannelName, ErrorCode, StreamPosition};
+use http::{header, HeaderMap};
 use http_body_util::BodyExt;
+use prost::Message as _;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -90,6 +91,9 @@ struct PublicationIn<'a> {
     channel: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    /// Binary data, base64 (instead of `data`).
+    #[serde(borrow, default)]
+    b64data: Option<Cow<'a, str>>,
 }
 
 /// Deserializes a field that is present (even as `null`) as `Some`.
@@ -117,88 +121,177 @@ fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(json_error)
 }
 
-fn parse_publication<'a>(p: &PublicationIn<'a>) -> Result<(ChannelName, &'a RawValue), ApiError> {
-    let channel =
-        p.channel.as_deref().ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
-    let channel = ChannelName::parse(channel)
-        .map_err(|e| ApiError::bad_request(format!("bad `channel`: {e}")))?;
-    let data = p.data.ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+fn parse_channel(channel: Option<&str>) -> Result<ChannelName, ApiError> {
+    let channel = channel
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiError::bad_request("`channel` is missing"))?;
+    ChannelName::parse(channel).map_err(|e| ApiError::bad_request(format!("bad `channel`: {e}")))
+}
+
+/// A JSON publication: its channel and data (`data` as JSON text, or `b64data` decoded).
+fn parse_publication(p: &PublicationIn<'_>) -> Result<(ChannelName, Bytes), ApiError> {
+    let channel = parse_channel(p.channel.as_deref())?;
+    let data = match (p.data, p.b64data.as_deref()) {
+        (Some(data), None) => Bytes::copy_from_slice(data.get().as_bytes()),
+        (None, Some(b64)) => base64_data(b64)?,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give one of `data` and `b64data`, not both"))
+        }
+        (None, None) => return Err(ApiError::bad_request("`data` is missing")),
+    };
     Ok((channel, data))
 }
 
-async fn publish_one(app: &App, p: &PublicationIn<'_>) -> Result<serde_json::Value, ApiError> {
-    let (channel, data) = parse_publication(p)?;
-    let data = Bytes::copy_from_slice(data.get().as_bytes());
-    let position = app.node.publish(&channel, data).await?;
-    Ok(match position {
-        Some(p) => serde_json::json!({"offset": p.offset, "epoch": p.epoch}),
-        None => serde_json::json!({}),
+/// `b64data`: standard base64, padding optional.
+fn base64_data(text: &str) -> Result<Bytes, ApiError> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    LENIENT
+        .decode(text)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::bad_request(format!("bad `b64data` (standard base64): {e}")))
+}
+
+/// The media type of Protocol Buffers bodies (messages of `proto/herald.proto`).
+const PROTOBUF: &str = "application/x-protobuf";
+
+/// True when a header's media type (parameters aside) is protobuf.
+fn is_protobuf(value: Option<&http::HeaderValue>) -> bool {
+    let Some(value) = value.and_then(|v| v.to_str().ok()) else { return false };
+    value.split(',').any(|t| {
+        let media = t.split(';').next().unwrap_or("").trim();
+        media.eq_ignore_ascii_case(PROTOBUF) || media.eq_ignore_ascii_case("application/protobuf")
     })
+}
+
+/// The body is protobuf (`Content-Type: application/x-protobuf`).
+fn protobuf_body(headers: &HeaderMap) -> bool {
+    is_protobuf(headers.get(header::CONTENT_TYPE))
+}
+
+fn protobuf_error(e: prost::DecodeError) -> ApiError {
+    ApiError::bad_request(format!("malformed protobuf body: {e}"))
+}
+
+/// A protobuf publication: its channel and data.
+fn parse_pb_publication(p: pb::PublishRequest) -> Result<(ChannelName, Bytes), ApiError> {
+    Ok((parse_channel(Some(&p.channel))?, p.data))
+}
+
+/// What one publication became: its position, or why it failed.
+type Outcome = Result<Option<StreamPosition>, ApiError>;
+
+/// The answer to a publish: protobuf when the request's `Accept` names it, JSON otherwise.
+fn answer<T: prost::Message>(headers: &HeaderMap, json: serde_json::Value, pb: T) -> Response {
+    if is_protobuf(headers.get(header::ACCEPT)) {
+        ([(header::CONTENT_TYPE, PROTOBUF)], pb.encode_to_vec()).into_response()
+    } else {
+        axum::Json(json).into_response()
+    }
+}
+
+fn outcome_json(outcome: &Outcome) -> serde_json::Value {
+    match outcome {
+        Ok(Some(p)) => serde_json::json!({"offset": p.offset, "epoch": p.epoch}),
+        Ok(None) => serde_json::json!({}),
+        Err(e) => e.body(),
+    }
+}
+
+fn outcome_pb(outcome: Outcome) -> pb::PublishResult {
+    match outcome {
+        Ok(Some(p)) => {
+            pb::PublishResult { offset: Some(p.offset), epoch: Some(p.epoch), error: None }
+        }
+        Ok(None) => pb::PublishResult::default(),
+        Err(e) => pb::PublishResult {
+            offset: None,
+            epoch: None,
+            error: Some(pb::Error { code: u32::from(e.code), message: e.message }),
+        },
+    }
 }
 
 async fn publish(
     State(app): State<App>,
+    headers: HeaderMap,
     body: Body,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let body = read_body(&app, body).await?;
-    let p: PublicationIn<'_> = parse_object(&body)?;
-    publish_one(&app, &p).await.map(axum::Json)
+    let (channel, data) = if protobuf_body(&headers) {
+        parse_pb_publication(pb::PublishRequest::decode(body).map_err(protobuf_error)?)?
+    } else {
+        parse_publication(&parse_object::<PublicationIn<'_>>(&body)?)?
+    };
+    let outcome: Outcome = Ok(app.node.publish(&channel, data).await?);
+    Ok(answer(&headers, outcome_json(&outcome), outcome_pb(outcome)))
 }
 
 async fn batch(
     State(app): State<App>,
+    headers: HeaderMap,
     body: Body,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let body = read_body(&app, body).await?;
-    let batch: BatchIn<'_> = parse_object(&body)?;
-    let publications =
-        batch.publications.ok_or_else(|| ApiError::bad_request("`publications` is missing"))?;
     let max = app.node.limits.max_batch_publications;
-    if publications.len() > max {
+    let too_many = |n: usize| {
         app.node.metrics.limit(herald_core::metrics::LimitKind::BatchSize);
-        return Err(ApiError::new(
-            413,
-            format!("a batch holds at most {max} publications, this one {}", publications.len()),
-        ));
-    }
+        ApiError::new(413, format!("a batch holds at most {max} publications, this one {n}"))
+    };
     // Parsed first; the valid ones go to the node together (pipelined to a networked broker).
-    let parsed: Vec<Result<(ChannelName, Bytes), ApiError>> = publications
-        .iter()
-        .map(|item| {
-            let p = serde_json::from_str::<PublicationIn<'_>>(item.get())
-                .map_err(|e| ApiError::bad_request(format!("bad publication: {e}")))?;
-            let (channel, data) = parse_publication(&p)?;
-            Ok((channel, Bytes::copy_from_slice(data.get().as_bytes())))
-        })
-        .collect();
+    let parsed: Vec<Result<(ChannelName, Bytes), ApiError>> = if protobuf_body(&headers) {
+        let batch = pb::BatchRequest::decode(body).map_err(protobuf_error)?;
+        if batch.publications.len() > max {
+            return Err(too_many(batch.publications.len()));
+        }
+        batch.publications.into_iter().map(parse_pb_publication).collect()
+    } else {
+        let batch: BatchIn<'_> = parse_object(&body)?;
+        let publications =
+            batch.publications.ok_or_else(|| ApiError::bad_request("`publications` is missing"))?;
+        if publications.len() > max {
+            return Err(too_many(publications.len()));
+        }
+        publications
+            .iter()
+            .map(|item| {
+                let p = serde_json::from_str::<PublicationIn<'_>>(item.get())
+                    .map_err(|e| ApiError::bad_request(format!("bad publication: {e}")))?;
+                parse_publication(&p)
+            })
+            .collect()
+    };
     let valid: Vec<(ChannelName, Bytes)> =
         parsed.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut published = app.node.publish_many(valid).await.into_iter();
-    let mut results = Vec::with_capacity(publications.len());
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(parsed.len());
     for item in parsed {
         let outcome = match item {
             Ok(_) => match published.next() {
-                Some(Ok(Some(p))) => Ok(serde_json::json!({"offset": p.offset, "epoch": p.epoch})),
-                Some(Ok(None)) => Ok(serde_json::json!({})),
+                Some(Ok(position)) => Ok(position),
                 Some(Err(e)) => Err(ApiError::from(e)),
                 None => Err(ApiError::new(500, "a publication has no result")),
             },
             Err(e) => Err(e),
         };
-        results.push(match outcome {
-            Ok(v) => v,
-            Err(e) => {
-                app.node.metrics.error(
-                    ErrorCode::ALL
-                        .into_iter()
-                        .find(|c| c.as_u16() == e.code)
-                        .unwrap_or(ErrorCode::BadRequest),
-                );
-                e.body()
-            }
-        });
+        if let Err(e) = &outcome {
+            app.node.metrics.error(
+                ErrorCode::ALL
+                    .into_iter()
+                    .find(|c| c.as_u16() == e.code)
+                    .unwrap_or(ErrorCode::BadRequest),
+            );
+        }
+        outcomes.push(outcome);
     }
-    Ok(axum::Json(serde_json::json!({ "results": results })))
+    let json =
+        serde_json::json!({ "results": outcomes.iter().map(outcome_json).collect::<Vec<_>>() });
+    let pb = pb::BatchResult { results: outcomes.into_iter().map(outcome_pb).collect() };
+    Ok(answer(&headers, json, pb))
 }
 
 /// Query of `GET /api/history`.

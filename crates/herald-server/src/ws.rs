@@ -24,7 +24,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::{Node, Outbox, Session};
-use herald_protocol::{push, ws, CloseCode};
+use herald_protocol::format::Negotiated;
+use herald_protocol::{ws, CloseCode, WireFormat};
 use http::{header, HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -37,9 +38,6 @@ use crate::conn::{
 use crate::error::ApiError;
 use crate::query::query_param;
 use crate::wire::Wire;
-
-/// The subprotocol of the JSON protocol.
-pub const PROTOCOL_JSON: &str = "herald.json";
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -71,7 +69,23 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
         return ApiError::bad_request("Sec-WebSocket-Key is missing").into_response();
     };
     let accept = ws::accept_key(key.trim());
-    let protocol = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL_JSON);
+    let offers =
+        headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok());
+    let (format, named) = match WireFormat::negotiate(offers) {
+        Negotiated::Default(format) => (format, false),
+        Negotiated::Chosen(format) => (format, true),
+        Negotiated::Refused(offers) => {
+            let supported: Vec<&str> = WireFormat::ALL.iter().map(|f| f.subprotocol()).collect();
+            let message = format!(
+                "none of the offered subprotocols ({}) is spoken here: offer one of {}, or none \
+                 for {}",
+                offers.join(", "),
+                supported.join(", "),
+                WireFormat::Json.subprotocol()
+            );
+            return ApiError::bad_request(message).into_response();
+        }
+    };
     let token = query_param(req.uri().query(), "token").map(|t| t.into_owned());
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return ApiError::bad_request("this connection cannot be upgraded").into_response();
@@ -101,7 +115,7 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
         // Measured in a block of its own: a borrow of `run` alive at the `.await` would keep a
         // second copy of the future in the task.
         let run = {
-            let run = serve(app, stream, prefix, auth);
+            let run = serve(app, stream, prefix, auth, format);
             tracing::trace!(bytes = std::mem::size_of_val(&run), "connection future size");
             run
         };
@@ -116,8 +130,11 @@ pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> R
     if let Ok(v) = http::HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    if protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(PROTOCOL_JSON));
+    if named {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            http::HeaderValue::from_static(format.subprotocol()),
+        );
     }
     response
 }
@@ -167,7 +184,7 @@ type CommandRun = std::pin::Pin<
 
 /// The WebSocket side of a connection (the writer and the close sequence are
 /// [`crate::conn::Conn`]'s): decoding input, applying commands beside the writer, pings as
-/// JSON pushes and the client's silence.
+/// pushes in the connection's format and the client's silence.
 struct WebSocket {
     node: Arc<Node>,
     decoder: ws::Decoder,
@@ -175,6 +192,8 @@ struct WebSocket {
     messages: Vec<ws::Message>,
     /// `None` while a command batch holds it.
     session: Option<Session>,
+    /// The connection's wire format (of pings and the `disconnect` push).
+    format: WireFormat,
     /// The command batch running beside the writer.
     command: Option<CommandRun>,
     /// A decoder error found after some valid messages: applied once they are.
@@ -196,15 +215,21 @@ async fn apply(
     messages: Vec<ws::Message>,
 ) -> (Session, Vec<ws::Message>, Handled) {
     let mut handled = Handled::Done;
+    let format = session.format();
     for message in messages.iter() {
         match message {
-            ws::Message::Text(text) => {
-                if let Err(code) = session.handle_text(text).await {
+            // Data frames of the connection's format: commands.
+            ws::Message::Text(payload) | ws::Message::Binary(payload)
+                if message.opcode() == format.opcode() =>
+            {
+                if let Err(code) = session.handle_message(payload).await {
                     handled = Handled::Close(code);
                     break;
                 }
             }
-            ws::Message::Binary(_) => {
+            // Text on a protobuf connection, binary on a JSON one.
+            ws::Message::Text(_) | ws::Message::Binary(_) => {
+                tracing::debug!(conn = session.id(), %format, "data frame of the other kind");
                 handled = Handled::Close(CloseCode::ProtocolError);
                 break;
             }
@@ -234,6 +259,7 @@ fn serve(
     stream: TcpStream,
     prefix: Vec<u8>,
     auth: Result<Option<herald_core::VerifiedToken>, CloseCode>,
+    format: WireFormat,
 ) -> impl std::future::Future<Output = ()> + Send {
     let node = app.node.clone();
     node.metrics.connections.fetch_add(1, Ordering::Relaxed);
@@ -241,7 +267,7 @@ fn serve(
     let limits = &node.limits;
     let outbox = Arc::new(Outbox::with_limits(limits.queue_limits(), node.metrics.clone()));
     let user = auth.as_ref().ok().cloned().flatten();
-    let session = Session::new(node.clone(), outbox.clone(), user);
+    let session = Session::new(node.clone(), outbox.clone(), user, format);
     let conn_id = session.id();
     tracing::debug!(conn = conn_id, "websocket connected");
     let ip = stream.peer_addr().ok().map(|a| a.ip());
@@ -253,6 +279,7 @@ fn serve(
         node: node.clone(),
         messages: Vec::new(),
         session: Some(session),
+        format,
         command: None,
         invalid: None,
         taken_open: false,
@@ -423,8 +450,8 @@ impl Transport for WebSocket {
         if open || outbox.message_open() {
             outbox.finish([close], drop_pending);
         } else {
-            let disconnect = push::encode_disconnect(code);
-            let disconnect = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, &disconnect);
+            let disconnect = self.format.codec().encode_disconnect(code);
+            let disconnect = ws::encode_frame(ws::Role::Server, self.format.opcode(), &disconnect);
             outbox.finish([disconnect, close], drop_pending);
         }
     }
@@ -439,7 +466,8 @@ impl Transport for WebSocket {
             return Err(CloseCode::NoPong);
         }
         if now >= self.next_ping {
-            let frame = ws::encode_frame(ws::Role::Server, ws::Opcode::Text, push::encode_ping());
+            let ping = self.format.codec().encode_ping();
+            let frame = ws::encode_frame(ws::Role::Server, self.format.opcode(), &ping);
             outbox.push_final(frame);
             self.next_ping = now + interval;
         }
