@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use herald_protocol::pb;
+use prost::Message as _;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -69,13 +71,33 @@ impl HttpApi {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
+        self.request_as(JSON, method, path, body).await
+    }
+
+    /// [`HttpApi::request`] with a Protocol Buffers body (`Content-Type` and `Accept`:
+    /// `application/x-protobuf`, messages of `proto/herald.proto`).
+    pub async fn request_protobuf(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Response, ClientError> {
+        self.request_as(PROTOBUF, method, path, Some(body)).await
+    }
+
+    async fn request_as(
+        &mut self,
+        media: &str,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, ClientError> {
+        let request = self.encode_request(media, method, path, body);
         let result = match self.timeout {
-            Some(limit) => {
-                tokio::time::timeout(limit, self.exchange_with_retry(method, path, body))
-                    .await
-                    .unwrap_or(Err(ClientError::Timeout))
-            }
-            None => self.exchange_with_retry(method, path, body).await,
+            Some(limit) => tokio::time::timeout(limit, self.exchange_with_retry(method, &request))
+                .await
+                .unwrap_or(Err(ClientError::Timeout)),
+            None => self.exchange_with_retry(method, &request).await,
         };
         if result.is_err() {
             // The connection's state is unknown: start afresh next time.
@@ -90,6 +112,36 @@ impl HttpApi {
         let mut body = Vec::with_capacity(64);
         write_publication(&mut body, channel, data)?;
         self.json("POST", "/api/publish", Some(&body)).await
+    }
+
+    /// `POST /api/publish` of binary `data` as protobuf (`PublishRequest`); the answer
+    /// (`PublishResult`), or [`ClientError::Reply`] with the status and the error's message.
+    pub async fn publish_protobuf(
+        &mut self,
+        channel: &str,
+        data: &[u8],
+    ) -> Result<pb::PublishResult, ClientError> {
+        let body = pb::PublishRequest { channel: channel.to_owned(), data: data.to_vec().into() };
+        let (status, _, answer) =
+            self.request_protobuf("POST", "/api/publish", &body.encode_to_vec()).await?;
+        protobuf_answer(status, &answer)
+    }
+
+    /// `POST /api/batch` of `(channel, data)` pairs as protobuf (`BatchRequest`); the answer
+    /// (`BatchResult`, one result per publication), or [`ClientError::Reply`].
+    pub async fn batch_protobuf(
+        &mut self,
+        publications: &[(String, Vec<u8>)],
+    ) -> Result<pb::BatchResult, ClientError> {
+        let body = pb::BatchRequest {
+            publications: publications
+                .iter()
+                .map(|(c, d)| pb::PublishRequest { channel: c.clone(), data: d.clone().into() })
+                .collect(),
+        };
+        let (status, _, answer) =
+            self.request_protobuf("POST", "/api/batch", &body.encode_to_vec()).await?;
+        protobuf_answer(status, &answer)
     }
 
     /// `POST /api/batch` with `(channel, data)` pairs; the answer
@@ -122,17 +174,15 @@ impl HttpApi {
     async fn exchange_with_retry(
         &mut self,
         method: &str,
-        path: &str,
-        body: Option<&[u8]>,
+        request: &[u8],
     ) -> Result<Response, ClientError> {
-        let request = self.encode_request(method, path, body);
         let reused = self.stream.is_some();
-        match self.exchange(method, &request).await {
+        match self.exchange(method, request).await {
             // A kept-alive connection the server closed meanwhile: nothing of this request
             // was answered, so sending it again on a fresh connection is safe.
             Err(e) if reused && is_stale(&e) => {
                 self.stream = None;
-                self.exchange(method, &request).await
+                self.exchange(method, request).await
             }
             other => other,
         }
@@ -156,7 +206,13 @@ impl HttpApi {
         Ok((head.status, head.headers, body))
     }
 
-    fn encode_request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Vec<u8> {
+    fn encode_request(
+        &self,
+        media: &str,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Vec<u8> {
         let body_len = body.map_or(0, <[u8]>::len);
         let mut out = Vec::with_capacity(160 + path.len() + body_len);
         out.extend_from_slice(method.as_bytes());
@@ -164,14 +220,18 @@ impl HttpApi {
         out.extend_from_slice(path.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
         out.extend_from_slice(self.url.authority.as_bytes());
-        out.extend_from_slice(b"\r\nAccept: application/json\r\n");
+        out.extend_from_slice(b"\r\nAccept: ");
+        out.extend_from_slice(media.as_bytes());
+        out.extend_from_slice(b"\r\n");
         if let Some(auth) = &self.authorization {
             out.extend_from_slice(b"Authorization: ");
             out.extend_from_slice(auth.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         if let Some(body) = body {
-            out.extend_from_slice(b"Content-Type: application/json\r\nContent-Length: ");
+            out.extend_from_slice(b"Content-Type: ");
+            out.extend_from_slice(media.as_bytes());
+            out.extend_from_slice(b"\r\nContent-Length: ");
             out.extend_from_slice(body.len().to_string().as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
             out.extend_from_slice(body);
@@ -208,6 +268,23 @@ fn write_publication(out: &mut Vec<u8>, channel: &str, data: &Value) -> Result<(
 }
 
 /// The JSON of a 2xx answer, or the error of another.
+/// The media type of JSON bodies.
+const JSON: &str = "application/json";
+/// The media type of Protocol Buffers bodies.
+const PROTOBUF: &str = "application/x-protobuf";
+
+/// A 2xx answer's protobuf message, or the error (a JSON body) as [`ClientError::Reply`].
+fn protobuf_answer<T: prost::Message + Default>(
+    status: u16,
+    body: &[u8],
+) -> Result<T, ClientError> {
+    if (200..300).contains(&status) {
+        return T::decode(body)
+            .map_err(|e| ClientError::Protocol(format!("answer with status {status}: {e}")));
+    }
+    json_answer(status, body).map(|_| T::default())
+}
+
 fn json_answer(status: u16, body: &[u8]) -> Result<Value, ClientError> {
     if (200..300).contains(&status) {
         if body.is_empty() {
