@@ -105,10 +105,20 @@ pub(crate) async fn open(
     local: Option<IpAddr>,
     recv_buffer: Option<u32>,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    open_as(url, local, recv_buffer, "herald.json").await
+}
+
+/// [`open`], offering `subprotocol`; the server must choose it.
+pub(crate) async fn open_as(
+    url: &WsUrl,
+    local: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+    subprotocol: &str,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let mut stream = connect(url.addr, local, recv_buffer).await?;
     let key = herald_protocol::ws::client_key();
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: herald.json\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {subprotocol}\r\n\r\n",
         url.target, url.authority
     );
     stream.write_all(request.as_bytes()).await?;
@@ -116,6 +126,11 @@ pub(crate) async fn open(
     let status_line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     if !status_line.starts_with(b"HTTP/1.1 101") {
         bail!("upgrade refused: {}", String::from_utf8_lossy(status_line).trim());
+    }
+    let chosen = format!("sec-websocket-protocol: {subprotocol}\r\n");
+    let lower = String::from_utf8_lossy(&head[..end]).to_lowercase();
+    if subprotocol != "herald.json" && !lower.contains(&chosen) {
+        bail!("the server did not choose subprotocol {subprotocol}");
     }
     let early = head[end..].to_vec();
     Ok((stream, early))
@@ -180,6 +195,14 @@ fn percent_encode(text: &str, out: &mut String) {
 pub(crate) fn text_frame(payload: &[u8]) -> bytes::Bytes {
     encode_frame(Role::Client, Opcode::Text, payload)
 }
+
+/// One masked client binary frame.
+pub(crate) fn binary_frame(payload: &[u8]) -> bytes::Bytes {
+    encode_frame(Role::Client, Opcode::Binary, payload)
+}
+
+/// The `herald.proto` `pong` command (`Command { pong: {} }`, length-prefixed).
+pub(crate) const PROTO_PONG: &[u8] = &[0x02, 0x42, 0x00];
 
 /// Incremental reader of server frames: complete frames are handed out as slices of the input;
 /// only an incomplete trailing frame (and a fragmented message) is copied.

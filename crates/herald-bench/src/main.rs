@@ -1,5 +1,7 @@
 //! `herald-bench`: Herald's load generator.
 //!
+//! `codecs` measures one market-tick publication in each wire format without a server.
+//!
 //! Scenarios: `idle` (server memory per held connection), `fanout` (one channel, many
 //! subscribers), `spread` (many channels with Zipf popularity), `ingest` (publications accepted
 //! per second over `/api/batch` or WebSocket `publish`), `cluster` (a fan-out over several
@@ -34,6 +36,7 @@
 //!     --nodes ws://127.0.0.1:18501/ws,ws://127.0.0.1:18502/ws --connections 3000 --rate 20
 //! ```
 
+mod codecs;
 mod conn;
 mod hostile;
 mod plan;
@@ -56,7 +59,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
-use crate::plan::{Layout, Plan, Target, Transport};
+use crate::plan::{Format, Layout, Plan, Target, Transport};
 use crate::publish::{Chooser, PubConfig, PubCounters};
 use crate::report::Report;
 use crate::worker::{FromWorker, Progress, ToWorker, WorkerResult};
@@ -89,6 +92,20 @@ enum Command {
     /// worker process or more per node), publishers spread over the same nodes' HTTP APIs
     /// (publisher i on node i mod nodes): deliveries/s, loss, end-to-end latency across nodes.
     Cluster(Args),
+    /// What one market-tick publication costs in each wire format: frame bytes, the server's
+    /// encoding, a client's decoding (no server needed; pin it with taskset). Prints a
+    /// markdown table, or JSON lines with --json.
+    Codecs {
+        /// Rounds measured; the median is reported.
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Calls per round.
+        #[arg(long, default_value_t = 200_000)]
+        calls: usize,
+        /// One JSON line per row instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: one worker process (JSON lines on stdin/stdout).
     #[command(hide = true)]
     Worker,
@@ -129,6 +146,11 @@ struct Args {
     /// (`GET /sse?channel=..`, Herald only).
     #[arg(long, value_enum, default_value = "ws")]
     transport: Transport,
+    /// The wire format of WebSocket subscribers: `json` (`herald.json`), `proto`
+    /// (`herald.proto`: binary frames, each publication's data read from the decoded
+    /// protobuf), or `half` (odd-numbered connections protobuf, the others JSON).
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
     /// Fraction of subscriber connections that subscribe and then never read their socket
     /// again (receive buffer 4 KiB). They are left out of deliveries, loss and latency; the
     /// report counts them (`slow_connections`) and those the server closed
@@ -298,6 +320,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (scenario, args) = match cli.command {
         Command::Worker => return worker::run(),
+        Command::Codecs { rounds, calls, json } => {
+            let rows = codecs::run(rounds.max(1), calls.max(1))?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                print!("{}", codecs::markdown(&rows));
+            }
+            return Ok(());
+        }
         Command::Idle(a) => (Scenario::Idle, a),
         Command::Fanout(a) => (Scenario::Fanout, a),
         Command::Spread(a) => (Scenario::Spread, a),
@@ -611,6 +644,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
         url: args.url.clone(),
         target: args.target,
         transport: args.transport,
+        format: args.format,
         slow_fraction: args.slow_fraction,
         source_ips,
         layout,
@@ -675,6 +709,7 @@ async fn coordinate(scenario: Scenario, args: Args) -> anyhow::Result<Report> {
 
     let mut report = Report::new(scenario.name(), args.target.name(), &args.label);
     report.transport = args.transport.name().into();
+    report.format = args.format.name().into();
     report.connections = connections as u64;
     report.connections_ready = ready;
     report.slow_fraction = args.slow_fraction;

@@ -50,6 +50,37 @@ impl Transport {
     }
 }
 
+/// The wire format of WebSocket subscribers (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Format {
+    /// `herald.json` (text frames).
+    Json,
+    /// `herald.proto` (binary frames, Protocol Buffers).
+    Proto,
+    /// Half of each: connection `i` speaks `herald.proto` when `i` is odd.
+    Half,
+}
+
+impl Format {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Proto => "proto",
+            Format::Half => "half",
+        }
+    }
+
+    /// Whether connection `index` speaks `herald.proto`.
+    pub(crate) fn is_proto(self, index: usize) -> bool {
+        match self {
+            Format::Json => false,
+            Format::Proto => true,
+            Format::Half => index % 2 == 1,
+        }
+    }
+}
+
 /// How subscriptions are laid out over channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,6 +110,9 @@ pub(crate) struct Plan {
     pub(crate) target: Target,
     /// How subscribers connect.
     pub(crate) transport: Transport,
+    /// The wire format of WebSocket subscribers.
+    #[serde(default = "json_format")]
+    pub(crate) format: Format,
     /// Fraction of connections that subscribe and then never read again ([`is_slow`]).
     pub(crate) slow_fraction: f64,
     /// Source addresses, used round-robin by global connection index.
@@ -95,6 +129,10 @@ pub(crate) struct Plan {
     pub(crate) channel_prefix: String,
     /// Connections opened at once.
     pub(crate) connect_concurrency: usize,
+}
+
+fn json_format() -> Format {
+    Format::Json
 }
 
 /// A small, fast, seeded generator (splitmix64): good enough for sampling, no dependency.

@@ -54,6 +54,8 @@ pub(crate) struct Report {
     pub(crate) target: String,
     /// How subscribers connected: `ws` or `sse`.
     pub(crate) transport: String,
+    /// The WebSocket subscribers' wire format: `json`, `proto` or `half`.
+    pub(crate) format: String,
     pub(crate) label: String,
     pub(crate) connections: u64,
     /// Connections subscribed, never-reading ones included.
@@ -245,7 +247,10 @@ impl Report {
             self.label,
             self.scenario,
             self.target,
-            self.transport,
+            match self.format.as_str() {
+                "" | "json" => self.transport.clone(),
+                format => format!("{} ({format})", self.transport),
+            },
             self.connections_ready,
             self.slow_connections,
             self.slow_disconnected,

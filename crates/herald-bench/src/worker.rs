@@ -158,6 +158,8 @@ struct ConnState {
     replies_ok: usize,
     reply_error: Option<u64>,
     pongs: usize,
+    /// `herald.proto` pings to answer.
+    proto_pongs: usize,
     ws_pongs: Vec<Vec<u8>>,
     close: Option<String>,
     disconnect: Option<u64>,
@@ -312,7 +314,9 @@ async fn connection(ctx: Rc<Ctx>, index: usize, gate: Rc<Semaphore>) {
     let ip = (!ips.is_empty()).then(|| ips[index % ips.len()]);
     let slow = plan::is_slow(&ctx.plan, index);
     let permit = gate.acquire().await;
-    let setup = tokio::time::timeout(Duration::from_secs(60), setup(&ctx, ip, &subs, slow)).await;
+    let proto = ctx.plan.transport == Transport::Ws && ctx.plan.format.is_proto(index);
+    let setup =
+        tokio::time::timeout(Duration::from_secs(60), setup(&ctx, ip, &subs, slow, proto)).await;
     drop(permit);
     let (mut stream, mut reader, mut state) = match setup {
         Ok(Ok(ok)) => ok,
@@ -363,12 +367,14 @@ async fn setup(
     ip: Option<std::net::IpAddr>,
     subs: &[u32],
     slow: bool,
+    proto: bool,
 ) -> anyhow::Result<(TcpStream, Reader, ConnState)> {
     let recv_buffer = slow.then_some(SLOW_RECV_BUFFER);
     let prefix = &ctx.plan.channel_prefix;
     let (mut stream, early, mut reader) = match ctx.plan.transport {
         Transport::Ws => {
-            let (stream, early) = conn::open(&ctx.url, ip, recv_buffer).await?;
+            let subprotocol = if proto { "herald.proto" } else { "herald.json" };
+            let (stream, early) = conn::open_as(&ctx.url, ip, recv_buffer, subprotocol).await?;
             (stream, early, Reader::Ws(FrameReader::default()))
         }
         Transport::Sse => {
@@ -380,17 +386,29 @@ async fn setup(
     let mut state = ConnState::default();
     if ctx.plan.transport == Transport::Ws && ctx.plan.target == Target::Herald && !subs.is_empty()
     {
-        let mut cmds = String::new();
-        for (i, c) in subs.iter().enumerate() {
-            if i > 0 {
-                cmds.push('\n');
+        if proto {
+            let mut cmds = Vec::new();
+            for (i, c) in subs.iter().enumerate() {
+                let channel = herald_protocol::ChannelName::parse(&format!("{prefix}{c}"))
+                    .map_err(|e| anyhow::anyhow!("channel name: {e}"))?;
+                let kind = herald_protocol::CommandKind::Subscribe { channel, since: None };
+                let cmd = herald_protocol::Command { id: Some(i as u32 + 1), kind };
+                cmds.extend(herald_protocol::proto::encode_command(&cmd));
             }
-            cmds.push_str(&format!(
-                "{{\"op\":\"subscribe\",\"id\":{},\"channel\":\"{prefix}{c}\"}}",
-                i + 1
-            ));
+            stream.write_all(&conn::binary_frame(&cmds)).await?;
+        } else {
+            let mut cmds = String::new();
+            for (i, c) in subs.iter().enumerate() {
+                if i > 0 {
+                    cmds.push('\n');
+                }
+                cmds.push_str(&format!(
+                    "{{\"op\":\"subscribe\",\"id\":{},\"channel\":\"{prefix}{c}\"}}",
+                    i + 1
+                ));
+            }
+            stream.write_all(&conn::text_frame(cmds.as_bytes())).await?;
         }
-        stream.write_all(&conn::text_frame(cmds.as_bytes())).await?;
     }
     if !early.is_empty() {
         let mut stats = ctx.stats.borrow_mut();
@@ -473,6 +491,14 @@ async fn drain_slow(
                                         }
                                     }
                                 }
+                                2 => {
+                                    for m in proto_messages(p) {
+                                        use herald_protocol::pb::server_message::Kind;
+                                        if let Some(Kind::Disconnect(d)) = m.kind {
+                                            state.disconnect = Some(u64::from(d.code));
+                                        }
+                                    }
+                                }
                                 8 => {
                                     let code =
                                         (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
@@ -549,10 +575,13 @@ async fn pump(
         }
         Ok(state.close.is_none())
     })?;
-    if state.pongs > 0 || !state.ws_pongs.is_empty() {
+    if state.pongs > 0 || state.proto_pongs > 0 || !state.ws_pongs.is_empty() {
         let mut out = Vec::new();
         for _ in 0..std::mem::take(&mut state.pongs) {
             out.extend_from_slice(&conn::text_frame(b"{\"op\":\"pong\"}"));
+        }
+        for _ in 0..std::mem::take(&mut state.proto_pongs) {
+            out.extend_from_slice(&conn::binary_frame(conn::PROTO_PONG));
         }
         for p in std::mem::take(&mut state.ws_pongs) {
             out.extend_from_slice(&herald_protocol::ws::encode_frame(
@@ -580,12 +609,107 @@ fn on_message(
                 on_line(ctx, stats, state, now, line);
             }
         }
+        2 => on_proto(ctx, stats, state, now, payload),
         8 => {
             let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
             state.close = Some(code.map_or_else(|| "close".to_owned(), |c| c.to_string()));
         }
         9 => state.ws_pongs.push(payload.iter().take(125).copied().collect()),
         _ => {}
+    }
+}
+
+/// The `herald.proto` messages of one binary message, decoded with the generated code as a
+/// protobuf client would (a message that fails to decode ends the list).
+fn proto_messages(payload: &[u8]) -> impl Iterator<Item = herald_protocol::pb::ServerMessage> + '_ {
+    use prost::Message as _;
+    let mut rest = payload;
+    std::iter::from_fn(move || {
+        let len = prost::encoding::decode_varint(&mut rest).ok()? as usize;
+        if len > rest.len() {
+            return None;
+        }
+        let (message, tail) = rest.split_at(len);
+        rest = tail;
+        herald_protocol::pb::ServerMessage::decode(message).ok()
+    })
+}
+
+/// The `data` of a `ServerMessage { pub }`, found by walking the wire format in place (no
+/// allocation, as the JSON path scans lines in place); `None` for any other message.
+fn pub_data(message: &[u8]) -> Option<&[u8]> {
+    /// The next length-delimited field of `buf`: (field number, bytes); other wire types are
+    /// skipped.
+    fn next_field<'a>(buf: &mut &'a [u8]) -> Option<(u64, Option<&'a [u8]>)> {
+        let key = prost::encoding::decode_varint(buf).ok()?;
+        match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(buf).ok()?;
+                Some((key >> 3, None))
+            }
+            2 => {
+                let len = prost::encoding::decode_varint(buf).ok()? as usize;
+                if len > buf.len() {
+                    return None;
+                }
+                let (field, rest) = buf.split_at(len);
+                *buf = rest;
+                Some((key >> 3, Some(field)))
+            }
+            _ => None,
+        }
+    }
+    let mut outer = message;
+    let (2, Some(mut inner)) = next_field(&mut outer)? else { return None };
+    while !inner.is_empty() {
+        if let (4, Some(data)) = next_field(&mut inner)? {
+            return Some(data);
+        }
+    }
+    Some(&[])
+}
+
+/// One binary message of a `herald.proto` connection: its pushes and replies.
+fn on_proto(ctx: &Ctx, stats: &mut Stats, state: &mut ConnState, now: u64, payload: &[u8]) {
+    use herald_protocol::pb::{reply, server_message::Kind};
+    // Publications, the bulk, walked in place; anything else decoded with the generated code.
+    let mut rest = payload;
+    let mut others = Vec::new();
+    while !rest.is_empty() {
+        let Ok(len) = prost::encoding::decode_varint(&mut rest) else { break };
+        let len = len as usize;
+        if len > rest.len() {
+            stats.unparsed += 1;
+            break;
+        }
+        let (message, tail) = rest.split_at(len);
+        rest = tail;
+        match pub_data(message) {
+            Some(data) => match ctx.scanner.stamp(data) {
+                Some(stamp) => record(stats, state, now, stamp),
+                None => stats.unparsed += 1,
+            },
+            None => others.push(message),
+        }
+    }
+    for m in others.into_iter().filter_map(|m| {
+        use prost::Message as _;
+        herald_protocol::pb::ServerMessage::decode(m).ok()
+    }) {
+        match m.kind {
+            Some(Kind::Pub(p)) => match ctx.scanner.stamp(&p.data) {
+                Some(stamp) => record(stats, state, now, stamp),
+                None => stats.unparsed += 1,
+            },
+            Some(Kind::Ping(_)) => state.proto_pongs += 1,
+            Some(Kind::Reply(r)) => match r.result {
+                Some(reply::Result::Error(e)) => state.reply_error = Some(u64::from(e.code)),
+                _ => state.replies_ok += 1,
+            },
+            Some(Kind::Disconnect(d)) => state.disconnect = Some(u64::from(d.code)),
+            Some(Kind::Unsub(_)) => stats.unsubs += 1,
+            None => stats.unparsed += 1,
+        }
     }
 }
 
@@ -652,5 +776,31 @@ fn record(stats: &mut Stats, state: &mut ConnState, now: u64, stamp: Stamp) {
         stats.last_measured_ns = now;
         let us = (now.saturating_sub(stamp.t) / 1000).clamp(HIST_LOW, HIST_HIGH);
         stats.hist.saturating_record(us);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proto_tests {
+    use herald_protocol::format::WireFormat;
+
+    #[test]
+    fn pub_data_is_found_in_place() {
+        let codec = WireFormat::Proto.codec();
+        for (offset, epoch, data) in [
+            (Some(3), Some("e"), &b"{\"t\":1}"[..]),
+            (None, None, &b"\x00\x01"[..]),
+            (Some(0), None, &b""[..]),
+        ] {
+            let framed = codec.encode_pub("bench:0", offset, epoch, data);
+            let mut rest = &framed[..];
+            let len = prost::encoding::decode_varint(&mut rest).unwrap() as usize;
+            assert_eq!(len, rest.len());
+            assert_eq!(super::pub_data(rest), Some(data));
+        }
+        let ping = codec.encode_ping();
+        assert_eq!(super::pub_data(&ping[1..]), None);
+        let reply = codec.encode_reply_error(1, herald_protocol::ErrorCode::BadRequest, "x");
+        assert_eq!(super::pub_data(&reply[1..]), None);
     }
 }
