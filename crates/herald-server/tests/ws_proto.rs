@@ -29,9 +29,9 @@ async fn connect(server: &Server, format: WireFormat) -> (Client, Events) {
 fn upgrade_with(server: &Server, protocols: &[&str]) -> String {
     let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut request = format!(
+    let mut request = String::from(
         "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
     );
     for p in protocols {
         request.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
