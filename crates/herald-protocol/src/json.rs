@@ -445,9 +445,7 @@ pub fn decode_server_message(line: &[u8]) -> Result<ServerMessage, serde_json::E
     }
     if let Some(p) = raw.publication {
         let binary = match p.b64data {
-            Some(b64) => {
-                Some(decode_base64(b64.as_bytes()).map_err(serde_json::Error::custom)?)
-            }
+            Some(b64) => Some(decode_base64(b64.as_bytes()).map_err(serde_json::Error::custom)?),
             None => None,
         };
         return Ok(ServerMessage::Pub {
