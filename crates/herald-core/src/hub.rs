@@ -498,6 +498,57 @@ mod tests {
     }
 
     #[test]
+    fn each_format_is_encoded_once_and_only_where_it_has_subscribers() {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(metrics.clone());
+        let outbox = || Arc::new(Outbox::new(1 << 20, 1000, Arc::new(Metrics::default())));
+        let mixed = ChannelName::parse("mixed").unwrap();
+        let json_only = ChannelName::parse("json").unwrap();
+        let subs = [
+            (&mixed, WireFormat::Json),
+            (&mixed, WireFormat::Proto),
+            (&mixed, WireFormat::Json),
+            (&mixed, WireFormat::Proto),
+            (&json_only, WireFormat::Json),
+            (&json_only, WireFormat::Json),
+        ];
+        let boxes: Vec<_> = subs
+            .iter()
+            .enumerate()
+            .map(|(i, (c, f))| {
+                let o = outbox();
+                hub.subscribe_pending(c, i as u64, Sink::Ws(o.clone(), *f), false);
+                hub.activate(c, i as u64, None, |_| Ok(())).unwrap();
+                o
+            })
+            .collect();
+        let shared = || metrics.shared_frame_bytes.load(Ordering::Relaxed);
+
+        // Only JSON subscribers: one JSON frame, no protobuf encoding at all.
+        hub.handle_publication(&json_only, &publication(None, "[1]"));
+        let a = drain(&boxes[4]);
+        let b = drain(&boxes[5]);
+        assert_eq!(a[0].as_ptr(), b[0].as_ptr());
+        assert_eq!(a[0][0], 0x81, "a final text frame");
+        assert_eq!(shared(), a[0].len() as i64, "one encoding, counted once");
+        drop((a, b));
+        assert_eq!(shared(), 0);
+
+        // Both formats: one encoding each, shared by that format's subscribers.
+        hub.handle_publication(&mixed, &publication(None, "[1]"));
+        let frames: Vec<Bytes> = boxes[..4].iter().map(|o| drain(o).remove(0)).collect();
+        assert_eq!(frames[0].as_ptr(), frames[2].as_ptr());
+        assert_eq!(frames[1].as_ptr(), frames[3].as_ptr());
+        assert_eq!((frames[0][0], frames[1][0]), (0x81, 0x82), "text, then binary");
+        assert_eq!(shared(), (frames[0].len() + frames[1].len()) as i64);
+        let proto_payload = &frames[1][2..];
+        assert_eq!(
+            proto_payload,
+            &herald_protocol::proto::encode_pub("mixed", None, None, b"[1]")[..]
+        );
+    }
+
+    #[test]
     fn a_pending_subscription_buffers_at_most_its_queue_cap() {
         let hub = Hub::new(Arc::new(Metrics::default()));
         let c = ChannelName::parse("c").unwrap();
