@@ -185,12 +185,17 @@ fn parse_pb_publication(p: pb::PublishRequest) -> Result<(ChannelName, Bytes), A
 /// What one publication became: its position, or why it failed.
 type Outcome = Result<Option<StreamPosition>, ApiError>;
 
-/// The answer to a publish: protobuf when the request's `Accept` names it, JSON otherwise.
-fn answer<T: prost::Message>(headers: &HeaderMap, json: serde_json::Value, pb: T) -> Response {
+/// The answer to a publish: protobuf when the request's `Accept` names it, JSON otherwise
+/// (each built only when chosen).
+fn answer<T: prost::Message>(
+    headers: &HeaderMap,
+    json: impl FnOnce() -> serde_json::Value,
+    pb: impl FnOnce() -> T,
+) -> Response {
     if is_protobuf(headers.get(header::ACCEPT)) {
-        ([(header::CONTENT_TYPE, PROTOBUF)], pb.encode_to_vec()).into_response()
+        ([(header::CONTENT_TYPE, PROTOBUF)], pb().encode_to_vec()).into_response()
     } else {
-        axum::Json(json).into_response()
+        axum::Json(json()).into_response()
     }
 }
 
@@ -228,7 +233,7 @@ async fn publish(
         parse_publication(&parse_object::<PublicationIn<'_>>(&body)?)?
     };
     let outcome: Outcome = Ok(app.node.publish(&channel, data).await?);
-    Ok(answer(&headers, outcome_json(&outcome), outcome_pb(outcome)))
+    Ok(answer(&headers, || outcome_json(&outcome), || outcome_pb(outcome.clone())))
 }
 
 async fn batch(
@@ -289,8 +294,8 @@ async fn batch(
         outcomes.push(outcome);
     }
     let json =
-        serde_json::json!({ "results": outcomes.iter().map(outcome_json).collect::<Vec<_>>() });
-    let pb = pb::BatchResult { results: outcomes.into_iter().map(outcome_pb).collect() };
+        || serde_json::json!({ "results": outcomes.iter().map(outcome_json).collect::<Vec<_>>() });
+    let pb = || pb::BatchResult { results: outcomes.iter().cloned().map(outcome_pb).collect() };
     Ok(answer(&headers, json, pb))
 }
 
