@@ -40,11 +40,6 @@ impl std::fmt::Debug for HmacVerifier {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct Header<'a> {
-    alg: &'a str,
-}
-
 /// The claims Herald reads; times are seconds since the Unix epoch (JSON numbers).
 #[derive(serde::Deserialize)]
 struct Claims {
@@ -67,6 +62,16 @@ fn verify_mac<M: Mac + hmac::digest::KeyInit>(
     let mut mac = <M as Mac>::new_from_slice(secret).map_err(|_| invalid("bad secret"))?;
     mac.update(input);
     mac.verify_slice(signature).map_err(|_| invalid("signature does not verify"))
+}
+
+/// `bytes` as a JSON object, as RFC 7515 (5.2) and RFC 7519 (7.2) require of a token's header
+/// and claims: UTF-8 throughout (ignored members included) and an object, not an array; of a
+/// duplicated member, the last counts.
+fn json_object(bytes: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(bytes).ok()? {
+        serde_json::Value::Object(object) => Some(object),
+        _ => None,
+    }
 }
 
 /// Seconds since the Unix epoch as an instant; `None` beyond what `SystemTime` holds.
@@ -95,19 +100,19 @@ impl HmacVerifier {
             return Err(invalid("not a compact JWT"));
         };
         let header = URL_SAFE_NO_PAD.decode(h).map_err(|_| invalid("header is not base64url"))?;
-        let header: Header<'_> =
-            serde_json::from_slice(&header).map_err(|_| invalid("header is not JSON"))?;
+        let header = json_object(&header).ok_or_else(|| invalid("header is not a JSON object"))?;
         let signature =
             URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid("signature is not base64url"))?;
         let input = &token.as_bytes()[..h.len() + 1 + p.len()];
-        match header.alg {
-            "HS256" => verify_mac::<Hmac<Sha256>>(&self.secret, input, &signature)?,
-            "HS384" => verify_mac::<Hmac<Sha384>>(&self.secret, input, &signature)?,
-            "HS512" => verify_mac::<Hmac<Sha512>>(&self.secret, input, &signature)?,
+        match header.get("alg").and_then(serde_json::Value::as_str) {
+            Some("HS256") => verify_mac::<Hmac<Sha256>>(&self.secret, input, &signature)?,
+            Some("HS384") => verify_mac::<Hmac<Sha384>>(&self.secret, input, &signature)?,
+            Some("HS512") => verify_mac::<Hmac<Sha512>>(&self.secret, input, &signature)?,
             _ => return Err(invalid("alg must be HS256, HS384 or HS512")),
         }
         let claims = URL_SAFE_NO_PAD.decode(p).map_err(|_| invalid("claims are not base64url"))?;
-        let claims: Claims = serde_json::from_slice(&claims)
+        let claims = json_object(&claims).ok_or_else(|| invalid("claims are not a JSON object"))?;
+        let claims: Claims = serde_json::from_value(serde_json::Value::Object(claims))
             .map_err(|e| invalid(format!("claims are not usable: {e}")))?;
         let leeway = self.leeway.as_secs_f64();
         if claims.exp.is_some_and(|exp| now >= exp + leeway) {
@@ -279,6 +284,39 @@ mod tests {
             URL_SAFE_NO_PAD.encode(br#"{"sub":"a"}"#)
         );
         assert!(v.verify(&none_alg).is_err());
+    }
+
+    /// A compact token of `header` and `claims` (raw bytes), signed with `SECRET` (HS256).
+    fn raw_token(header: &[u8], claims: &[u8]) -> String {
+        let input =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+        let signature = mac_bytes::<Hmac<Sha256>>(SECRET, input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+
+    #[test]
+    fn header_and_claims_must_be_json_objects() {
+        let v = verifier(0);
+        let header = br#"{"alg":"HS256","typ":"JWT"}"#;
+        let claims = br#"{"sub":"alice","exp":1800000003,"nbf":1e3}"#;
+        assert_eq!(v.verify_at(&raw_token(header, claims), NOW).unwrap().user, "alice");
+        // Found by the `token` fuzz target: a member the verifier ignores held bytes that are
+        // not UTF-8, and the token was accepted.
+        let mut not_utf8 = br#"{"alg":"HS256","typ":"JWT"#.to_vec();
+        not_utf8.extend([0xff; 80]);
+        not_utf8.extend(br#""}"#);
+        assert!(
+            matches!(v.verify_at(&raw_token(&not_utf8, claims), NOW), Err(TokenError::Invalid(m)) if m.contains("header"))
+        );
+        let claims_not_utf8 = b"{\"sub\":\"alice\",\"x\":\"\xff\"}";
+        assert!(v.verify_at(&raw_token(header, claims_not_utf8), NOW).is_err());
+        // Arrays read as structs field by field: `["HS256"]` named the algorithm, `["alice"]`
+        // the user.
+        assert!(v.verify_at(&raw_token(br#"["HS256"]"#, claims), NOW).is_err());
+        assert!(v.verify_at(&raw_token(header, br#"["alice",null,null,null]"#), NOW).is_err());
+        // Escapes are JSON like any other text.
+        let escaped = br#"{"alg":"HS\u0032\u0035\u0036"}"#;
+        assert_eq!(v.verify_at(&raw_token(escaped, claims), NOW).unwrap().user, "alice");
     }
 
     #[test]
