@@ -1,12 +1,15 @@
 //! Decodes arbitrary bytes as `herald.json` commands; every command that decodes must encode and
 //! decode again to exactly what the encoder promises: the same command, except that line breaks
 //! in `data` (only possible as JSON whitespace between its tokens) are written as spaces, so a
-//! frame's lines stay lines.
+//! frame's lines stay lines. The same bytes go to the client's decoder of the server's frames
+//! ([`decode_server_messages`]), which must not panic.
 #![no_main]
 
 use bytes::Bytes;
 use herald_protocol::command::CommandKind;
-use herald_protocol::json::{decode_command, decode_commands, encode_command};
+use herald_protocol::json::{
+    decode_command, decode_commands, decode_server_messages, encode_command,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,4 +26,6 @@ fuzz_target!(|data: &[u8]| {
         }
         assert_eq!(decode_command(&line), Ok(expected));
     }
+    // Client side: the server's frame.
+    decode_server_messages(data).for_each(drop);
 });
