@@ -121,7 +121,8 @@ impl HttpApi {
         channel: &str,
         data: &[u8],
     ) -> Result<pb::PublishResult, ClientError> {
-        let body = pb::PublishRequest { channel: channel.to_owned(), data: data.to_vec().into() };
+        let body =
+            pb::PublishRequest { channel: channel.to_owned(), data: Some(data.to_vec().into()) };
         let (status, _, answer) =
             self.request_protobuf("POST", "/api/publish", &body.encode_to_vec()).await?;
         protobuf_answer(status, &answer)
@@ -136,7 +137,10 @@ impl HttpApi {
         let body = pb::BatchRequest {
             publications: publications
                 .iter()
-                .map(|(c, d)| pb::PublishRequest { channel: c.clone(), data: d.clone().into() })
+                .map(|(c, d)| pb::PublishRequest {
+                    channel: c.clone(),
+                    data: Some(d.clone().into()),
+                })
                 .collect(),
         };
         let (status, _, answer) =

@@ -203,8 +203,11 @@ pub struct Subscribed {
     pub epoch: Option<String>,
     /// True when nothing after `since` is missing.
     pub recovered: bool,
-    /// The recovered publications `(offset, data)`, oldest first.
+    /// The recovered publications `(offset, data)`, oldest first; data that is not JSON is
+    /// `null` here and its bytes are in `binary` at the same index.
     pub publications: Vec<(Option<u64>, Value)>,
+    /// For each publication, its bytes when its data is not JSON text (`b64data`), else `None`.
+    pub binary: Vec<Option<Vec<u8>>>,
 }
 
 impl Subscribed {
@@ -397,6 +400,16 @@ impl Client {
         text: &str,
     ) -> Result<Result<Value, ReplyError>, ClientError> {
         self.request(id, text.as_bytes().to_vec()).await
+    }
+
+    /// [`Client::request_raw`] with any bytes: a `herald.proto` command the caller encoded
+    /// (length prefix included), or text on a JSON connection.
+    pub async fn request_raw_bytes(
+        &self,
+        id: u32,
+        payload: &[u8],
+    ) -> Result<Result<Value, ReplyError>, ClientError> {
+        self.request(id, payload.to_vec()).await
     }
 
     /// Sends one raw frame (masked, FIN set, never fragmented), whatever its opcode and
@@ -616,7 +629,10 @@ impl Op<'_> {
                 P::Unsubscribe(pb::Unsubscribe { channel: channel.to_owned() })
             }
             Op::Publish { channel, data: Data::Json(d) | Data::Binary(d) } => {
-                P::Publish(pb::Publish { channel: channel.to_owned(), data: d.to_vec().into() })
+                P::Publish(pb::Publish {
+                    channel: channel.to_owned(),
+                    data: Some(d.to_vec().into()),
+                })
             }
             Op::History { channel, since: s, limit } => {
                 P::History(pb::History { channel: channel.to_owned(), since: since(s), limit })
@@ -653,13 +669,19 @@ fn parse_subscribed(ok: Value) -> Result<Subscribed, ClientError> {
     let Value::Object(mut ok) = ok else {
         return Err(ClientError::Protocol("`subscribe` reply is not an object".into()));
     };
-    let publications = match ok.remove("publications") {
+    let parsed: Vec<(Option<u64>, Value, Option<Vec<u8>>)> = match ok.remove("publications") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(list)) => {
             list.into_iter().map(parse_publication).collect::<Result<_, _>>()?
         }
         Some(_) => return Err(bad_reply("subscribe", "publications")),
     };
+    let mut publications = Vec::with_capacity(parsed.len());
+    let mut binary = Vec::with_capacity(parsed.len());
+    for (offset, data, bytes) in parsed {
+        publications.push((offset, data));
+        binary.push(bytes);
+    }
     Ok(Subscribed {
         offset: ok.get("offset").and_then(Value::as_u64),
         epoch: match ok.remove("epoch") {
@@ -668,23 +690,31 @@ fn parse_subscribed(ok: Value) -> Result<Subscribed, ClientError> {
         },
         recovered: ok.get("recovered").and_then(Value::as_bool).unwrap_or(false),
         publications,
+        binary,
     })
 }
 
-/// `{"offset": N, "data": ...}` as `(offset, data)`; binary data (`b64data`) stays
-/// `{"b64data": "..."}`.
-fn parse_publication(publication: Value) -> Result<(Option<u64>, Value), ClientError> {
+/// `{"offset": N, "data": ...}` as `(offset, data, None)`; with `b64data`, `(offset, null,
+/// Some(bytes))`.
+type ParsedPublication = (Option<u64>, Value, Option<Vec<u8>>);
+
+fn parse_publication(publication: Value) -> Result<ParsedPublication, ClientError> {
+    use base64::Engine as _;
+    let bad = || bad_reply("subscribe", "publications");
     match publication {
         Value::Object(mut p) => {
             let offset = p.get("offset").and_then(Value::as_u64);
-            let data = match (p.remove("data"), p.remove("b64data")) {
-                (Some(data), _) => data,
-                (None, Some(b64)) => serde_json::json!({ "b64data": b64 }),
-                (None, None) => return Err(bad_reply("subscribe", "publications")),
-            };
-            Ok((offset, data))
+            match (p.remove("data"), p.remove("b64data")) {
+                (_, Some(Value::String(b64))) => {
+                    let bytes =
+                        base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad())?;
+                    Ok((offset, Value::Null, Some(bytes)))
+                }
+                (Some(data), None) => Ok((offset, data, None)),
+                _ => Err(bad()),
+            }
         }
-        _ => Err(bad_reply("subscribe", "publications")),
+        _ => Err(bad()),
     }
 }
 
@@ -738,6 +768,7 @@ mod tests {
                 epoch: Some("xy".into()),
                 recovered: true,
                 publications: vec![(Some(4), json!({"a": 1})), (None, Value::Null)],
+                binary: vec![None, None],
             }
         );
         assert_eq!(got.position(), Some(StreamPosition { offset: 5, epoch: "xy".into() }));
@@ -746,6 +777,15 @@ mod tests {
         assert!(parse_subscribed(json!([])).is_err());
         assert!(parse_subscribed(json!({"publications": [{"offset": 1}]})).is_err());
         assert!(parse_subscribed(json!({"publications": 3})).is_err());
+        let binary = parse_subscribed(json!({"publications": [
+            {"offset": 1, "data": null, "b64data": "AAE="}, {"offset": 2, "data": {"b64data": "x"}}
+        ]}))
+        .unwrap();
+        assert_eq!(
+            binary.publications,
+            [(Some(1), Value::Null), (Some(2), json!({"b64data": "x"}))]
+        );
+        assert_eq!(binary.binary, [Some(vec![0, 1]), None]);
     }
 
     #[test]

@@ -30,7 +30,10 @@ use crate::code::CloseCode;
 use crate::code::ErrorCode;
 use crate::command::{Command, CommandKind, StreamPosition};
 use crate::format::{Codec, Commands, WireFormat};
-use crate::push::{self, write_data, write_str, PublicationRef, ReplyOk, SubscribeParts};
+use crate::push::{
+    self, is_json_text, write_base64, write_raw_json, write_str, PublicationRef, ReplyOk,
+    SubscribeParts,
+};
 
 /// Why a client command could not be used.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -164,9 +167,12 @@ pub fn decode_command(line: &[u8]) -> Result<Command, DecodeError> {
         "unsubscribe" => CommandKind::Unsubscribe { channel: channel(raw.channel).map_err(bad)? },
         "publish" => {
             let channel = channel(raw.channel).map_err(bad)?;
+            // `b64data` with `data` absent or `null` (the shape the server writes); `data`
+            // alone is any JSON value, `null` included.
             let data = match (raw.data, raw.b64data) {
                 (Some(data), None) => Bytes::copy_from_slice(data.get().as_bytes()),
                 (None, Some(b64)) => b64data(b64).map_err(bad)?,
+                (Some(data), Some(b64)) if is_null(data) => b64data(b64).map_err(bad)?,
                 (Some(_), Some(_)) => {
                     return Err(bad("give one of `data` and `b64data`, not both".to_owned()))
                 }
@@ -296,8 +302,14 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
         CommandKind::Unsubscribe { channel } => write_channel(&mut out, channel),
         CommandKind::Publish { channel, data } => {
             write_channel(&mut out, channel);
-            out.push(b',');
-            write_data(&mut out, data);
+            if is_json_text(data) {
+                out.extend_from_slice(b",\"data\":");
+                write_raw_json(&mut out, data);
+            } else {
+                // Binary data: `b64data` alone (the server also takes `"data": null` beside it).
+                out.extend_from_slice(b",\"b64data\":");
+                write_base64(&mut out, data);
+            }
         }
         CommandKind::History { channel, since, limit } => {
             write_channel(&mut out, channel);

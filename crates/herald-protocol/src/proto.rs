@@ -124,20 +124,17 @@ pub fn decode_command(message: &[u8]) -> Result<Command, DecodeError> {
         Some(Op::Unsubscribe(u)) => {
             CommandKind::Unsubscribe { channel: channel(&u.channel).map_err(bad)? }
         }
-        Some(Op::Publish(p)) => {
-            CommandKind::Publish { channel: channel(&p.channel).map_err(bad)?, data: p.data }
-        }
+        Some(Op::Publish(p)) => CommandKind::Publish {
+            channel: channel(&p.channel).map_err(bad)?,
+            data: p.data.ok_or_else(|| bad("missing field `data`".into()))?,
+        },
         Some(Op::History(h)) => CommandKind::History {
             channel: channel(&h.channel).map_err(bad)?,
             since: h.since.map(position),
             limit: h.limit,
         },
-        Some(Op::Refresh(r)) => {
-            if r.token.is_empty() {
-                return Err(bad("missing field `token`".into()));
-            }
-            CommandKind::Refresh { token: r.token }
-        }
+        // An empty token is a bad token (401 from the verifier), as `"token": ""` in JSON.
+        Some(Op::Refresh(r)) => CommandKind::Refresh { token: r.token },
     };
     Ok(Command { id: Some(id), kind })
 }
@@ -174,7 +171,7 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
             Op::Unsubscribe(pb::Unsubscribe { channel: channel(c) })
         }
         CommandKind::Publish { channel: c, data } => {
-            Op::Publish(pb::Publish { channel: channel(c), data: data.clone() })
+            Op::Publish(pb::Publish { channel: channel(c), data: Some(data.clone()) })
         }
         CommandKind::History { channel: c, since: s, limit } => {
             Op::History(pb::History { channel: channel(c), since: since(s), limit: *limit })
@@ -273,7 +270,7 @@ impl Codec for ProtoCodec {
                     position: pb_position(position),
                     recovered,
                     publications: pb_publications(publications),
-                    more: false,
+                    partial: false,
                 })
             }
             ReplyOk::Unsubscribe => R::Unsubscribe(pb::Empty {}),
@@ -329,7 +326,7 @@ impl Codec for ProtoCodec {
                 position: None,
                 recovered: false,
                 publications: pb_publications(publications),
-                more: true,
+                partial: true,
             }),
         )
     }
@@ -346,7 +343,7 @@ impl Codec for ProtoCodec {
                 position: pb_position(position),
                 recovered,
                 publications: Vec::new(),
-                more: false,
+                partial: false,
             }),
         )
     }
@@ -374,10 +371,13 @@ fn publication_json(p: &pb::Publication) -> serde_json::Value {
     }
     match data_value(&p.data) {
         (v, None) => o.insert("data".into(), v),
-        (_, Some(bytes)) => o.insert(
-            "b64data".into(),
-            base64::engine::general_purpose::STANDARD.encode(bytes).into(),
-        ),
+        (_, Some(bytes)) => {
+            o.insert("data".into(), serde_json::Value::Null);
+            o.insert(
+                "b64data".into(),
+                base64::engine::general_purpose::STANDARD.encode(bytes).into(),
+            )
+        }
     };
     serde_json::Value::Object(o)
 }
@@ -430,7 +430,10 @@ fn reply_json(result: pb::reply::Result) -> Result<serde_json::Value, ReplyError
 }
 
 /// Decodes the messages of one binary frame from the server. The parts of a `subscribe` reply
-/// sent in parts (`more` set) are joined into one reply, as JSON sends it.
+/// sent in parts (`partial` set) are joined into one reply, as JSON sends it. A message of a
+/// kind this decoder does not know (a newer server) is skipped, as the JSON decoder skips
+/// unknown messages; a reply whose result it does not know is handed over as an error reply
+/// (code 0), so its waiter is not left hanging.
 pub fn decode_server_messages(frame: &[u8]) -> Vec<Result<ServerMessage, ProtoError>> {
     use pb::server_message::Kind;
     let mut out = Vec::new();
@@ -448,7 +451,7 @@ pub fn decode_server_messages(frame: &[u8]) -> Vec<Result<ServerMessage, ProtoEr
             }
         };
         let item = match message.kind {
-            None => Err(ProtoError("a ServerMessage with no kind".into())),
+            None => continue,
             Some(Kind::Reply(r)) => match (r.result, parts.take()) {
                 (Some(pb::reply::Result::Subscribe(mut s)), held) => {
                     let mut publications = match held {
@@ -460,7 +463,7 @@ pub fn decode_server_messages(frame: &[u8]) -> Vec<Result<ServerMessage, ProtoEr
                         None => Vec::new(),
                     };
                     publications.append(&mut s.publications);
-                    if s.more {
+                    if s.partial {
                         parts = Some((r.id, publications));
                         continue;
                     }
@@ -478,7 +481,13 @@ pub fn decode_server_messages(frame: &[u8]) -> Vec<Result<ServerMessage, ProtoEr
                         Some(result) => {
                             Ok(ServerMessage::Reply { id: r.id, result: reply_json(result) })
                         }
-                        None => Err(ProtoError(format!("reply {} has no result", r.id))),
+                        None => Ok(ServerMessage::Reply {
+                            id: r.id,
+                            result: Err(ReplyError {
+                                code: 0,
+                                message: "a reply of a kind this client does not know".into(),
+                            }),
+                        }),
                     }
                 }
             },
@@ -613,7 +622,7 @@ mod tests {
                     id: 4,
                     result: Ok(
                         json!({"offset": 3, "epoch": "e", "recovered": true, "publications": [
-                            {"offset": 1, "data": 1}, {"offset": 2, "b64data": "AA=="}, {"offset": 3, "data": [3]}
+                            {"offset": 1, "data": 1}, {"offset": 2, "data": null, "b64data": "AA=="}, {"offset": 3, "data": [3]}
                         ]})
                     )
                 }),

@@ -2,10 +2,10 @@
 //! not yet framed).
 //!
 //! Every encoder writes JSON by hand into one `Vec<u8>`; strings that need escaping go through
-//! `serde_json`. A publication's `data` is bytes: when they are one JSON text (anything
-//! published through JSON is) they are embedded verbatim as `"data"`; other bytes (published in
-//! `herald.proto` or as protobuf over the API) go as `"b64data"`, standard base64 with padding
-//! (see [`is_json_text`]). A hub encodes a publication once and pushes the same bytes to every
+//! `serde_json`. A publication's `data` is bytes: when they are one JSON text in UTF-8
+//! (anything published through JSON is) they are embedded verbatim as `"data"`; other bytes
+//! (published in `herald.proto`, as protobuf over the API or as `b64data`) go as
+//! `"data":null,"b64data":"..."`, standard base64 with padding (see [`is_json_text`]). A hub encodes a publication once and pushes the same bytes to every
 //! subscriber.
 //!
 //! ```
@@ -104,30 +104,43 @@ pub(crate) fn write_raw_json(out: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
-/// True when `data` is exactly one JSON text (optionally surrounded by whitespace), which a JSON
-/// subscriber receives as `"data"`; any other bytes, the empty string included, reach it as
-/// `"b64data"` (base64). Everything published through JSON passes; bytes published in
-/// `herald.proto` pass when they happen to be JSON (such as UTF-8 `{"x":1}`).
+/// True when `data` is exactly one JSON text (optionally surrounded by whitespace) in valid
+/// UTF-8, which a JSON subscriber receives as `"data"`; any other bytes, the empty string
+/// included, reach it as `"data":null` with `"b64data"` (base64). Everything published through
+/// JSON passes; bytes published in `herald.proto` pass when they happen to be JSON (such as
+/// UTF-8 `{"x":1}`).
+///
+/// UTF-8 is checked first and on its own: `serde_json`'s validation of a slice skips strings
+/// without checking their UTF-8, and a text frame must be valid UTF-8 (RFC 6455).
 pub fn is_json_text(data: &[u8]) -> bool {
-    !data.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+    !data.is_empty()
+        && std::str::from_utf8(data)
+            .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
 }
 
-/// Writes `"data":<json>` when `data` is JSON text, else `"b64data":"<base64>"`.
+/// Writes `"data":<json>` when `data` is JSON text, else `"data":null,"b64data":"<base64>"`
+/// (`data` stays, as PROTOCOL.md names it in every publication; `b64data` says what it holds).
 pub(crate) fn write_data(out: &mut Vec<u8>, data: &[u8]) {
     if is_json_text(data) {
         out.extend_from_slice(b"\"data\":");
         write_raw_json(out, data);
     } else {
-        use base64::Engine as _;
-        out.extend_from_slice(b"\"b64data\":\"");
-        let start = out.len();
-        out.resize(start + base64::encoded_len(data.len(), true).unwrap_or(0), 0);
-        let n = base64::engine::general_purpose::STANDARD
-            .encode_slice(data, &mut out[start..])
-            .unwrap_or(0);
-        out.truncate(start + n);
-        out.push(b'"');
+        out.extend_from_slice(b"\"data\":null,\"b64data\":");
+        write_base64(out, data);
     }
+}
+
+/// Writes `data` as a JSON string of standard base64 (with padding).
+pub(crate) fn write_base64(out: &mut Vec<u8>, data: &[u8]) {
+    use base64::Engine as _;
+    out.push(b'"');
+    let start = out.len();
+    out.resize(start + base64::encoded_len(data.len(), true).unwrap_or(0), 0);
+    let n = base64::engine::general_purpose::STANDARD
+        .encode_slice(data, &mut out[start..])
+        .unwrap_or(0);
+    out.truncate(start + n);
+    out.push(b'"');
 }
 
 pub(crate) fn write_u64(out: &mut Vec<u8>, n: u64) {
@@ -426,8 +439,16 @@ mod tests {
                 r#"{"pub":{"channel":"c","offset":1,"data":true}}"#,
             ),
             (encode_pub("c", None, b"[1]"), r#"{"pub":{"channel":"c","data":[1]}}"#),
-            (encode_pub("c", None, b""), r#"{"pub":{"channel":"c","b64data":""}}"#),
-            (encode_pub("c", None, b"\x00\xfe"), r#"{"pub":{"channel":"c","b64data":"AP4="}}"#),
+            (encode_pub("c", None, b""), r#"{"pub":{"channel":"c","data":null,"b64data":""}}"#),
+            (
+                encode_pub("c", None, b"\x00\xfe"),
+                r#"{"pub":{"channel":"c","data":null,"b64data":"AP4="}}"#,
+            ),
+            // JSON in shape but not UTF-8: never written into a text frame as it is.
+            (
+                encode_pub("c", None, b"\"\xff\""),
+                r#"{"pub":{"channel":"c","data":null,"b64data":"Iv8i"}}"#,
+            ),
             (encode_pub("c", None, b"{\n}"), r#"{"pub":{"channel":"c","data":{ }}}"#),
             (encode_pub("a\"b", None, b"1"), r#"{"pub":{"channel":"a\"b","data":1}}"#),
             (encode_ping().to_vec(), r#"{"ping":{}}"#),

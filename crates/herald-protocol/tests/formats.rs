@@ -38,13 +38,18 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
-/// Publication data: compact JSON text, or bytes that are not JSON text.
+/// Publication data: compact JSON text, bytes that are not JSON text, and JSON-shaped bytes
+/// that may not be UTF-8 (a string of arbitrary bytes).
 fn data() -> impl Strategy<Value = Bytes> {
     prop_oneof![
         json_value().prop_map(|v| Bytes::from(serde_json::to_vec(&v).unwrap())),
         prop::collection::vec(any::<u8>(), 0..64)
             .prop_filter("not JSON text", |b| !is_json_text(b))
             .prop_map(Bytes::from),
+        prop::collection::vec(any::<u8>(), 0..16).prop_map(|inner| {
+            let inner: Vec<u8> = inner.into_iter().filter(|b| *b != b'"' && *b != b'\\').collect();
+            Bytes::from([&b"\""[..], &inner, b"\""].concat())
+        }),
     ]
 }
 
@@ -116,6 +121,7 @@ fn publication_json(p: &PublicationRef<'_>) -> serde_json::Value {
     match data_view(p.data) {
         (v, None) => o.insert("data".into(), v),
         (_, Some(b)) => {
+            o.insert("data".into(), serde_json::Value::Null);
             o.insert("b64data".into(), base64::engine::general_purpose::STANDARD.encode(b).into())
         }
     };

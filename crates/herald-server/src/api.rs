@@ -131,9 +131,12 @@ fn parse_channel(channel: Option<&str>) -> Result<ChannelName, ApiError> {
 /// A JSON publication: its channel and data (`data` as JSON text, or `b64data` decoded).
 fn parse_publication(p: &PublicationIn<'_>) -> Result<(ChannelName, Bytes), ApiError> {
     let channel = parse_channel(p.channel.as_deref())?;
+    // `b64data` with `data` absent or `null` (the shape the server writes); `data` alone is any
+    // JSON value, `null` included.
     let data = match (p.data, p.b64data.as_deref()) {
         (Some(data), None) => Bytes::copy_from_slice(data.get().as_bytes()),
         (None, Some(b64)) => base64_data(b64)?,
+        (Some(data), Some(b64)) if data.get() == "null" => base64_data(b64)?,
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request("give one of `data` and `b64data`, not both"))
         }
@@ -178,8 +181,29 @@ fn protobuf_error(e: prost::DecodeError) -> ApiError {
 }
 
 /// A protobuf publication: its channel and data.
+///
+/// The data is copied out: decoded from the body's `Bytes`, it would be a view keeping the
+/// whole request body alive for as long as history holds the publication.
 fn parse_pb_publication(p: pb::PublishRequest) -> Result<(ChannelName, Bytes), ApiError> {
-    Ok((parse_channel(Some(&p.channel))?, p.data))
+    let channel = parse_channel(Some(&p.channel))?;
+    let data = p.data.ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+    Ok((channel, Bytes::copy_from_slice(&data)))
+}
+
+/// The publications a protobuf `BatchRequest` holds, counted without decoding them (field 1
+/// occurrences; other fields skipped); `Err` when the body is not a valid message.
+fn count_pb_publications(body: &[u8]) -> Result<usize, prost::DecodeError> {
+    use prost::encoding::{decode_key, skip_field, DecodeContext};
+    let mut buf = body;
+    let mut count = 0;
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        if tag == 1 {
+            count += 1;
+        }
+        skip_field(wire_type, tag, &mut buf, DecodeContext::default())?;
+    }
+    Ok(count)
 }
 
 /// What one publication became: its position, or why it failed.
@@ -228,7 +252,7 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     let body = read_body(&app, body).await?;
     let (channel, data) = if protobuf_body(&headers) {
-        parse_pb_publication(pb::PublishRequest::decode(body).map_err(protobuf_error)?)?
+        parse_pb_publication(pb::PublishRequest::decode(&body[..]).map_err(protobuf_error)?)?
     } else {
         parse_publication(&parse_object::<PublicationIn<'_>>(&body)?)?
     };
@@ -249,10 +273,13 @@ async fn batch(
     };
     // Parsed first; the valid ones go to the node together (pipelined to a networked broker).
     let parsed: Vec<Result<(ChannelName, Bytes), ApiError>> = if protobuf_body(&headers) {
-        let batch = pb::BatchRequest::decode(body).map_err(protobuf_error)?;
-        if batch.publications.len() > max {
-            return Err(too_many(batch.publications.len()));
+        // Counted before decoding: a body of many tiny publications would otherwise grow into
+        // a vector many times its size before the bound refuses it.
+        let count = count_pb_publications(&body).map_err(protobuf_error)?;
+        if count > max {
+            return Err(too_many(count));
         }
+        let batch = pb::BatchRequest::decode(&body[..]).map_err(protobuf_error)?;
         batch.publications.into_iter().map(parse_pb_publication).collect()
     } else {
         let batch: BatchIn<'_> = parse_object(&body)?;

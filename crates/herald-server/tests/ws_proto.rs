@@ -200,7 +200,7 @@ async fn an_sse_subscriber_gets_binary_data_as_b64data() {
     assert_eq!(
         datas,
         vec![
-            json!({"channel": "live:s", "b64data": "AGJpbg=="}),
+            json!({"channel": "live:s", "data": null, "b64data": "AGJpbg=="}),
             json!({"channel": "live:s", "data": {"t": 1}})
         ]
     );
@@ -232,8 +232,11 @@ async fn protobuf_api_bodies_are_checked_and_answered_in_kind() {
     // Protobuf in, JSON out when the request does not accept protobuf.
     let body = {
         use prost::Message as _;
-        herald_protocol::pb::PublishRequest { channel: "m:b".into(), data: b"\xff"[..].into() }
-            .encode_to_vec()
+        herald_protocol::pb::PublishRequest {
+            channel: "m:b".into(),
+            data: Some(b"\xff"[..].into()),
+        }
+        .encode_to_vec()
     };
     let request = format!(
         "POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
@@ -279,8 +282,9 @@ async fn a_recovery_larger_than_a_page_arrives_whole_in_protobuf() {
     assert_eq!(sub.offset, Some(100));
     let offsets: Vec<u64> = sub.publications.iter().filter_map(|p| p.0).collect();
     assert_eq!(offsets, (2..=100).collect::<Vec<_>>());
-    let b64 = |i: u32| base64::engine::general_purpose::STANDARD.encode(i.to_be_bytes());
-    assert_eq!(sub.publications[0].1, json!({"b64data": b64(2)}));
+    assert_eq!(sub.publications[0].1, Value::Null);
+    assert_eq!(sub.binary[0].as_deref(), Some(&2u32.to_be_bytes()[..]));
+    assert!(sub.binary.iter().all(Option::is_some));
     // Live publications follow the reply.
     api.publish_protobuf("m:r", b"\x00live").await.unwrap();
     let got = pubs(&mut events, 1).await;
@@ -313,7 +317,7 @@ async fn frames_of_the_wrong_kind_and_bad_protobuf_close_with_4002() {
     // A command with a usable id but an unknown op: an error reply, the connection stays.
     let (c, _e) = connect(&server, WireFormat::Proto).await;
     let unknown_op = [0x04, 0x08, 0x07, 0x7a, 0x00]; // id 7, field 15 (no such op), empty
-    let reply = c.request_raw(7, std::str::from_utf8(&unknown_op).unwrap()).await.unwrap();
+    let reply = c.request_raw_bytes(7, &unknown_op).await.unwrap();
     let error = reply.unwrap_err();
     assert_eq!(error.code, 400, "{error:?}");
     assert!(c.subscribe("m:still", None).await.is_ok());
@@ -321,4 +325,56 @@ async fn frames_of_the_wrong_kind_and_bad_protobuf_close_with_4002() {
     let (c, e) = connect(&server, WireFormat::Json).await;
     c.send_frame(Opcode::Binary, b"\x02\x42\x00").await.unwrap();
     assert_eq!(close_code(e).await, Some(4002));
+}
+
+#[tokio::test]
+async fn bytes_shaped_like_json_but_not_utf8_reach_json_subscribers_as_b64data() {
+    let server = Server::start(CONFIG, &[]);
+    let (publisher, _p) = connect(&server, WireFormat::Json).await;
+    let (json_client, mut json_events) = connect(&server, WireFormat::Json).await;
+    json_client.subscribe("m:u", None).await.unwrap();
+    // `"\xff"`: a JSON string in shape, but not UTF-8; a text frame holding it would be
+    // refused by every WebSocket client (RFC 6455 requires UTF-8 in text frames).
+    publisher.publish_binary("m:u", b"\"\xff\"").await.unwrap();
+    publisher.publish("m:u", &json!("after")).await.unwrap();
+    let got = pubs(&mut json_events, 2).await;
+    assert_eq!(got[0].2, Value::Null);
+    assert_eq!(got[0].3.as_deref(), Some(&b"\"\xff\""[..]));
+    assert_eq!(got[1].2, json!("after"), "the connection lives on");
+    let mut api = server.api().await;
+    let h = api
+        .json("GET", "/api/history?channel=m:u&limit=1&since_offset=0&since_epoch=x", None)
+        .await;
+    assert!(h.is_ok(), "{h:?}");
+}
+
+#[tokio::test]
+async fn protobuf_publishes_need_data_and_batches_are_counted_before_decoding() {
+    let server = Server::start(&format!("{CONFIG}[limits]\nmax_batch_publications = 3\n"), &[]);
+    // A publish without `data` (proto3 `optional`): 400 as in JSON.
+    let (client, _e) = connect(&server, WireFormat::Proto).await;
+    let no_data = [0x07, 0x08, 0x09, 0x2a, 0x03, 0x0a, 0x01, b'm']; // id 9, publish { channel: "m" }
+    let reply = client.request_raw_bytes(9, &no_data).await.unwrap();
+    let error = reply.unwrap_err();
+    assert_eq!((error.code, error.message.as_str()), (400, "missing field `data`"));
+    // Empty data is data.
+    assert_eq!(client.publish_binary("live:x", b"").await.unwrap(), None);
+    // An empty refresh token is a bad token: 401, as in JSON.
+    let err = client.refresh("").await.unwrap_err();
+    assert!(matches!(err, herald_client::ClientError::Reply { code: 401, .. }), "{err:?}");
+
+    let mut api = server.api().await;
+    let (status, _, body) =
+        api.request_protobuf("POST", "/api/publish", b"\x0a\x03m:b").await.unwrap();
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("`data` is missing"));
+    // Four empty publications (`0a 00` each): over the bound of 3, refused before decoding.
+    let (status, _, body) =
+        api.request_protobuf("POST", "/api/batch", &[0x0a, 0x00].repeat(4)).await.unwrap();
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("this one 4"));
+    // A million of them (2 MB): the same 413, without building a million messages.
+    let (status, _, _) =
+        api.request_protobuf("POST", "/api/batch", &[0x0a, 0x00].repeat(1_000_000)).await.unwrap();
+    assert_eq!(status, 413);
 }

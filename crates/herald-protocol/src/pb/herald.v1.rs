@@ -67,8 +67,10 @@ pub struct Unsubscribe {
 pub struct Publish {
     #[prost(string, tag = "1")]
     pub channel: ::prost::alloc::string::String,
-    #[prost(bytes = "bytes", tag = "2")]
-    pub data: ::prost::bytes::Bytes,
+    /// Required (any bytes, the empty string included); a publish without it is refused with 400,
+    /// as in JSON.
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub data: ::core::option::Option<::prost::bytes::Bytes>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct History {
@@ -165,13 +167,14 @@ pub struct SubscribeOk {
     pub recovered: bool,
     #[prost(message, repeated, tag = "3")]
     pub publications: ::prost::alloc::vec::Vec<Publication>,
-    /// More of this reply follows. A recovery larger than one history page arrives as several
-    /// `Reply`s with the same id, all inside one WebSocket message (sent in fragments as the
-    /// socket drains): each but the last has `more` set and carries only publications; the last
-    /// has `more` unset and carries `position` and `recovered`. A client concatenates their
-    /// `publications`. (JSON sends the same reply as one object in fragments.)
+    /// This reply is a part and more parts follow. A recovery larger than one history page
+    /// arrives as several `Reply`s with the same id, all inside one WebSocket message (sent in
+    /// fragments as the socket drains): each but the last has `partial` set and carries only
+    /// publications; the last has `partial` unset and carries `position` and `recovered`. A
+    /// client concatenates their `publications`. (JSON sends the same reply as one object in
+    /// fragments.) Not to be confused with `HistoryOk.more`, a complete page cut by a bound.
     #[prost(bool, tag = "4")]
-    pub more: bool,
+    pub partial: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PublishOk {
@@ -232,8 +235,9 @@ pub struct Unsub {
 pub struct PublishRequest {
     #[prost(string, tag = "1")]
     pub channel: ::prost::alloc::string::String,
-    #[prost(bytes = "bytes", tag = "2")]
-    pub data: ::prost::bytes::Bytes,
+    /// Required, as `data` in JSON bodies.
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub data: ::core::option::Option<::prost::bytes::Bytes>,
 }
 /// `POST /api/batch`: publications in order.
 #[derive(Clone, PartialEq, ::prost::Message)]
