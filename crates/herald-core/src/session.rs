@@ -154,7 +154,16 @@ impl Session {
                 Err(DecodeError::Reply { id, code, message }) => {
                     // A command it was, if a bad one: a later `connect` is not the first.
                     self.started = true;
-                    self.reply(id, Reply::Error(code, message))?;
+                    // Its reply costs what any reply does: the same wait for room and the same
+                    // token, so a frame of tiny bad commands cannot queue replies many times its
+                    // size past the rate limit.
+                    self.outbox.wait_room().await;
+                    let reply = if self.take_token()? {
+                        Reply::Error(code, message)
+                    } else {
+                        Reply::Error(ErrorCode::LimitReached, self.rate_message())
+                    };
+                    self.reply(id, reply)?;
                 }
                 Err(DecodeError::Fatal { message }) => {
                     tracing::debug!(conn = self.id, %message, "protocol error");
@@ -185,12 +194,7 @@ impl Session {
             return self.reply(id, Reply::Error(ErrorCode::Unauthenticated, message.into()));
         }
         if !allowed {
-            let limits = &self.node.limits;
-            let message = format!(
-                "command rate over {} per second (burst {}): slow down",
-                limits.command_rate, limits.command_burst
-            );
-            return self.reply(id, Reply::Error(ErrorCode::LimitReached, message));
+            return self.reply(id, Reply::Error(ErrorCode::LimitReached, self.rate_message()));
         }
         let reply = match cmd.kind {
             CommandKind::Pong => return Ok(()),
@@ -215,6 +219,15 @@ impl Session {
             CommandKind::Refresh { token } => self.refresh(id, &token),
         };
         self.reply(id, reply)
+    }
+
+    /// The message of a command refused by the rate limit.
+    fn rate_message(&self) -> String {
+        let limits = &self.node.limits;
+        format!(
+            "command rate over {} per second (burst {}): slow down",
+            limits.command_rate, limits.command_burst
+        )
     }
 
     fn connect(&mut self, id: u32, token: Option<String>) -> Result<Reply, CloseCode> {

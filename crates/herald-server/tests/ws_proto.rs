@@ -378,3 +378,17 @@ async fn protobuf_publishes_need_data_and_batches_are_counted_before_decoding() 
         api.request_protobuf("POST", "/api/batch", &[0x0a, 0x00].repeat(1_000_000)).await.unwrap();
     assert_eq!(status, 413);
 }
+
+#[tokio::test]
+async fn bad_commands_take_tokens_so_a_frame_of_them_is_cut_with_4029() {
+    let server =
+        Server::start(&format!("{CONFIG}[limits]\ncommand_burst = 5\ncommand_rate = 1\n"), &[]);
+    let (client, events) = connect(&server, WireFormat::Proto).await;
+    // 40 commands with ids and no op (3 bytes each, a 400 reply of ~70 bytes each).
+    let mut frame = Vec::new();
+    for id in 1..=40u8 {
+        frame.extend_from_slice(&[0x02, 0x08, id]);
+    }
+    client.send_frame(Opcode::Binary, &frame).await.unwrap();
+    assert_eq!(close_code(events).await, Some(4029));
+}
