@@ -19,7 +19,9 @@ use common::{Server, TIMEOUT};
 use herald_client::{Client, ConnectOptions, Event};
 use serde_json::{json, Value};
 
-const CONFIG: &str = "[namespaces.x]\nhistory_size = 1000\nclient_publish = true\n";
+/// A small page bound: the Python client's recovery of the whole stream comes in parts.
+const CONFIG: &str =
+    "[namespaces.x]\nhistory_size = 1000\nclient_publish = true\n[limits]\nmax_history_page = 16\n";
 const EACH: usize = 40;
 
 /// A Python with the protobuf runtime: Debian's (python3-protobuf) first.
@@ -129,6 +131,7 @@ async fn a_protoc_generated_python_client_and_a_json_client_see_the_same_stream(
     // Python's.
     let mut python_seen = Vec::new();
     let mut published = Vec::new();
+    let mut recovery_seen = false;
     while python_seen.len() < 3 * EACH || published.len() < EACH {
         let line = tokio::time::timeout(Duration::from_secs(30), lines_rx.recv())
             .await
@@ -138,6 +141,11 @@ async fn a_protoc_generated_python_client_and_a_json_client_see_the_same_stream(
         let v: Value = serde_json::from_str(&line).unwrap();
         if let Some(offset) = v.get("published") {
             published.push(offset.as_u64().unwrap());
+        } else if let Some(recovered) = v.get("recovered") {
+            assert_eq!(recovered, &json!(true));
+            let want: Vec<u64> = (2..=3 * EACH as u64).collect();
+            assert_eq!(v["offsets"], json!(want), "the recovery, joined from its parts");
+            recovery_seen = true;
         } else {
             let bytes: Vec<u8> = (0..v["hex"].as_str().unwrap().len() / 2)
                 .map(|i| u8::from_str_radix(&v["hex"].as_str().unwrap()[2 * i..2 * i + 2], 16))
@@ -147,6 +155,7 @@ async fn a_protoc_generated_python_client_and_a_json_client_see_the_same_stream(
         }
     }
     assert!(child.wait().unwrap().success());
+    assert!(recovery_seen, "python reported its recovery");
 
     // Every publication, once, in offset order, the same on both sides.
     let offsets: Vec<u64> = seen.iter().map(|p| p.0).collect();
