@@ -106,6 +106,8 @@ put('api_router', 'history', b'\x02\x00' + b'channel=h:a&since_offset=1&since_ep
 token = sign({"sub": "alice"})
 put('api_router', 'sse-token-last-event-id', b'\x03\x08' + f'channel=h:a&channel=news&channel=p:x&token={token}\n~;AbCdEfGh3'.encode())
 put('api_router', 'sse-named-resume', b'\x03\x00' + b'channel=h%3Aa&channel=c:b&last_event_id=h:a~e~1;c:b')
+put('api_router', 'sse-resume-named', b'\x03\x00' + b'channel=h:a&channel=c:b&last_event_id=h:a~EPOCH~BACK;c:b~e~1')
+put('api_router', 'sse-resume-compact', b'\x03\x08' + b'channel=news&channel=h:a\n~;TAGBACK')
 put('api_router', 'channels', b'\x04\x00')
 put('api_router', 'ws-subprotocols', b'\x05\x08' + b'token=x.y.z\nherald.proto, herald.json, mqtt')
 put('api_router', 'disconnect', b'\x06\x00' + b'{"user":"alice","code":4000}')

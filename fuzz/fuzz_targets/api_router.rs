@@ -10,6 +10,11 @@
 //! header); the rest is the body of a POST, or the query of a GET, up to a first `\n` after
 //! which comes the header's value. A `/sse` stream that opens is dropped at once (only its
 //! status is checked): its writer then sees the body gone and closes it.
+//!
+//! Epochs are random, so a fuzzer could never name one: in the `/sse` query and header,
+//! `EPOCH` stands for the current epoch of channel `h:a`, `TAG` for its position tag (the
+//! compact `Last-Event-ID`) and `BACK` for an offset 6 below its newest publication, within its
+//! history (8) but more than a page (4) back, so that a resume is recovered page by page.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -105,6 +110,76 @@ fn split_header(rest: &[u8]) -> (&[u8], Option<&[u8]>) {
     }
 }
 
+/// The channel whose position `EPOCH`, `TAG` and `BACK` name.
+const RESUME_CHANNEL: &str = "h:a";
+/// Publications `h:a` keeps at least (its history holds 8, a page 4).
+const RESUME_OFFSET: u64 = 12;
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri)
+        .header(header::AUTHORIZATION, "Bearer fuzz-key")
+        .body(Body::empty())
+        .expect("a valid request")
+}
+
+/// The current epoch and offset of `h:a`, publishing into it first when its history expired or
+/// is short.
+fn resume_position(fixture: &Fixture) -> (String, u64) {
+    let router = &fixture.router;
+    fixture.runtime.block_on(async move {
+        loop {
+            let uri = format!("/api/history?channel={RESUME_CHANNEL}&limit=0");
+            let response = router.clone().oneshot(get(&uri)).await.expect("infallible");
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+            let top: serde_json::Value = serde_json::from_slice(&body).expect("history is JSON");
+            let offset = top["offset"].as_u64().unwrap_or(0);
+            if let (Some(epoch), true) = (top["epoch"].as_str(), offset >= RESUME_OFFSET) {
+                return (epoch.to_owned(), offset);
+            }
+            let publications: Vec<serde_json::Value> = (0..RESUME_OFFSET)
+                .map(|i| serde_json::json!({"channel": RESUME_CHANNEL, "data": i}))
+                .collect();
+            let batch = serde_json::json!({ "publications": publications }).to_string();
+            let request = Request::post("/api/batch")
+                .header(header::AUTHORIZATION, "Bearer fuzz-key")
+                .body(Body::from(batch))
+                .expect("a valid request");
+            let response = router.clone().oneshot(request).await.expect("infallible");
+            assert!(response.status().is_success(), "{response:?}");
+        }
+    })
+}
+
+/// `text` with `EPOCH`, `TAG` and `BACK` replaced (see the module docs).
+fn resume_placeholders(text: &[u8], (epoch, offset): &(String, u64)) -> Vec<u8> {
+    let tag = herald_protocol::sse::position_tag(RESUME_CHANNEL, epoch);
+    let back = (offset - 6).to_string();
+    let mut out = Vec::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        if let Some(tail) = rest.strip_prefix(b"EPOCH") {
+            out.extend_from_slice(epoch.as_bytes());
+            rest = tail;
+        } else if let Some(tail) = rest.strip_prefix(b"TAG") {
+            out.extend_from_slice(&tag);
+            rest = tail;
+        } else if let Some(tail) = rest.strip_prefix(b"BACK") {
+            out.extend_from_slice(back.as_bytes());
+            rest = tail;
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    out
+}
+
+fn has_placeholder(text: &[u8]) -> bool {
+    text.windows(5).any(|w| w == b"EPOCH")
+        || text.windows(3).any(|w| w == b"TAG")
+        || text.windows(4).any(|w| w == b"BACK")
+}
+
 fuzz_target!(|data: &[u8]| {
     let [endpoint, options, rest @ ..] = data else { return };
     let protobuf_body = options & 1 != 0;
@@ -112,9 +187,12 @@ fuzz_target!(|data: &[u8]| {
     let api_key = options & 4 == 0;
     let with_header = options & 8 != 0;
 
+    let fixture = fixture();
     let mut request = Request::builder();
     let mut body = Vec::new();
     let mut streaming = false;
+    // A Last-Event-ID with `EPOCH` or `TAG` replaced.
+    let mut resumed: Option<Vec<u8>> = None;
     let (uri, extra) = match endpoint % 10 {
         0 => {
             body = rest.to_vec();
@@ -128,7 +206,13 @@ fuzz_target!(|data: &[u8]| {
         3 => {
             streaming = true;
             let (q, h) = split_header(rest);
-            (format!("/sse?{}", query(q)), h.map(|h| ("last-event-id", h)))
+            if has_placeholder(rest) {
+                let position = resume_position(fixture);
+                resumed = h.map(|h| resume_placeholders(h, &position));
+                (format!("/sse?{}", query(&resume_placeholders(q, &position))), None)
+            } else {
+                (format!("/sse?{}", query(q)), h.map(|h| ("last-event-id", h)))
+            }
         }
         4 => ("/api/channels".to_owned(), None),
         5 => {
@@ -149,6 +233,7 @@ fuzz_target!(|data: &[u8]| {
         _ => ("/readyz".to_owned(), None),
     };
     let method = if matches!(endpoint % 10, 0 | 1 | 6) { Method::POST } else { Method::GET };
+    let extra = extra.or(resumed.as_deref().map(|h| ("last-event-id", h)));
     if let (true, Some((name, value))) = (with_header, extra) {
         // A value HTTP cannot carry (control characters) is left out.
         if let Ok(value) = HeaderValue::from_bytes(value) {
@@ -170,7 +255,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
 
-    let fixture = fixture();
     let router = fixture.router.clone();
     fixture.runtime.block_on(async move {
         let response = router.oneshot(request).await.expect("the router is infallible");
