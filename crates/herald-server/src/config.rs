@@ -143,8 +143,9 @@ pub const MAX_LOG_FILTER_BYTES: usize = 4096;
 ///
 /// Safe on any input: the text must be ASCII and at most [`MAX_LOG_FILTER_BYTES`] long (the
 /// filter parser panics on some non-ASCII input), whitespace around each directive is dropped,
-/// and field values are matched literally, never compiled as regular expressions (a field
-/// regex could take tens of seconds and gigabytes to build).
+/// field values are matched literally, never compiled as regular expressions (a field regex
+/// could take tens of seconds and gigabytes to build), and of directives the parser holds for
+/// the same one, only the last is given to it (see [`literal_value_key`]).
 pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     if text.len() > MAX_LOG_FILTER_BYTES {
         return Err(format!("{} bytes; at most {MAX_LOG_FILTER_BYTES}", text.len()));
@@ -163,10 +164,67 @@ pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     if !directives.iter().any(|d| d.starts_with("redis")) {
         directives.push("redis=error");
     }
-    tracing_subscriber::EnvFilter::builder()
-        .with_regex(false)
-        .parse(directives.join(","))
-        .map_err(|e| format!("{text:?} is not a log filter: {e}"))
+    let parse = |directives: &str| {
+        tracing_subscriber::EnvFilter::builder()
+            .with_regex(false)
+            .parse(directives)
+            .map_err(|e| format!("{text:?} is not a log filter: {e}"))
+    };
+    // The parser keeps the last of directives it holds for the same one; it would panic on them
+    // in a debug build, so the earlier ones are dropped here (each still checked on its own).
+    let mut last = HashMap::new();
+    for (i, d) in directives.iter().enumerate() {
+        if let Some(key) = literal_value_key(d) {
+            last.insert(key, i);
+        }
+    }
+    let mut kept = Vec::with_capacity(directives.len());
+    for (i, d) in directives.iter().enumerate() {
+        match literal_value_key(d) {
+            Some(key) if last[&key] != i => {
+                parse(d)?;
+            }
+            _ => kept.push(*d),
+        }
+    }
+    parse(&kept.join(","))
+}
+
+/// The parts by which tracing-subscriber (0.3.23) tells filter directives apart (target, span,
+/// field name, value) when the directive matches a field value literally (its `Debug` form: a
+/// value that is not a bool or a number); `None` for any other directive. The parser orders
+/// directives by these parts and keeps the last of equal ones, but its equality of literal
+/// values is broken (`ValueMatch`'s `PartialEq` has no arm for them: never equal), so in a build
+/// with debug assertions two such directives, as in `[{user=alice}],[{user=alice}]=debug`,
+/// panic ("invariant violated: Ordering::Equal must imply a.fields == b.fields"). Mirrors the
+/// parser's `Directive::parse` on one trimmed directive without `,`.
+fn literal_value_key(directive: &str) -> Option<(Option<&str>, Option<&str>, &str, &str)> {
+    let (target, rest) = match directive.strip_prefix('[') {
+        Some(rest) => (None, rest),
+        None => {
+            // `target=level` has no fields; `target[span{field=value}]=level` may.
+            let i = directive.find(['=', '['])?;
+            if directive.as_bytes()[i] == b'=' {
+                return None;
+            }
+            (Some(&directive[..i]), &directive[i + 1..])
+        }
+    };
+    let i = rest.find([']', '{'])?;
+    if rest.as_bytes()[i] == b']' {
+        return None;
+    }
+    let span = Some(&rest[..i]).filter(|s| !s.is_empty());
+    let fields = &rest[i + 1..];
+    let field = &fields[..fields.find('}')?];
+    let mut parts = field.split('=');
+    let name = parts.next()?;
+    let value = parts.next()?;
+    let number = value.parse::<bool>().is_ok()
+        || value.parse::<u64>().is_ok()
+        || value.parse::<i64>().is_ok()
+        || value.parse::<f64>().is_ok();
+    (!number).then_some((target, span, name, value))
 }
 
 /// Where configuration comes from, in increasing precedence.
@@ -804,6 +862,28 @@ conflate = true
         })
         .unwrap_err();
         assert_eq!(err, ConfigError::UnknownKey { key: "limits.nope".into() });
+    }
+
+    #[test]
+    fn directives_the_parser_holds_for_the_same_keep_the_last() {
+        // Found by the `config` fuzz target: tracing-subscriber panicked (debug builds) on two
+        // directives matching the same literal field value; the crash input, reduced:
+        let filter = |text: &str| log_filter(text).map(|f| f.to_string());
+        assert_eq!(filter("[{.=}],[{.=}]").unwrap(), "redis=error,[{.=}]=trace");
+        assert_eq!(filter("[{a=x}]=info,[{a=x}]=debug").unwrap(), "redis=error,[{a=x}]=debug");
+        assert_eq!(filter("t[s{a=x=1}]=warn, t[s{a=x=2}]").unwrap(), "redis=error,t[s{a=x}]=trace");
+        // Different directives all stay, as the parser alone keeps them; a dropped one must
+        // still be a directive.
+        let different = "[{a=x}],[{a=y}],[s{a=x}],t[{a=x}],[{b=x}],[{a}],redis=warn";
+        let alone = tracing_subscriber::EnvFilter::builder().with_regex(false).parse(different);
+        assert_eq!(filter(different).unwrap(), alone.unwrap().to_string());
+        assert!(filter("[{a=x}]=loud,[{a=x}]").is_err());
+        // Numbers and bools compare fine in the parser: left to it.
+        assert_eq!(filter("[{a=1}]=info,[{a=1}]").unwrap(), "redis=error,[{a=1}]=trace");
+        assert_eq!(
+            filter("[{a=1}]=info,[{a=1.0}]=debug").unwrap(),
+            "redis=error,[{a=1}]=info,[{a=1}]=debug"
+        );
     }
 
     #[test]
