@@ -435,10 +435,15 @@ async fn channels(State(app): State<App>) -> axum::Json<serde_json::Value> {
 
 /// This node first, then every other live node of the cluster (see [`crate::registry`]).
 async fn info(State(app): State<App>) -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({
+    let mut info = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "nodes": crate::registry::nodes(&app).await,
-    }))
+    });
+    if app.config.insecure {
+        // Said where operators look: the node was started without the secure default.
+        info["insecure"] = serde_json::Value::Bool(true);
+    }
+    axum::Json(info)
 }
 
 async fn healthz() -> &'static str {

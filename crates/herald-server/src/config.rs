@@ -31,6 +31,8 @@ pub enum Kind {
     Str,
     /// A boolean.
     Bool,
+    /// An array of strings (from the environment or a flag: comma-separated).
+    StrList,
     /// An integer in `min..=max`.
     Int {
         /// Smallest admissible value.
@@ -66,6 +68,8 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("", "shutdown_timeout_secs", int(0, 3600)),
     ("", "write_coalescing", Kind::Bool),
     ("", "api_threads", int(0, 64)),
+    ("", "insecure", Kind::Bool),
+    ("", "allowed_origins", Kind::StrList),
     ("limits", "max_message_bytes", int(16, BYTES_MAX)),
     ("limits", "max_body_bytes", int(64, BYTES_MAX)),
     ("limits", "max_publication_bytes", int(1, BYTES_MAX)),
@@ -270,6 +274,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Required as `Authorization: Bearer` on `/api/*` when set.
     pub api_key: Option<String>,
+    /// Listening beyond loopback without `api_key` and token auth is allowed (with a warning).
+    pub insecure: bool,
+    /// Browser origins allowed on `/ws` and `/sse` (normalized: lower case, no default port);
+    /// empty: any.
+    pub allowed_origins: Vec<String>,
     /// `memory`, or a `redis://`, `rediss://`, `redis-cluster://`, `rediss-cluster://` or
     /// `nats://` URL.
     pub broker: String,
@@ -321,6 +330,7 @@ fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Str => "a string",
         Kind::Bool => "a boolean",
+        Kind::StrList => "an array of strings",
         Kind::Int { .. } => "an integer",
     }
 }
@@ -340,6 +350,7 @@ fn type_name(v: &Value) -> &'static str {
 fn check_value(key: &str, kind: Kind, v: &Value) -> Result<(), ConfigError> {
     let ok = match (kind, v) {
         (Kind::Str, Value::String(_)) | (Kind::Bool, Value::Boolean(_)) => true,
+        (Kind::StrList, Value::Array(items)) => items.iter().all(Value::is_str),
         (Kind::Int { min, max }, Value::Integer(i)) => {
             if *i < min || *i > max {
                 return Err(ConfigError::Invalid {
@@ -365,6 +376,13 @@ fn check_value(key: &str, kind: Kind, v: &Value) -> Result<(), ConfigError> {
 fn parse_text(key: &str, kind: Kind, text: &str) -> Result<Value, ConfigError> {
     let v = match kind {
         Kind::Str => Value::String(text.to_string()),
+        Kind::StrList => Value::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
         Kind::Bool => match text.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Value::Boolean(true),
             "false" | "0" | "no" | "off" => Value::Boolean(false),
@@ -620,14 +638,37 @@ impl Config {
             allow_anonymous: get_bool(t, &["auth", "allow_anonymous"]).unwrap_or(true),
             leeway: Duration::from_secs(get_int(t, &["auth", "leeway_secs"]).unwrap_or(5) as u64),
         };
-        if !listen.ip().is_loopback() && (api_key.is_none() || auth.hmac_secret.is_none()) {
+        let insecure = get_bool(t, &["insecure"]).unwrap_or(false);
+        if !insecure
+            && !listen.ip().is_loopback()
+            && (api_key.is_none() || auth.hmac_secret.is_none())
+        {
             return Err(invalid(
                 "listen",
                 format!(
-                    "{listen} is reachable from outside loopback: set api_key and auth.hmac_secret first"
+                    "{listen} is reachable from outside loopback: set api_key and \
+                     auth.hmac_secret first (or insecure = true to run without them)"
                 ),
             ));
         }
+        let allowed_origins = match get(t, &["allowed_origins"]) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|o| {
+                    crate::origin::normalize(o).ok_or_else(|| {
+                        invalid(
+                            "allowed_origins",
+                            format!(
+                                "{o:?} is not an origin (scheme://host[:port], no path, e.g. \
+                                 \"https://app.example.com\")"
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => Vec::new(),
+        };
         let defaults = Limits::default();
         let limit = |k: &str, d: usize| get_int(t, &["limits", k]).map_or(d, |v| v as usize);
         let limits = Limits {
@@ -685,6 +726,8 @@ impl Config {
         Ok(Config {
             listen,
             api_key,
+            insecure,
+            allowed_origins,
             broker,
             broker_tls,
             ping_interval: Duration::from_secs(

@@ -10,6 +10,7 @@ pub mod config;
 mod conn;
 pub mod error;
 pub mod listener;
+pub mod origin;
 mod query;
 pub mod registry;
 pub mod socket;

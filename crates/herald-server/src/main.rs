@@ -136,6 +136,18 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if config.insecure
+        && !config.listen.ip().is_loopback()
+        && (config.api_key.is_none() || config.auth.hmac_secret.is_none())
+    {
+        tracing::warn!(
+            listen = %config.listen,
+            api_key = config.api_key.is_some(),
+            token_auth = config.auth.hmac_secret.is_some(),
+            "insecure = true: reachable beyond loopback without an API key and token \
+             verification; anyone who reaches this port may publish or subscribe"
+        );
+    }
     if config.auth.hmac_secret.as_ref().is_some_and(|s| s.len() < 32) {
         tracing::warn!("auth.hmac_secret is shorter than 32 bytes: tokens are easier to forge");
     }

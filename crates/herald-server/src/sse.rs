@@ -65,12 +65,18 @@ pub(crate) struct SseRequest {
     channels: Vec<String>,
     token: Option<String>,
     last_event_id: Option<String>,
+    /// The `Origin` header, checked against `allowed_origins`.
+    origin: Option<String>,
 }
 
 impl SseRequest {
     /// Reads the query and the `Last-Event-ID` header (which wins over `last_event_id=`).
-    fn parse(query: Option<&str>, last_event_id_header: Option<String>) -> SseRequest {
-        let mut req = SseRequest::default();
+    fn parse(
+        query: Option<&str>,
+        last_event_id_header: Option<String>,
+        origin: Option<String>,
+    ) -> SseRequest {
+        let mut req = SseRequest { origin, ..SseRequest::default() };
         for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v).into_owned();
@@ -314,6 +320,7 @@ impl SseStream {
         req: SseRequest,
         ip: Option<std::net::IpAddr>,
     ) -> Result<SseStream, ApiError> {
+        crate::origin::check(&app.config.allowed_origins, req.origin.as_deref())?;
         let node = app.node.clone();
         let user = match &req.token {
             Some(token) => {
@@ -579,8 +586,12 @@ fn with_cors(mut response: Response) -> Response {
 /// `GET /sse` reached through hyper (a kept-alive HTTP connection): the same stream on the same
 /// skeleton, written into a streaming body ([`BodyWire`]) instead of the socket.
 pub(crate) async fn handler(State(app): State<App>, req: Request<Body>) -> Response {
-    let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let request = SseRequest::parse(req.uri().query(), last);
+    let request = {
+        let header =
+            |name| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (last, origin) = (header("last-event-id"), header("origin"));
+        SseRequest::parse(req.uri().query(), last, origin)
+    };
     let ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
@@ -695,20 +706,21 @@ pub(crate) fn is_sse_request(head: &[u8]) -> bool {
 async fn read_head(
     stream: &mut TcpStream,
     mut buf: Vec<u8>,
-) -> Result<(String, Option<String>), ApiError> {
+) -> Result<(String, Option<String>, Option<String>), ApiError> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
                 let path = req.path.unwrap_or("/").to_string();
-                let last = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok())
-                    .map(str::to_string);
-                return Ok((path, last));
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .map(str::to_string)
+                };
+                return Ok((path, header("last-event-id"), header("origin")));
             }
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                 return Err(ApiError::new(
@@ -761,7 +773,7 @@ async fn open_raw(
     head_deadline: Instant,
 ) -> Option<impl std::future::Future<Output = ()> + Send> {
     let head = tokio::time::timeout_at(head_deadline, read_head(&mut stream, prefix)).await;
-    let (path, last) = match head {
+    let (path, last, origin) = match head {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             write_error(&mut stream, e).await;
@@ -770,7 +782,7 @@ async fn open_raw(
         Err(_) => return None,
     };
     let query = path.split_once('?').map(|(_, q)| q);
-    let request = SseRequest::parse(query, last);
+    let request = SseRequest::parse(query, last, origin);
     let ip = stream.peer_addr().ok().map(|a| a.ip());
     let sse_stream = match SseStream::open(&app, request, ip).await {
         Ok(s) => s,
@@ -876,11 +888,12 @@ mod tests {
 
     #[test]
     fn request_parsing() {
-        let r = SseRequest::parse(Some("channel=a&channel=b%3Ax&token=t&last_event_id=q"), None);
+        let r =
+            SseRequest::parse(Some("channel=a&channel=b%3Ax&token=t&last_event_id=q"), None, None);
         assert_eq!(r.channels, ["a", "b:x"]);
         assert_eq!(r.token.as_deref(), Some("t"));
         assert_eq!(r.last_event_id.as_deref(), Some("q"));
-        let r = SseRequest::parse(Some("channel=a&last_event_id=q"), Some("h".into()));
+        let r = SseRequest::parse(Some("channel=a&last_event_id=q"), Some("h".into()), None);
         assert_eq!(r.last_event_id.as_deref(), Some("h"), "the header wins");
     }
 }

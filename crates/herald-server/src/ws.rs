@@ -51,6 +51,10 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 /// `GET /ws`: checks the upgrade request, answers 101 and spawns the connection task.
 pub(crate) async fn upgrade(State(app): State<App>, mut req: Request<Body>) -> Response {
     let headers = req.headers();
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if let Err(e) = crate::origin::check(&app.config.allowed_origins, origin) {
+        return e.into_response();
+    }
     if !header_has_token(headers, header::UPGRADE, "websocket")
         || !header_has_token(headers, header::CONNECTION, "upgrade")
     {
