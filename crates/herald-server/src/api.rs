@@ -53,9 +53,10 @@ async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 async fn require_api_key(State(app): State<App>, req: Request, next: Next) -> Response {
-    if let Some(key) = &app.config.api_key {
+    let keys = &app.config.api_keys;
+    if !keys.is_empty() {
         let given = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        if !crate::auth::is_api_key_valid(key, given) {
+        if !crate::auth::is_any_api_key_valid(keys, given) {
             app.node.metrics.error(ErrorCode::Unauthenticated);
             return ApiError::new(401, "missing or wrong API key (Authorization: Bearer <key>)")
                 .into_response();

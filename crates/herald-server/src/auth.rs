@@ -183,13 +183,24 @@ pub fn sign(alg: Algorithm, secret: &[u8], claims: &serde_json::Value) -> String
 
 /// True when the `Authorization` header value is `Bearer <expected>`; constant time in the key.
 pub fn is_api_key_valid(expected: &str, authorization: Option<&[u8]>) -> bool {
+    is_any_api_key_valid(std::slice::from_ref(&expected), authorization)
+}
+
+/// True when the `Authorization` header value is `Bearer <k>` for one of `keys` (several during
+/// a rotation). Every key is compared, each in constant time, whichever matches: the time
+/// taken says nothing about which key, or how much of one, was right.
+pub fn is_any_api_key_valid<K: AsRef<str>>(keys: &[K], authorization: Option<&[u8]>) -> bool {
     let Some(value) = authorization else { return false };
     // The scheme is case-insensitive (RFC 7235); the key is not.
     if value.len() < 7 || !value[..7].eq_ignore_ascii_case(b"bearer ") {
         return false;
     }
     let given = value[7..].trim_ascii();
-    given.ct_eq(expected.as_bytes()).into()
+    let mut valid = subtle::Choice::from(0);
+    for key in keys {
+        valid |= given.ct_eq(key.as_ref().as_bytes());
+    }
+    valid.into()
 }
 
 #[cfg(test)]
@@ -325,6 +336,11 @@ mod tests {
         assert!(is_api_key_valid("k", Some(b"bearer k")));
         assert!(!is_api_key_valid("k", Some(b"Basic k")));
         assert!(!is_api_key_valid("k", Some(b"Bearer kk")));
+        let keys = ["new-key", "old-key"];
+        assert!(is_any_api_key_valid(&keys, Some(b"Bearer old-key")));
+        assert!(is_any_api_key_valid(&keys, Some(b"Bearer new-key")));
+        assert!(!is_any_api_key_valid(&keys, Some(b"Bearer other")));
+        assert!(!is_any_api_key_valid::<&str>(&[], Some(b"Bearer x")));
         assert!(!is_api_key_valid("k", Some(b"k")));
         assert!(!is_api_key_valid("k", None));
     }

@@ -61,6 +61,7 @@ pub const CHANNEL_KEYS: &[(&str, Kind)] = &[
 pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("", "listen", Kind::Str),
     ("", "api_key", Kind::Str),
+    ("", "previous_api_keys", Kind::StrList),
     ("", "broker", Kind::Str),
     ("", "ping_interval_secs", int(1, 3600)),
     ("", "log_level", Kind::Str),
@@ -274,6 +275,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Required as `Authorization: Bearer` on `/api/*` when set.
     pub api_key: Option<String>,
+    /// Every key accepted on `/api/*`: `api_key`, then `previous_api_keys` (rotation); empty
+    /// when no key is set.
+    pub api_keys: Vec<String>,
     /// Listening beyond loopback without `api_key` and token auth is allowed (with a warning).
     pub insecure: bool,
     /// Browser origins allowed on `/ws` and `/sse` (normalized: lower case, no default port);
@@ -590,6 +594,23 @@ impl Config {
         if api_key.as_deref() == Some("") {
             return Err(invalid("api_key", "must not be empty (leave it out instead)".into()));
         }
+        // Every key `/api/*` accepts: `api_key`, then the previous ones still honoured during a
+        // rotation (which need an `api_key` beside them).
+        let mut api_keys: Vec<String> = api_key.iter().cloned().collect();
+        if let Some(Value::Array(items)) = get(t, &["previous_api_keys"]) {
+            for key in items.iter().filter_map(Value::as_str) {
+                if key.is_empty() {
+                    return Err(invalid("previous_api_keys", "holds an empty key".into()));
+                }
+                if api_key.is_none() {
+                    return Err(invalid(
+                        "previous_api_keys",
+                        "set api_key (the current key) beside the previous ones".into(),
+                    ));
+                }
+                api_keys.push(key.to_string());
+            }
+        }
         let broker = get_str(t, &["broker"]).unwrap_or_else(|| "memory".into());
         let tls_broker = broker.starts_with("rediss://") || broker.starts_with("rediss-cluster://");
         if !(broker == "memory"
@@ -726,6 +747,7 @@ impl Config {
         Ok(Config {
             listen,
             api_key,
+            api_keys,
             insecure,
             allowed_origins,
             broker,

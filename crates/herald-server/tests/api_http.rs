@@ -167,3 +167,25 @@ async fn metrics_count_connections_deliveries_and_bytes() {
     assert_eq!(value("herald_deliveries_total"), 2.0);
     assert!(value("herald_bytes_out_total") > 0.0);
 }
+
+#[tokio::test]
+async fn previous_api_keys_are_accepted_during_a_rotation() {
+    let server = Server::start(
+        "api_key = \"new-key\"\nprevious_api_keys = [\"old-key\", \"older-key\"]\n",
+        &[],
+    );
+    for key in ["new-key", "old-key", "older-key"] {
+        let mut api = server.api_with_key(key).await;
+        let (status, _, _) = api.request("GET", "/api/info", None).await.expect("request");
+        assert_eq!(status, 200, "{key}");
+    }
+    for key in ["new-ke", "old-keyy", ""] {
+        let mut api = server.api_with_key(key).await;
+        let (status, _, _) = api.request("GET", "/api/info", None).await.expect("request");
+        assert_eq!(status, 401, "{key:?}");
+    }
+    // Previous keys alone are refused at start-up, with the key named.
+    let (code, text) = common::run_herald(&["--set", "previous_api_keys=old"], &[]);
+    assert_ne!(code, Some(0));
+    assert!(text.contains("previous_api_keys") && text.contains("api_key"), "{text}");
+}
