@@ -30,7 +30,8 @@ use subtle::ConstantTimeEq;
 
 /// Verifies HMAC-signed tokens (HS256, HS384, HS512) with one shared secret.
 pub struct HmacVerifier {
-    secret: Vec<u8>,
+    /// The current secret, then the previous one still honoured during a rotation.
+    secrets: Vec<Vec<u8>>,
     leeway: Duration,
 }
 
@@ -87,7 +88,14 @@ impl HmacVerifier {
     /// A verifier for tokens signed with `secret`, allowing `leeway` of clock skew on `exp`,
     /// `nbf` and `iat`.
     pub fn new(secret: &[u8], leeway: Duration) -> Self {
-        HmacVerifier { secret: secret.to_vec(), leeway }
+        HmacVerifier { secrets: vec![secret.to_vec()], leeway }
+    }
+
+    /// Also accepts tokens signed with `previous` (`auth.previous_hmac_secret`), so the secret
+    /// can be rotated without refusing the tokens already handed out.
+    pub fn with_previous(mut self, previous: &[u8]) -> Self {
+        self.secrets.push(previous.to_vec());
+        self
     }
 
     /// Verifies `token` as of `now` (seconds since the Unix epoch); [`TokenVerifier::verify`]
@@ -104,12 +112,21 @@ impl HmacVerifier {
         let signature =
             URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid("signature is not base64url"))?;
         let input = &token.as_bytes()[..h.len() + 1 + p.len()];
-        match header.get("alg").and_then(serde_json::Value::as_str) {
-            Some("HS256") => verify_mac::<Hmac<Sha256>>(&self.secret, input, &signature)?,
-            Some("HS384") => verify_mac::<Hmac<Sha384>>(&self.secret, input, &signature)?,
-            Some("HS512") => verify_mac::<Hmac<Sha512>>(&self.secret, input, &signature)?,
-            _ => return Err(invalid("alg must be HS256, HS384 or HS512")),
+        let check: fn(&[u8], &[u8], &[u8]) -> Result<(), TokenError> =
+            match header.get("alg").and_then(serde_json::Value::as_str) {
+                Some("HS256") => verify_mac::<Hmac<Sha256>>,
+                Some("HS384") => verify_mac::<Hmac<Sha384>>,
+                Some("HS512") => verify_mac::<Hmac<Sha512>>,
+                _ => return Err(invalid("alg must be HS256, HS384 or HS512")),
+            };
+        // Any secret that verifies will do (the current one, or the previous one).
+        let mut outcome = Err(invalid("signature does not verify"));
+        for secret in &self.secrets {
+            if check(secret, input, &signature).is_ok() {
+                outcome = Ok(());
+            }
         }
+        outcome?;
         let claims = URL_SAFE_NO_PAD.decode(p).map_err(|_| invalid("claims are not base64url"))?;
         let claims = json_object(&claims).ok_or_else(|| invalid("claims are not a JSON object"))?;
         let claims: Claims = serde_json::from_value(serde_json::Value::Object(claims))

@@ -97,6 +97,7 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("broker_tls", "cert_file", Kind::Str),
     ("broker_tls", "key_file", Kind::Str),
     ("auth", "hmac_secret", Kind::Str),
+    ("auth", "previous_hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
     ("auth", "leeway_secs", int(0, 3600)),
 ];
@@ -250,6 +251,8 @@ pub struct Sources {
 pub struct AuthConfig {
     /// Secret of HS256 connection tokens.
     pub hmac_secret: Option<String>,
+    /// A previous secret whose tokens are still accepted (rotation).
+    pub previous_hmac_secret: Option<String>,
     /// Connections without a token are allowed.
     pub allow_anonymous: bool,
     /// Clock skew allowed on the tokens' `exp`, `nbf` and `iat` (`leeway_secs`, default 5).
@@ -654,8 +657,22 @@ impl Config {
                 "must not be empty (leave it out instead)".into(),
             ));
         }
+        let previous_hmac_secret = get_str(t, &["auth", "previous_hmac_secret"]);
+        if previous_hmac_secret.is_some() && hmac_secret.is_none() {
+            return Err(invalid(
+                "auth.previous_hmac_secret",
+                "set auth.hmac_secret (the current secret) beside the previous one".into(),
+            ));
+        }
+        if previous_hmac_secret.as_deref() == Some("") {
+            return Err(invalid(
+                "auth.previous_hmac_secret",
+                "must not be empty (leave it out instead)".into(),
+            ));
+        }
         let auth = AuthConfig {
             hmac_secret,
+            previous_hmac_secret,
             allow_anonymous: get_bool(t, &["auth", "allow_anonymous"]).unwrap_or(true),
             leeway: Duration::from_secs(get_int(t, &["auth", "leeway_secs"]).unwrap_or(5) as u64),
         };

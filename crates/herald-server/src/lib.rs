@@ -86,8 +86,11 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         other => return Err(StartError::UnsupportedBroker(other.to_string())),
     };
     let verifier = config.auth.hmac_secret.as_ref().map(|s| {
-        Arc::new(auth::HmacVerifier::new(s.as_bytes(), config.auth.leeway))
-            as Arc<dyn TokenVerifier>
+        let mut verifier = auth::HmacVerifier::new(s.as_bytes(), config.auth.leeway);
+        if let Some(previous) = &config.auth.previous_hmac_secret {
+            verifier = verifier.with_previous(previous.as_bytes());
+        }
+        Arc::new(verifier) as Arc<dyn TokenVerifier>
     });
     let node_id = config.node_id.clone().unwrap_or_else(random_node_id);
     let node = Arc::new(Node::new(

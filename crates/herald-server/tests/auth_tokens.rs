@@ -256,3 +256,28 @@ async fn sse_streams_with_an_expiring_token_end_with_disconnect_4012() {
         assert!(!body.contains("event: disconnect"), "{body}");
     }
 }
+
+#[tokio::test]
+async fn tokens_signed_with_the_previous_secret_are_accepted_during_a_rotation() {
+    const NEW: &str = "fedcba9876543210fedcba9876543210";
+    let server = Server::start(
+        &format!("[auth]\nhmac_secret = \"{NEW}\"\nprevious_hmac_secret = \"{SECRET}\"\nallow_anonymous = false\n"),
+        &[],
+    );
+    let claims = json!({"sub": "alice", "exp": now() + 60.0});
+    // The previous secret (tokens handed out before the rotation) and the new one.
+    for secret in [SECRET, NEW] {
+        let token = herald_server::auth::sign_hs256(secret.as_bytes(), &claims);
+        let (client, _events) = connect(&server, token).await;
+        client.subscribe("news", None).await.expect("subscribed");
+    }
+    // Any other secret: refused with 4001.
+    let forged = herald_server::auth::sign_hs256(b"not-the-secret-not-the-secret-xx", &claims);
+    let options = ConnectOptions { token: Some(forged), ..Default::default() };
+    let result = Client::connect(&server.ws_url(), options).await;
+    assert!(result.is_err(), "a token of another secret must not connect");
+    // Without the current secret, a previous one is refused at start-up.
+    let (code, text) = common::run_herald(&["--set", "auth.previous_hmac_secret=x"], &[]);
+    assert_ne!(code, Some(0));
+    assert!(text.contains("auth.previous_hmac_secret"), "{text}");
+}
