@@ -55,6 +55,9 @@ fn invalid(why: impl Into<String>) -> TokenError {
 }
 
 /// Checks `signature` over `input` with the MAC `M` (`Hmac<Sha256>`, ...).
+/// Checks a signature over an input with a secret, for one HMAC algorithm.
+type MacCheck = fn(&[u8], &[u8], &[u8]) -> Result<(), TokenError>;
+
 fn verify_mac<M: Mac + hmac::digest::KeyInit>(
     secret: &[u8],
     input: &[u8],
@@ -112,13 +115,12 @@ impl HmacVerifier {
         let signature =
             URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid("signature is not base64url"))?;
         let input = &token.as_bytes()[..h.len() + 1 + p.len()];
-        let check: fn(&[u8], &[u8], &[u8]) -> Result<(), TokenError> =
-            match header.get("alg").and_then(serde_json::Value::as_str) {
-                Some("HS256") => verify_mac::<Hmac<Sha256>>,
-                Some("HS384") => verify_mac::<Hmac<Sha384>>,
-                Some("HS512") => verify_mac::<Hmac<Sha512>>,
-                _ => return Err(invalid("alg must be HS256, HS384 or HS512")),
-            };
+        let check: MacCheck = match header.get("alg").and_then(serde_json::Value::as_str) {
+            Some("HS256") => verify_mac::<Hmac<Sha256>>,
+            Some("HS384") => verify_mac::<Hmac<Sha384>>,
+            Some("HS512") => verify_mac::<Hmac<Sha512>>,
+            _ => return Err(invalid("alg must be HS256, HS384 or HS512")),
+        };
         // Any secret that verifies will do (the current one, or the previous one).
         let mut outcome = Err(invalid("signature does not verify"));
         for secret in &self.secrets {
