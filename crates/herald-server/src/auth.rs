@@ -33,6 +33,10 @@ pub struct HmacVerifier {
     /// The current secret, then the previous one still honoured during a rotation.
     secrets: Vec<Vec<u8>>,
     leeway: Duration,
+    /// `aud` must name this, when set.
+    audience: Option<String>,
+    /// `iss` must be this, when set.
+    issuer: Option<String>,
 }
 
 impl std::fmt::Debug for HmacVerifier {
@@ -48,13 +52,33 @@ struct Claims {
     exp: Option<f64>,
     nbf: Option<f64>,
     iat: Option<f64>,
+    /// One audience or several (RFC 7519 4.1.3).
+    #[serde(default)]
+    aud: Option<Audience>,
+    iss: Option<String>,
+}
+
+/// `aud`: a string or an array of strings.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn names(&self, audience: &str) -> bool {
+        match self {
+            Audience::One(a) => a == audience,
+            Audience::Many(all) => all.iter().any(|a| a == audience),
+        }
+    }
 }
 
 fn invalid(why: impl Into<String>) -> TokenError {
     TokenError::Invalid(why.into())
 }
 
-/// Checks `signature` over `input` with the MAC `M` (`Hmac<Sha256>`, ...).
 /// Checks a signature over an input with a secret, for one HMAC algorithm.
 type MacCheck = fn(&[u8], &[u8], &[u8]) -> Result<(), TokenError>;
 
@@ -91,7 +115,19 @@ impl HmacVerifier {
     /// A verifier for tokens signed with `secret`, allowing `leeway` of clock skew on `exp`,
     /// `nbf` and `iat`.
     pub fn new(secret: &[u8], leeway: Duration) -> Self {
-        HmacVerifier { secrets: vec![secret.to_vec()], leeway }
+        HmacVerifier { secrets: vec![secret.to_vec()], leeway, audience: None, issuer: None }
+    }
+
+    /// Requires `aud` to name `audience` (`auth.audience`).
+    pub fn with_audience(mut self, audience: &str) -> Self {
+        self.audience = Some(audience.to_string());
+        self
+    }
+
+    /// Requires `iss` to be `issuer` (`auth.issuer`).
+    pub fn with_issuer(mut self, issuer: &str) -> Self {
+        self.issuer = Some(issuer.to_string());
+        self
     }
 
     /// Also accepts tokens signed with `previous` (`auth.previous_hmac_secret`), so the secret
@@ -142,6 +178,16 @@ impl HmacVerifier {
         }
         if claims.iat.is_some_and(|iat| iat > now + leeway) {
             return Err(invalid("iat is in the future"));
+        }
+        if let Some(audience) = &self.audience {
+            if !claims.aud.as_ref().is_some_and(|aud| aud.names(audience)) {
+                return Err(invalid(format!("aud does not name {audience:?}")));
+            }
+        }
+        if let Some(issuer) = &self.issuer {
+            if claims.iss.as_deref() != Some(issuer.as_str()) {
+                return Err(invalid(format!("iss is not {issuer:?}")));
+            }
         }
         let user = match claims.sub {
             Some(sub) if !sub.is_empty() => sub,
@@ -294,6 +340,26 @@ mod tests {
         );
         let bad = token(json!({"sub": "a", "exp": "soon"}));
         assert!(matches!(v0.verify_at(&bad, NOW), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_configured() {
+        let v = verifier(0).with_audience("herald").with_issuer("https://id.example");
+        let ok = |claims| v.verify(&sign_hs256(SECRET, &claims)).is_ok();
+        assert!(ok(json!({"sub": "a", "aud": "herald", "iss": "https://id.example"})));
+        assert!(ok(json!({"sub": "a", "aud": ["x", "herald"], "iss": "https://id.example"})));
+        assert!(!ok(json!({"sub": "a", "aud": "other", "iss": "https://id.example"})));
+        assert!(!ok(json!({"sub": "a", "aud": ["x"], "iss": "https://id.example"})));
+        assert!(!ok(json!({"sub": "a", "iss": "https://id.example"})), "aud missing");
+        assert!(!ok(json!({"sub": "a", "aud": "herald", "iss": "https://evil.example"})));
+        assert!(!ok(json!({"sub": "a", "aud": "herald"})), "iss missing");
+        assert!(
+            !ok(json!({"sub": "a", "aud": 7, "iss": "https://id.example"})),
+            "aud not a string"
+        );
+        // Without configuration, neither is looked at.
+        let plain = verifier(0);
+        assert!(plain.verify(&sign_hs256(SECRET, &json!({"sub": "a", "aud": "any"}))).is_ok());
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub const SCHEMA: &[(&str, &str, Kind)] = &[
     ("auth", "previous_hmac_secret", Kind::Str),
     ("auth", "allow_anonymous", Kind::Bool),
     ("auth", "leeway_secs", int(0, 3600)),
+    ("auth", "audience", Kind::Str),
+    ("auth", "issuer", Kind::Str),
 ];
 
 /// Tables that hold channel options.
@@ -253,6 +255,10 @@ pub struct AuthConfig {
     pub hmac_secret: Option<String>,
     /// A previous secret whose tokens are still accepted (rotation).
     pub previous_hmac_secret: Option<String>,
+    /// `aud` of every token must name this, when set.
+    pub audience: Option<String>,
+    /// `iss` of every token must be this, when set.
+    pub issuer: Option<String>,
     /// Connections without a token are allowed.
     pub allow_anonymous: bool,
     /// Clock skew allowed on the tokens' `exp`, `nbf` and `iat` (`leeway_secs`, default 5).
@@ -673,6 +679,8 @@ impl Config {
         let auth = AuthConfig {
             hmac_secret,
             previous_hmac_secret,
+            audience: get_str(t, &["auth", "audience"]).filter(|a| !a.is_empty()),
+            issuer: get_str(t, &["auth", "issuer"]).filter(|i| !i.is_empty()),
             allow_anonymous: get_bool(t, &["auth", "allow_anonymous"]).unwrap_or(true),
             leeway: Duration::from_secs(get_int(t, &["auth", "leeway_secs"]).unwrap_or(5) as u64),
         };

@@ -90,6 +90,12 @@ pub async fn build_node(config: &Config) -> Result<Arc<Node>, StartError> {
         if let Some(previous) = &config.auth.previous_hmac_secret {
             verifier = verifier.with_previous(previous.as_bytes());
         }
+        if let Some(audience) = &config.auth.audience {
+            verifier = verifier.with_audience(audience);
+        }
+        if let Some(issuer) = &config.auth.issuer {
+            verifier = verifier.with_issuer(issuer);
+        }
         Arc::new(verifier) as Arc<dyn TokenVerifier>
     });
     let node_id = config.node_id.clone().unwrap_or_else(random_node_id);

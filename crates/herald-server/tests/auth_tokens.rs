@@ -281,3 +281,27 @@ async fn tokens_signed_with_the_previous_secret_are_accepted_during_a_rotation()
     assert_ne!(code, Some(0));
     assert!(text.contains("auth.previous_hmac_secret"), "{text}");
 }
+
+#[tokio::test]
+async fn audience_and_issuer_are_required_when_configured() {
+    let server = Server::start(
+        &format!(
+            "[auth]\nhmac_secret = \"{SECRET}\"\naudience = \"herald\"\nissuer = \"https://id.example\"\nallow_anonymous = false\n"
+        ),
+        &[],
+    );
+    let exp = now() + 60.0;
+    let good = token(
+        json!({"sub": "a", "exp": exp, "aud": ["web", "herald"], "iss": "https://id.example"}),
+    );
+    let (client, _events) = connect(&server, good).await;
+    client.subscribe("news", None).await.expect("subscribed");
+    for claims in [
+        json!({"sub": "a", "exp": exp, "aud": "web", "iss": "https://id.example"}),
+        json!({"sub": "a", "exp": exp, "aud": "herald", "iss": "https://other.example"}),
+        json!({"sub": "a", "exp": exp}),
+    ] {
+        let options = ConnectOptions { token: Some(token(claims.clone())), ..Default::default() };
+        assert!(Client::connect(&server.ws_url(), options).await.is_err(), "{claims}");
+    }
+}
