@@ -623,16 +623,8 @@ fn on_message(
 /// protobuf client would (a message that fails to decode ends the list).
 fn proto_messages(payload: &[u8]) -> impl Iterator<Item = herald_protocol::pb::ServerMessage> + '_ {
     use prost::Message as _;
-    let mut rest = payload;
-    std::iter::from_fn(move || {
-        let len = prost::encoding::decode_varint(&mut rest).ok()? as usize;
-        if len > rest.len() {
-            return None;
-        }
-        let (message, tail) = rest.split_at(len);
-        rest = tail;
-        herald_protocol::pb::ServerMessage::decode(message).ok()
-    })
+    herald_protocol::proto::delimited(payload)
+        .map_while(|m| herald_protocol::pb::ServerMessage::decode(m.ok()?).ok())
 }
 
 /// The `data` of a `ServerMessage { pub }`, found by walking the wire format in place (no
@@ -673,17 +665,12 @@ fn pub_data(message: &[u8]) -> Option<&[u8]> {
 fn on_proto(ctx: &Ctx, stats: &mut Stats, state: &mut ConnState, now: u64, payload: &[u8]) {
     use herald_protocol::pb::{reply, server_message::Kind};
     // Publications, the bulk, walked in place; anything else decoded with the generated code.
-    let mut rest = payload;
     let mut others = Vec::new();
-    while !rest.is_empty() {
-        let Ok(len) = prost::encoding::decode_varint(&mut rest) else { break };
-        let len = len as usize;
-        if len > rest.len() {
+    for message in herald_protocol::proto::delimited(payload) {
+        let Ok(message) = message else {
             stats.unparsed += 1;
             break;
-        }
-        let (message, tail) = rest.split_at(len);
-        rest = tail;
+        };
         match pub_data(message) {
             Some(data) => match ctx.scanner.stamp(data) {
                 Some(stamp) => record(stats, state, now, stamp),

@@ -243,8 +243,9 @@ fn b64data(raw: &RawValue) -> Result<Bytes, String> {
         .map_err(|e| format!("invalid `b64data` (standard base64): {e}"))
 }
 
-/// Standard base64, with or without padding.
-pub(crate) fn decode_base64(text: &[u8]) -> Result<Vec<u8>, base64::DecodeError> {
+/// Standard base64, with or without padding: how every `b64data` is read (commands, API
+/// bodies, what the server sends).
+pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, base64::DecodeError> {
     use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
     use base64::Engine as _;
     const LENIENT: GeneralPurpose = GeneralPurpose::new(

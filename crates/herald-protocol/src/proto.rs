@@ -53,8 +53,10 @@ fn next_delimited<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], String> {
     Ok(message)
 }
 
-/// The messages of one frame, each as its bytes (an error ends the sequence).
-fn delimited(frame: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> + Send + '_ {
+/// The messages of one frame, each as its bytes, split on their varint length prefixes; a
+/// prefix that is not a varint or announces more than the frame holds is an error and ends the
+/// sequence.
+pub fn delimited(frame: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> + Send + '_ {
     let mut rest = frame;
     let mut failed = false;
     std::iter::from_fn(move || {

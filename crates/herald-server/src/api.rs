@@ -148,14 +148,7 @@ fn parse_publication(p: &PublicationIn<'_>) -> Result<(ChannelName, Bytes), ApiE
 
 /// `b64data`: standard base64, padding optional.
 fn base64_data(text: &str) -> Result<Bytes, ApiError> {
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    use base64::Engine as _;
-    const LENIENT: GeneralPurpose = GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
-    LENIENT
-        .decode(text)
+    herald_protocol::json::decode_base64(text.as_bytes())
         .map(Bytes::from)
         .map_err(|e| ApiError::bad_request(format!("bad `b64data` (standard base64): {e}")))
 }

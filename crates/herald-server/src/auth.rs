@@ -246,11 +246,6 @@ pub fn sign(alg: Algorithm, secret: &[u8], claims: &serde_json::Value) -> String
     format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
-/// True when the `Authorization` header value is `Bearer <expected>`; constant time in the key.
-pub fn is_api_key_valid(expected: &str, authorization: Option<&[u8]>) -> bool {
-    is_any_api_key_valid(std::slice::from_ref(&expected), authorization)
-}
-
 /// True when the `Authorization` header value is `Bearer <k>` for one of `keys` (several during
 /// a rotation). Every key is compared, each in constant time, whichever matches: the time
 /// taken says nothing about which key, or how much of one, was right.
@@ -417,16 +412,16 @@ mod tests {
 
     #[test]
     fn api_key() {
-        assert!(is_api_key_valid("k", Some(b"Bearer k")));
-        assert!(is_api_key_valid("k", Some(b"bearer k")));
-        assert!(!is_api_key_valid("k", Some(b"Basic k")));
-        assert!(!is_api_key_valid("k", Some(b"Bearer kk")));
+        assert!(is_any_api_key_valid(&["k"], Some(b"Bearer k")));
+        assert!(is_any_api_key_valid(&["k"], Some(b"bearer k")));
+        assert!(!is_any_api_key_valid(&["k"], Some(b"Basic k")));
+        assert!(!is_any_api_key_valid(&["k"], Some(b"Bearer kk")));
         let keys = ["new-key", "old-key"];
         assert!(is_any_api_key_valid(&keys, Some(b"Bearer old-key")));
         assert!(is_any_api_key_valid(&keys, Some(b"Bearer new-key")));
         assert!(!is_any_api_key_valid(&keys, Some(b"Bearer other")));
         assert!(!is_any_api_key_valid::<&str>(&[], Some(b"Bearer x")));
-        assert!(!is_api_key_valid("k", Some(b"k")));
-        assert!(!is_api_key_valid("k", None));
+        assert!(!is_any_api_key_valid(&["k"], Some(b"k")));
+        assert!(!is_any_api_key_valid(&["k"], None));
     }
 }
